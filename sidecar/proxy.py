@@ -1,0 +1,273 @@
+"""The request handler: route, inspect the JSON body, run the exchange, meter.
+
+One task per request covers the parts that may wait (connecting to a provider);
+the body relay itself runs on protocol callbacks inside ``splice.Exchange``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+import h11
+import orjson
+
+from sidecar.config import Config
+from sidecar.context import RequestContext
+from sidecar.errors import (
+    MethodNotAllowed,
+    NotFound,
+    RequestError,
+    SidecarError,
+    UpstreamError,
+)
+from sidecar.meter import Meter
+from sidecar.responses import error_for, render
+from sidecar.router import RouteTable
+from sidecar.splice import Exchange
+from sidecar.sse import TapResult, UsageChunkStripper, make_tap
+from sidecar.tokenizer import Tokenizer
+from sidecar.upstream import UpstreamPool, build_request_head
+from sidecar.usage import Usage
+
+if TYPE_CHECKING:
+    from sidecar.downstream import DownstreamProtocol, IncomingRequest
+
+log = logging.getLogger("sidecar.proxy")
+
+# OpenAI paths whose streams report usage only when asked (stream_options.include_usage).
+USAGE_OPT_IN_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+LOCAL_PATHS = frozenset({"/healthz", "/readyz"})
+# A reused keep-alive connection that the provider closed while idle fails before
+# any byte comes back; one retry on a fresh connection is safe and invisible.
+MAX_STALE_RETRIES = 1
+
+
+class Proxy:
+    def __init__(self, config: Config, meter: Meter, tokenizer: Tokenizer) -> None:
+        self.config = config
+        self.meter = meter
+        self.tokenizer = tokenizer
+        self.loop = asyncio.get_running_loop()
+        self.routes = {r.path: RouteTable.build(r) for r in config.routes}
+        self.pools: dict[str, UpstreamPool] = {}
+        for table in self.routes.values():
+            for up in table.upstreams:
+                if up.name not in self.pools:
+                    self.pools[up.name] = UpstreamPool(up, config.timeouts)
+        self.connections: set[DownstreamProtocol] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.draining = False
+        self.in_flight = 0
+        self._rand = random.random
+
+    # -- task tracking: every task is kept until done, none orphaned ---------------
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("request handler crashed", exc_info=task.exception())
+
+    # -- the request --------------------------------------------------------------
+    async def handle(self, req: IncomingRequest, client: DownstreamProtocol) -> None:
+        if req.path in LOCAL_PATHS:
+            self._local(req, client)
+            return
+        table = self.routes.get(req.path)
+        if table is None:
+            self._reply_error(client, req, NotFound(f"no route for {req.path}"))
+            client.cycle_done(req.keep_alive)
+            return
+        ctx = RequestContext(
+            request_id=req.request_id.decode(),
+            ts_ms=req.ts_ms,
+            t_received=req.t_received,
+            path=req.path,
+            route=table.route.path,
+            bytes_in=len(req.body),
+        )
+        keep_alive = req.keep_alive
+        self.in_flight += 1
+        try:
+            keep_alive = await self._proxy(req, client, table, ctx)
+        except SidecarError as exc:
+            ctx.status, ctx.error = exc.status, str(exc)
+            if ctx.outcome == "ok":
+                ctx.outcome = "rejected" if isinstance(exc, RequestError) else "upstream_error"
+            ctx.bytes_out += self._reply_error(client, req, exc)
+        except asyncio.CancelledError:
+            if ctx.attempts == 0:
+                ctx.outcome = "shutdown" if self.draining else "client_disconnect"
+                ctx.error = "request cancelled before the provider answered"
+            keep_alive = False
+            raise
+        finally:
+            self.in_flight -= 1
+            self.meter.submit(ctx.to_record(self.loop.time()))
+            client.cycle_done(keep_alive)
+
+    async def _proxy(
+        self,
+        req: IncomingRequest,
+        client: DownstreamProtocol,
+        table: RouteTable,
+        ctx: RequestContext,
+    ) -> bool:
+        if req.method != b"POST":
+            raise MethodNotAllowed(f"{req.method.decode()} is not allowed on {req.path}; use POST")
+        try:
+            body = orjson.loads(req.body)
+        except orjson.JSONDecodeError as exc:
+            raise RequestError(f"request body is not valid JSON: {exc.msg}") from None
+        if not isinstance(body, dict):
+            raise RequestError("request body must be a JSON object")
+        upstream = table.choose(self._rand())
+        ctx.upstream = upstream.name
+        ctx.api_format = upstream.format
+        model = body.get("model")
+        ctx.model = model if isinstance(model, str) else None
+        ctx.stream = stream = body.get("stream") is True
+        payload = req.body
+        strip = False
+        if stream and upstream.format == "openai" and req.path in USAGE_OPT_IN_PATHS:
+            opts = body.get("stream_options")
+            if not (isinstance(opts, dict) and opts.get("include_usage") is True):
+                # Ask the provider for usage; hide the extra chunk from a client that did not.
+                body["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
+                                          "include_usage": True}
+                payload = orjson.dumps(body)
+                strip = True
+        pool = self.pools[upstream.name]
+        head = build_request_head(upstream, req.method, req.target, req.headers, len(payload),
+                                  req.request_id)
+        request_bytes = head + payload
+        limits = self.config.limits
+        conn = await pool.acquire()
+        while True:
+            ctx.attempts += 1
+            tap = make_tap(upstream.format, req.path, stream, body_cap=limits.tap_body_bytes)
+            ex = Exchange(
+                pool=pool,
+                conn=conn,
+                client=client,
+                client_http11=req.http11,
+                client_keep_alive=req.keep_alive and not self.draining,
+                is_head_request=False,
+                request_id=req.request_id,
+                tap=tap,
+                stripper=UsageChunkStripper() if strip else None,
+                max_head=limits.max_header_bytes,
+            )
+            client.exchange = ex
+            if client.paused_writing:
+                ex.pause()
+            ex.start(request_bytes)
+            try:
+                await ex.done
+            except asyncio.CancelledError:
+                # Client gone while connecting, or the shutdown deadline passed: cut the
+                # provider now, and still meter what was streamed so far.
+                ex.client_gone()
+                self._finish(ctx, ex, body, tap.result(), req.path)
+                ctx.outcome = "shutdown" if self.draining else "client_disconnect"
+                raise
+            if ex.stale and ctx.attempts <= MAX_STALE_RETRIES and not client.closed:
+                conn = await pool.connect()
+                continue
+            break
+        self._finish(ctx, ex, body, tap.result(), req.path)
+        if ex.error is not None and not ex.head_sent and ex.outcome != "client_disconnect":
+            raise ex.error
+        return ex.client_keep_alive and ex.outcome == "ok"
+
+    def _finish(self, ctx: RequestContext, ex: Exchange, body: dict[str, Any],
+                result: TapResult, path: str) -> None:
+        ctx.outcome = ex.outcome
+        ctx.bytes_out = ex.bytes_out
+        ctx.t_first_byte = ex.t_first_byte
+        ctx.status = ex.head.status if ex.head is not None else 0
+        if ex.error is not None:
+            ctx.error = str(ex.error)
+        self._settle_usage(ctx, body, result, ctx.status, path)
+
+    def _settle_usage(
+        self, ctx: RequestContext, body: dict[str, Any], result: TapResult, status: int, path: str
+    ) -> None:
+        """Reported usage wins; otherwise estimate what the provider most likely billed."""
+        if result.usage is not None:
+            ctx.usage, ctx.usage_source = result.usage, "reported"
+            return
+        if status >= 300 or (status == 0 and ctx.outcome == "upstream_error"):
+            return  # the provider refused or was never reached: nothing to bill
+        prompt, approx_p = self.tokenizer.count_prompt(body, ctx.api_format, path, ctx.model)
+        completion, approx_c = self.tokenizer.count_text(result.completion_text, ctx.model)
+        completion += getattr(result, "completion_tokens_counted", 0)
+        ctx.usage = Usage(prompt_tokens=prompt, completion_tokens=completion,
+                          total_tokens=prompt + completion)
+        ctx.usage_source = "estimated"
+        ctx.usage_approx = approx_p or approx_c
+
+    # -- local answers ----------------------------------------------------------------
+    def _local(self, req: IncomingRequest, client: DownstreamProtocol) -> None:
+        if req.path == "/readyz" and self.draining:
+            status, body = 503, b'{"status":"draining"}'
+        else:
+            status, body = 200, b'{"status":"ok"}'
+        client.write(render(status, body, request_id=req.request_id, keep_alive=req.keep_alive,
+                            head_only=req.method == b"HEAD"))
+        client.cycle_done(req.keep_alive)
+
+    def _reply_error(self, client: DownstreamProtocol, req: IncomingRequest,
+                     exc: SidecarError) -> int:
+        status, body = error_for(exc)
+        extra: tuple[tuple[bytes, bytes], ...] = ()
+        if isinstance(exc, MethodNotAllowed):
+            extra = ((b"allow", b"POST"),)
+        data = render(status, body, request_id=req.request_id, keep_alive=req.keep_alive,
+                      extra=extra)
+        client.write(data)
+        return len(data)
+
+    def note_rejected(self, request: h11.Request | None, status: int, exc: SidecarError) -> None:
+        """A request refused before it was complete (too large, malformed) still gets a row."""
+        if request is None:
+            return
+        path = request.target.split(b"?", 1)[0].decode("latin-1")
+        table = self.routes.get(path)
+        if table is None:
+            return
+        ctx = RequestContext(request_id=os.urandom(12).hex(), ts_ms=int(time.time() * 1000),
+                             t_received=self.loop.time(), path=path, route=table.route.path,
+                             status=status, outcome="rejected", error=str(exc))
+        self.meter.submit(ctx.to_record(self.loop.time()))
+
+    # -- shutdown -------------------------------------------------------------------
+    async def drain(self, grace: float) -> None:
+        """Stop taking requests, let in-flight ones finish up to ``grace`` s, then cut them."""
+        self.draining = True
+        for conn in list(self.connections):
+            conn.close_if_idle()
+        deadline = self.loop.time() + grace
+        while self.tasks and self.loop.time() < deadline:
+            await asyncio.wait(set(self.tasks), timeout=min(0.05, deadline - self.loop.time()))
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=1.0)
+        for conn in list(self.connections):
+            conn.abort()
+        for pool in self.pools.values():
+            pool.close()
+
+
+__all__ = ["Proxy", "UpstreamError"]

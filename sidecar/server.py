@@ -1,0 +1,194 @@
+"""Listeners, workers, signals and drain.
+
+``workers: 1`` serves in this process. ``workers: N`` makes this process a small
+supervisor of N worker processes that each bind the same port with SO_REUSEPORT
+(the kernel spreads connections), each with its own meter writer into the one
+WAL database. SIGTERM/SIGINT drains: stop accepting, let streams finish up to
+``timeouts.shutdown_grace``, flush the meter, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from sidecar.config import Config
+from sidecar.downstream import DownstreamProtocol
+from sidecar.meter import Meter
+from sidecar.proxy import Proxy
+from sidecar.tokenizer import Tokenizer
+
+log = logging.getLogger("sidecar.server")
+
+# Kernel accept queue; bursts of new streams should queue, not be refused.
+LISTEN_BACKLOG = 4096
+# A worker that dies sooner than this after start is crash-looping: wait before restarting.
+WORKER_MIN_UPTIME = 2.0
+WORKER_RESTART_DELAY = 1.0
+# Extra time the supervisor gives workers beyond their own drain deadline.
+WORKER_EXIT_SLACK = 10.0
+ENV_WORKER_PORT = "SIDECAR_WORKER_PORT"
+
+
+class Server:
+    """One serving process: meter writer, proxy and listener on the running loop."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.meter = Meter(config.meter)
+        self.tokenizer = Tokenizer.load(config.tokenizer.dir)
+        self._server: asyncio.AbstractServer | None = None
+        self.proxy: Proxy | None = None
+        self._stopping = False
+
+    async def start(self, port: int | None = None, reuse_port: bool = False) -> None:
+        if not self.tokenizer.preload():
+            log.warning("no tiktoken encoding could be loaded; estimates will be approximate")
+        await self.meter.start()
+        loop = asyncio.get_running_loop()
+        self.proxy = proxy = Proxy(self.config, self.meter, self.tokenizer)
+        self._server = await loop.create_server(
+            lambda: DownstreamProtocol(proxy),
+            self.config.listen_host,
+            self.config.listen_port if port is None else port,
+            reuse_port=reuse_port or None,
+            backlog=LISTEN_BACKLOG,
+        )
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        """Drain and flush. Safe to call twice."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._server is not None:
+            self._server.close()
+        try:
+            if self.proxy is not None:
+                await self.proxy.drain(self.config.timeouts.shutdown_grace)
+        finally:
+            await self.meter.close()
+
+    async def serve_until_signal(self, announce: bool = True) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if announce:
+            _announce(self.config, self.port)
+        await stop.wait()
+        log.info("draining (up to %.0fs)", self.config.timeouts.shutdown_grace)
+        await self.stop()
+        stats = self.meter.stats
+        log.info("meter flushed: %s rows written, %s spilled", stats.written, stats.spilled)
+
+
+def _announce(config: Config, port: int) -> None:
+    host = config.listen_host
+    shown = f"[{host}]" if ":" in host else host
+    print(
+        f"sidecar: listening on http://{shown}:{port} "
+        f"(workers={config.workers}, meter={config.meter.db})",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a hard dependency; stay usable anyway
+        log.warning("uvloop is not installed; running on the default asyncio loop")
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def run_single(config: Config, port: int | None = None, announce: bool = True) -> int:
+    _install_uvloop()
+
+    async def main() -> None:
+        server = Server(config)
+        await server.start(port=port, reuse_port=port is not None)
+        await server.serve_until_signal(announce=announce)
+
+    asyncio.run(main())
+    return 0
+
+
+def run(config: Config, config_path: str) -> int:
+    """Entry point of ``sidecar run``: one process, or a supervisor of N workers."""
+    worker_port = os.environ.get(ENV_WORKER_PORT)
+    if worker_port is not None:
+        return run_single(config, port=int(worker_port), announce=False)
+    if config.workers <= 1:
+        return run_single(config)
+    return supervise(config, config_path)
+
+
+def _reserve_port(config: Config) -> socket.socket:
+    """Bind (without listening) so port 0 becomes one concrete port all workers share."""
+    family = socket.AF_INET6 if ":" in config.listen_host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((config.listen_host, config.listen_port))
+    return sock
+
+
+def supervise(config: Config, config_path: str) -> int:
+    holder = _reserve_port(config)
+    port = holder.getsockname()[1]
+    env = dict(os.environ, **{ENV_WORKER_PORT: str(port)})
+    cmd = [sys.executable, "-m", "sidecar", "run", "-c", config_path]
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+
+    procs: list[subprocess.Popen[bytes]] = []
+    started: list[float] = []
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for _ in range(config.workers):
+        procs.append(subprocess.Popen(cmd, env=env))
+        started.append(time.monotonic())
+    _announce(config, port)
+    try:
+        while not stopping:
+            time.sleep(0.2)
+            for i, proc in enumerate(procs):
+                code = proc.poll()
+                if code is None or stopping:
+                    continue
+                log.error("worker pid %d exited with %s; restarting", proc.pid, code)
+                if time.monotonic() - started[i] < WORKER_MIN_UPTIME:
+                    time.sleep(WORKER_RESTART_DELAY)
+                procs[i] = subprocess.Popen(cmd, env=env)
+                started[i] = time.monotonic()
+        deadline = time.monotonic() + config.timeouts.shutdown_grace + WORKER_EXIT_SLACK
+        worst = 0
+        for proc in procs:
+            try:
+                code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+            worst = worst or (code if code not in (0, -signal.SIGTERM) else 0)
+        return worst
+    finally:
+        holder.close()

@@ -1,0 +1,398 @@
+"""The relay between one client request and one provider response.
+
+An ``Exchange`` owns an upstream connection for the length of one response. It
+is driven entirely by callbacks from the two protocols, so forwarding a body
+chunk costs no task switch and no await:
+
+* ``upstream_data`` -> parse the head once, then write each read downstream as
+  it arrives (verbatim when the framing allows) and feed the payload to the tap;
+* ``pause`` / ``resume`` (from the client's ``pause_writing``/``resume_writing``)
+  -> stop and restart reading the provider, so a slow client never makes us
+  buffer a whole response;
+* ``client_gone`` -> abort the provider connection at once so it stops generating.
+
+The response head goes downstream only when the provider's head has arrived:
+until then nothing is committed, which is what later failover builds on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from enum import IntEnum
+from typing import TYPE_CHECKING, Protocol
+
+from sidecar.errors import SidecarError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from sidecar.http1 import HOP_BY_HOP, LAST_CHUNK, ChunkedDecoder, ResponseHead, frame_chunk
+from sidecar.http1 import parse_response_head as _parse_head
+
+if TYPE_CHECKING:
+    from sidecar.sse import Tap, UsageChunkStripper
+    from sidecar.upstream import UpstreamConnection, UpstreamPool
+
+
+class ClientSide(Protocol):
+    """What the exchange needs from the downstream connection."""
+
+    def write(self, data: bytes | memoryview) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class BodyMode(IntEnum):
+    """How provider body bytes become client body bytes."""
+
+    NONE = 0  # no body (HEAD, 204, 304)
+    VERBATIM_CHUNKED = 1  # chunk frames forwarded untouched (the fast path)
+    VERBATIM_LENGTH = 2  # content-length body forwarded untouched
+    REFRAME_CHUNKED = 3  # payload changed (usage chunk hidden) or unframed: re-chunk
+    RAW_UNTIL_CLOSE = 4  # HTTP/1.0 client: payload bytes, then close
+
+
+class Phase(IntEnum):
+    WAIT_HEAD = 0
+    BODY = 1
+    DONE = 2
+
+
+# Response headers we never pass back: hop-by-hop plus framing we set ourselves.
+_DROP_RESPONSE = HOP_BY_HOP | {b"content-length", b"x-request-id"}
+
+
+class Exchange:
+    __slots__ = (
+        "_buf",
+        "_decoder",
+        "_loop",
+        "_pending_head",
+        "_remaining",
+        "_timer",
+        "bytes_out",
+        "client",
+        "client_http11",
+        "client_keep_alive",
+        "conn",
+        "done",
+        "error",
+        "extra_after_body",
+        "head",
+        "head_sent",
+        "is_head_request",
+        "last_read",
+        "max_head",
+        "mode",
+        "outcome",
+        "phase",
+        "pool",
+        "request_id",
+        "stale",
+        "started",
+        "stripper",
+        "t_first_byte",
+        "tap",
+        "timeouts",
+    )
+
+    def __init__(
+        self,
+        *,
+        pool: UpstreamPool,
+        conn: UpstreamConnection,
+        client: ClientSide,
+        client_http11: bool,
+        client_keep_alive: bool,
+        is_head_request: bool,
+        request_id: bytes,
+        tap: Tap | None,
+        stripper: UsageChunkStripper | None,
+        max_head: int,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.pool = pool
+        self.conn = conn
+        self.client = client
+        self.client_http11 = client_http11
+        self.client_keep_alive = client_keep_alive
+        self.is_head_request = is_head_request
+        self.request_id = request_id
+        self.tap = tap
+        self.stripper = stripper
+        self.max_head = max_head
+        self.timeouts = pool.timeouts
+        self.phase = Phase.WAIT_HEAD
+        self.mode = BodyMode.NONE
+        self.head: ResponseHead | None = None
+        self.head_sent = False
+        self._buf = bytearray()
+        self._decoder: ChunkedDecoder | None = None
+        self._remaining = 0
+        self._timer: asyncio.TimerHandle | None = None
+        # The client head waits here so it shares one write with the first body bytes.
+        self._pending_head: bytes | None = None
+        self.bytes_out = 0
+        self.t_first_byte: float | None = None
+        self.started = 0.0
+        self.last_read = 0.0
+        self.outcome = "ok"
+        self.error: SidecarError | None = None
+        self.stale = False  # a reused connection died before any byte: safe to retry
+        self.extra_after_body = False
+        self.done: asyncio.Future[None] = self._loop.create_future()
+
+    # -- start --------------------------------------------------------------
+    def start(self, request: bytes) -> None:
+        self.conn.sink = self
+        self.started = self.last_read = self._loop.time()
+        self.conn.write(request)
+        self._arm(self.timeouts.first_byte)
+
+    # -- timers: one handle, re-armed lazily so a chunk only stores a timestamp
+    def _arm(self, delay: float) -> None:
+        self._timer = self._loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.phase is Phase.DONE:
+            return
+        now = self._loop.time()
+        t = self.timeouts
+        total_left = self.started + t.total - now
+        if self.phase is Phase.WAIT_HEAD:
+            left = min(self.started + t.first_byte - now, total_left)
+            what = "first byte"
+        else:
+            left = min(self.last_read + t.idle - now, total_left)
+            what = "idle"
+        if total_left <= 0:
+            what = "total"
+        if left > 0:
+            self._arm(left)
+            return
+        self._fail(UpstreamTimeout(f"upstream {what} timeout"), "upstream_timeout")
+
+    # -- upstream callbacks ---------------------------------------------------
+    def upstream_data(self, data: bytes) -> None:
+        self.last_read = self._loop.time()
+        try:
+            if self.phase is Phase.BODY:
+                self._body(data)
+            elif self.phase is Phase.WAIT_HEAD:
+                self._head_data(data)
+            else:
+                # Bytes after the end of a response: the connection is not reusable.
+                self.extra_after_body = True
+        except UpstreamProtocolError as exc:
+            self._fail(exc, "upstream_error")
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        if self.phase is Phase.DONE:
+            return
+        if self.phase is Phase.BODY and self.mode is BodyMode.RAW_UNTIL_CLOSE \
+                and self.head is not None and not self.head.chunked \
+                and self.head.content_length is None:
+            # Read-until-close body: the close *is* the end of the response.
+            self._finish_body()
+            return
+        if self.phase is Phase.WAIT_HEAD and not self._buf and self.conn.reused:
+            self.stale = True
+        self._fail(UpstreamError("upstream closed the connection mid-response"), "upstream_error")
+
+    # -- client callbacks -----------------------------------------------------
+    def client_gone(self) -> None:
+        if self.phase is Phase.DONE:
+            return
+        self.outcome = "client_disconnect"
+        self._end(reusable=False)
+
+    def pause(self) -> None:
+        self.conn.pause_reading()
+
+    def resume(self) -> None:
+        self.conn.resume_reading()
+
+    # -- head -------------------------------------------------------------------
+    def _head_data(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        while True:
+            parsed = _parse_head(buf, self.max_head)
+            if parsed is None:
+                return
+            head, n = parsed
+            if 100 <= head.status < 200:
+                # Interim response (100 Continue, 103 Early Hints): skip, wait for the real one.
+                del buf[:n]
+                continue
+            break
+        self.head = head
+        self.phase = Phase.BODY
+        rest = memoryview(bytes(buf))[n:]
+        buf.clear()
+        self._choose_mode(head)
+        self._write_head_and(rest)
+
+    def _choose_mode(self, head: ResponseHead) -> None:
+        if self.is_head_request or not head.has_body:
+            self.mode = BodyMode.NONE
+            return
+        if head.chunked:
+            self._decoder = ChunkedDecoder()
+        else:
+            self._remaining = head.content_length if head.content_length is not None else -1
+        if not self.client_http11:
+            self.mode = BodyMode.RAW_UNTIL_CLOSE
+            self.client_keep_alive = False
+        elif self.stripper is not None or (not head.chunked and head.content_length is None):
+            self.mode = BodyMode.REFRAME_CHUNKED
+        elif head.chunked:
+            self.mode = BodyMode.VERBATIM_CHUNKED
+        else:
+            self.mode = BodyMode.VERBATIM_LENGTH
+
+    def _client_head(self, head: ResponseHead) -> bytes:
+        parts = [b"HTTP/1.1 %d %b\r\n" % (head.status, head.reason)]
+        for name, value in head.headers:
+            if name in _DROP_RESPONSE:
+                if name == b"x-request-id":
+                    parts += (b"x-upstream-request-id: ", value, b"\r\n")
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        mode = self.mode
+        if mode is BodyMode.VERBATIM_CHUNKED or mode is BodyMode.REFRAME_CHUNKED:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        elif mode is BodyMode.VERBATIM_LENGTH or (
+            mode is BodyMode.NONE and head.content_length is not None
+        ):
+            parts.append(b"content-length: %d\r\n" % (head.content_length or 0))
+        elif mode is BodyMode.NONE and head.has_body:
+            parts.append(b"content-length: 0\r\n")
+        if not self.client_keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts += (b"x-request-id: ", self.request_id, b"\r\n\r\n")
+        return b"".join(parts)
+
+    def _write_head_and(self, rest: memoryview) -> None:
+        head = self.head
+        assert head is not None
+        self.head_sent = True
+        head_bytes = self._client_head(head)
+        if self.mode is BodyMode.NONE:
+            self._send(head_bytes)
+            self._finish_body(reusable_hint=not rest and head.content_length in (None, 0))
+            return
+        self._pending_head = head_bytes
+        if rest:
+            self._body(rest)
+        self._flush_head()
+
+    # -- body -------------------------------------------------------------------
+    def _body(self, data: bytes | memoryview) -> None:
+        mode = self.mode
+        tap = self.tap
+        dec = self._decoder
+        if dec is not None:
+            pieces, used = dec.feed(data)
+            if tap is not None:
+                for piece in pieces:
+                    tap.feed(piece)
+            if mode is BodyMode.VERBATIM_CHUNKED:
+                self._send(data if used == len(data) else data[:used])
+            else:
+                self._emit_payload(pieces)
+            if dec.done:
+                if used != len(data):
+                    self.extra_after_body = True
+                self._finish_body()
+            return
+        # content-length or read-until-close body
+        remaining = self._remaining
+        if remaining >= 0 and len(data) > remaining:
+            self.extra_after_body = True
+            data = data[:remaining]
+        if tap is not None:
+            tap.feed(data)
+        if mode is BodyMode.VERBATIM_LENGTH:
+            self._send(data)
+        else:
+            self._emit_payload([data])
+        if remaining >= 0:
+            self._remaining = remaining - len(data)
+            if self._remaining == 0:
+                self._finish_body()
+
+    def _emit_payload(self, pieces: list[memoryview] | list[bytes | memoryview]) -> None:
+        """Write payload for the modes that change framing or content."""
+        stripper = self.stripper
+        for piece in pieces:
+            out: bytes | memoryview = stripper.feed(piece) if stripper is not None else piece
+            if not out:
+                continue
+            if self.mode is BodyMode.REFRAME_CHUNKED:
+                self._send(frame_chunk(out))
+            else:
+                self._send(out)
+
+    def _flush_head(self) -> None:
+        if self._pending_head is not None:
+            self._send(b"")
+
+    def _send(self, data: bytes | memoryview) -> None:
+        pending = self._pending_head
+        if pending is not None:
+            self._pending_head = None
+            data = pending + bytes(data)
+        if not data:
+            return
+        if self.t_first_byte is None and self.head_sent:
+            self.t_first_byte = self._loop.time()
+        self.bytes_out += len(data)
+        self.client.write(data)
+
+    def _finish_body(self, reusable_hint: bool = True) -> None:
+        if self.phase is Phase.DONE:
+            return
+        tail = b""
+        if self.stripper is not None:
+            rest = self.stripper.flush()
+            if rest:
+                tail = frame_chunk(rest) if self.mode is BodyMode.REFRAME_CHUNKED else rest
+        if self.mode is BodyMode.REFRAME_CHUNKED:
+            tail += LAST_CHUNK
+        if tail:
+            self._send(tail)
+        head = self.head
+        reusable = (
+            reusable_hint
+            and head is not None
+            and head.keep_alive
+            and not self.extra_after_body
+        )
+        self._end(reusable=reusable)
+
+    # -- endings ------------------------------------------------------------------
+    def _fail(self, error: SidecarError, outcome: str) -> None:
+        if self.phase is Phase.DONE:
+            return
+        self.error = error
+        self.outcome = outcome
+        if self.head_sent:
+            # The client already has a head: the only honest signal left is to cut
+            # the connection so it sees a truncated body, not a complete one.
+            self._flush_head()
+            self.client_keep_alive = False
+            self.client.abort()
+        self._end(reusable=False)
+
+    def _end(self, reusable: bool) -> None:
+        self.phase = Phase.DONE
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        conn = self.conn
+        if conn.sink is self:
+            conn.sink = None
+        if reusable:
+            self.pool.release(conn, True)
+        else:
+            conn.close()
+        if not self.done.done():
+            self.done.set_result(None)

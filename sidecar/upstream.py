@@ -1,0 +1,232 @@
+"""Provider side: keep-alive connection pool, TLS, and the upstream protocol.
+
+The protocol does no parsing of its own: every read goes straight to the
+``ResponseSink`` of the exchange that currently owns the connection (see
+``splice.py``), so a body chunk costs one method call here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from enum import IntEnum
+from typing import Protocol
+
+from sidecar.config import TimeoutsConfig, UpstreamConfig
+from sidecar.errors import UpstreamError, UpstreamTimeout
+from sidecar.http1 import HOP_BY_HOP
+
+log = logging.getLogger("sidecar.upstream")
+
+
+class ConnState(IntEnum):
+    """Lifecycle of one pooled connection; transitions only move forward or IDLE<->ACTIVE."""
+
+    CONNECTING = 0
+    IDLE = 1  # in the pool, no request on it
+    ACTIVE = 2  # owned by one exchange
+    CLOSED = 3
+
+
+class ResponseSink(Protocol):
+    """What an upstream connection reports to the exchange that owns it."""
+
+    def upstream_data(self, data: bytes) -> None: ...
+
+    def upstream_lost(self, exc: Exception | None) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = ("idle_since", "pool", "reused", "sink", "state", "transport")
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.state = ConnState.CONNECTING
+        self.transport: asyncio.Transport | None = None
+        self.sink: ResponseSink | None = None
+        self.idle_since = 0.0
+        self.reused = False  # set once a second request runs on this connection
+
+    # -- asyncio.Protocol -------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink.upstream_data(data)
+        else:
+            # Bytes on an idle connection mean the provider broke framing; never reuse it.
+            self.close()
+
+    def eof_received(self) -> bool:
+        return False  # close; a half-closed provider connection is useless to us
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = ConnState.CLOSED
+        self.pool.forget(self)
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.upstream_lost(exc)
+
+    # -- used by the exchange --------------------------------------------
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and self.state is ConnState.ACTIVE:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and self.state is ConnState.ACTIVE:
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        """Abort at once: used on cancel, so the provider stops generating now."""
+        if self.state is not ConnState.CLOSED:
+            self.state = ConnState.CLOSED
+            self.pool.forget(self)
+            if self.transport is not None:
+                self.transport.abort()
+
+
+def make_ssl_context(cfg: UpstreamConfig) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=cfg.ca_bundle)
+    if not cfg.tls_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+class UpstreamPool:
+    """Keep-alive connections to one upstream, most recently used first."""
+
+    def __init__(self, cfg: UpstreamConfig, timeouts: TimeoutsConfig) -> None:
+        self.cfg = cfg
+        self.timeouts = timeouts
+        self._idle: list[UpstreamConnection] = []
+        self._all: set[UpstreamConnection] = set()
+        self._ssl = make_ssl_context(cfg) if cfg.scheme == "https" else None
+        self.connects = 0  # new connections opened (keep-alive reuse is visible as few of these)
+
+    def _take_idle(self) -> UpstreamConnection | None:
+        now = time.monotonic()
+        ttl = self.cfg.pool_idle_ttl
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.state is ConnState.IDLE and now - conn.idle_since < ttl:
+                conn.state = ConnState.ACTIVE
+                conn.reused = True
+                return conn
+            conn.close()
+        return None
+
+    async def acquire(self) -> UpstreamConnection:
+        conn = self._take_idle()
+        if conn is not None:
+            return conn
+        return await self.connect()
+
+    async def connect(self) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        cfg = self.cfg
+        try:
+            _, proto = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: UpstreamConnection(self),
+                    cfg.host,
+                    cfg.port,
+                    ssl=self._ssl,
+                    server_hostname=cfg.host if self._ssl is not None else None,
+                ),
+                self.timeouts.connect,
+            )
+        except TimeoutError:
+            raise UpstreamTimeout(f"connect to upstream '{cfg.name}' timed out") from None
+        except ssl.SSLError as exc:
+            raise UpstreamError(f"TLS handshake with upstream '{cfg.name}' failed: {exc.reason}") from None
+        except OSError as exc:
+            raise UpstreamError(
+                f"cannot connect to upstream '{cfg.name}': {exc.strerror or type(exc).__name__}"
+            ) from None
+        self.connects += 1
+        proto.state = ConnState.ACTIVE
+        self._all.add(proto)
+        return proto
+
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        conn.sink = None
+        if (
+            reusable
+            and conn.state is ConnState.ACTIVE
+            and len(self._idle) < self.cfg.pool_max_idle
+        ):
+            conn.state = ConnState.IDLE
+            conn.idle_since = time.monotonic()
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        self._all.discard(conn)
+        if conn in self._idle:
+            self._idle.remove(conn)
+
+    def close(self) -> None:
+        for conn in list(self._all):
+            conn.close()
+        self._idle.clear()
+
+
+# Client headers never passed to a provider: hop-by-hop, framing we recompute,
+# and content codings (we ask for identity so the tap can read usage).
+_DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"accept-encoding", b"expect"}
+# Client credentials: removed unless the upstream is configured to forward them,
+# so a client's key is never leaked to a provider it was not meant for.
+_CLIENT_AUTH = frozenset({b"authorization", b"x-api-key", b"api-key"})
+
+
+def build_request_head(
+    cfg: UpstreamConfig,
+    method: bytes,
+    target: bytes,
+    headers: list[tuple[bytes, bytes]],
+    body_len: int,
+    request_id: bytes,
+) -> bytes:
+    """The request head sent to the provider (pure; unit-tested directly)."""
+    host = cfg.host.encode("idna") if not _is_ip(cfg.host) else cfg.host.encode()
+    default_port = 443 if cfg.scheme == "https" else 80
+    if ":" in cfg.host:
+        host = b"[" + host + b"]"
+    host_value = host if cfg.port == default_port else b"%b:%d" % (host, cfg.port)
+    parts = [method, b" ", cfg.base_path.encode() + target, b" HTTP/1.1\r\nhost: ", host_value,
+             b"\r\ncontent-length: %d\r\naccept-encoding: identity\r\n" % body_len]
+    has_version = False
+    for name, value in headers:
+        if name in _DROP_REQUEST or name == b"x-request-id":
+            continue
+        if name in _CLIENT_AUTH and not cfg.forward_client_auth:
+            continue
+        if name == b"anthropic-version":
+            has_version = True
+        parts += (name, b": ", value, b"\r\n")
+    if cfg.api_key:
+        key = cfg.api_key.encode()
+        if cfg.format == "anthropic":
+            parts += (b"x-api-key: ", key, b"\r\n")
+        else:
+            parts += (b"authorization: Bearer ", key, b"\r\n")
+    if cfg.format == "anthropic" and not has_version:
+        parts += (b"anthropic-version: ", cfg.anthropic_version.encode(), b"\r\n")
+    parts += (b"x-request-id: ", request_id, b"\r\n\r\n")
+    return b"".join(parts)
+
+
+def _is_ip(host: str) -> bool:
+    return host.replace(".", "").isdigit() or ":" in host
