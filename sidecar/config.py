@@ -1114,17 +1114,18 @@ def _route(ctx: _Ctx, node: Node, path: str, reg: _Registry) -> RouteConfig | No
     if "upstreams" not in m:
         ctx.error(node, f"{path}.upstreams", "is required")
     else:
-        ups_node = m["upstreams"][1]
+        # Whole-list problems point at the key: a block list starts on the line below it.
+        ups_key, ups_node = m["upstreams"]
         items = _sequence(ctx, ups_node, f"{path}.upstreams")
         if items is not None and not items:
-            ctx.error(ups_node, f"{path}.upstreams", "must be a non-empty list")
+            ctx.error(ups_key, f"{path}.upstreams", "must be a non-empty list")
         seen: dict[str, int | None] = {}
         for j, item in enumerate(items or ()):
             ru = _route_upstream(ctx, item, f"{path}.upstreams[{j}]", reg, route_path, fmt, seen)
             if ru is not None:
                 ups.append(ru)
         if ups and len(ctx.errors) == n_errors and not any(u.weight > 0 for u in ups):
-            ctx.error(ups_node, f"{path}.upstreams", "at least one upstream needs a weight > 0")
+            ctx.error(ups_key, f"{path}.upstreams", "at least one upstream needs a weight > 0")
 
     middleware: list[MiddlewareConfig] = []
     if "middleware" in m:
