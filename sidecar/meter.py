@@ -1,11 +1,51 @@
 """Meter record, bounded queue and the aiosqlite batch writer.
 
-BEING WRITTEN. Interface the server relies on: MeterRecord and Meter below.
+The hot path calls :meth:`Meter.submit`, which only does ``put_nowait`` on a
+bounded queue; one writer task per process drains the queue into SQLite (WAL)
+in batches. Nothing is dropped silently: a record that finds the queue full, or
+a batch the database refuses, is appended as one JSON line to a spill file, and
+the next :meth:`Meter.start` (of any worker sharing the database) replays that
+file into the table.
+
+Several worker processes write the same database, each through its own Meter,
+and by default share the same spill file. That sharing is made safe by:
+
+* schema creation/migration inside ``BEGIN IMMEDIATE`` keyed on
+  ``PRAGMA user_version``, so exactly one process migrates;
+* spill appends under ``flock`` on the spill file, re-checking after the lock
+  that the path still names the open file (a replayer may have renamed it);
+* replay claimed by an ``flock`` on ``<spill>.lock`` and done by renaming the
+  spill file away first, so appenders start a fresh file meanwhile.
+
+Delivery is at-least-once only across a crash between a replay's COMMIT and the
+removal of the replayed file (those rows would be replayed twice); everywhere
+else a record is written exactly once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import glob
+import logging
+import operator
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import IO, Any, Final
+
+import aiosqlite
+import orjson
+
+from sidecar.config import MeterConfig
+from sidecar.errors import SidecarError
+
+log = logging.getLogger("sidecar.meter")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,3 +78,612 @@ class MeterRecord:
     api_format: str  # 'openai' | 'anthropic'
     path: str  # request path as received
     error: str | None  # short, secret-free reason when outcome != 'ok'
+
+
+@dataclass(frozen=True, slots=True)
+class MeterStats:
+    """A snapshot of one Meter's counters (this process only)."""
+
+    written: int  # rows committed by the writer task
+    spilled: int  # records appended to the spill file (overflow, failed batches, late)
+    queued: int  # records waiting in the queue right now
+    batches: int  # committed writer batches
+    errors: int  # failed batch writes, failed spill appends, failed replays
+    overflowed: int = 0  # of `spilled`: the queue was full at submit()
+    replayed: int = 0  # rows inserted from spill files at start()
+    lost: int = 0  # records neither written nor spilled (both failed; logged)
+
+
+class MeterError(SidecarError):
+    """The meter database could not be opened, migrated or closed."""
+
+    code = "meter_error"
+
+
+# --- limits -------------------------------------------------------------------
+
+# How long one statement waits for another worker's write lock before SQLite
+# gives up with SQLITE_BUSY (the batch is then spilled, not lost).
+# Candidate for MeterConfig.busy_timeout_ms.
+BUSY_TIMEOUT_MS: Final = 5_000
+# Spill lines read and inserted per step when replaying, so a large spill file
+# is never held in memory whole.
+REPLAY_CHUNK_ROWS: Final = 5_000
+# Queue-overflow warnings are rate-limited: at full overload submit() is called
+# thousands of times per second and each call would otherwise log a line.
+OVERFLOW_LOG_INTERVAL_S: Final = 10.0
+
+TABLE: Final = "requests"
+LOCK_SUFFIX: Final = ".lock"  # <spill>.lock: held by the process replaying
+CLAIM_SUFFIX: Final = ".replay-"  # <spill>.replay-<pid>-<ns>: a claimed spill file
+REJECTED_SUFFIX: Final = ".rejected"  # <spill>.rejected: lines that cannot be replayed
+
+# --- schema -------------------------------------------------------------------
+
+# MIGRATIONS[i] takes the database from user_version i to i + 1. Append only:
+# never edit a released step (databases in the field have already run it) and
+# never rename a column (the contract names are used by users' own queries).
+# Columns are nullable on purpose: a record with an unexpected None must still
+# be stored rather than fail its whole batch.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        f"""CREATE TABLE IF NOT EXISTS {TABLE} (
+            id INTEGER PRIMARY KEY,
+            ts_ms INTEGER,
+            request_id TEXT,
+            key_id TEXT,
+            route TEXT,
+            upstream TEXT,
+            model TEXT,
+            status INTEGER,
+            stream INTEGER,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            total_tokens INTEGER,
+            cache_read_tokens INTEGER,
+            cache_write_tokens INTEGER,
+            usage_source TEXT,
+            usage_approx INTEGER,
+            usage_raw TEXT,
+            outcome TEXT,
+            ttft_ms REAL,
+            duration_ms REAL,
+            bytes_in INTEGER,
+            bytes_out INTEGER,
+            cost_usd REAL,
+            attempts INTEGER,
+            api_format TEXT,
+            path TEXT,
+            error TEXT
+        )""",
+        f"CREATE INDEX IF NOT EXISTS {TABLE}_ts ON {TABLE}(ts_ms)",
+        # Per-key and per-model reports are always bounded by time as well.
+        f"CREATE INDEX IF NOT EXISTS {TABLE}_key_ts ON {TABLE}(key_id, ts_ms)",
+        f"CREATE INDEX IF NOT EXISTS {TABLE}_model_ts ON {TABLE}(model, ts_ms)",
+    ),
+)
+
+COLUMNS: Final[tuple[str, ...]] = tuple(f.name for f in dataclasses.fields(MeterRecord))
+_INSERT_SQL: Final = (
+    f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+)
+# A record's values in column order; attrgetter is the cheapest way to do it.
+_record_row: Final[Callable[[MeterRecord], tuple[Any, ...]]] = operator.attrgetter(*COLUMNS)
+_SQL_SCALARS: Final = (str, int, float, type(None))  # bool is an int
+
+
+def schema_version() -> int:
+    """The user_version a database has once this code has migrated it."""
+    return len(MIGRATIONS)
+
+
+async def migrate(db: aiosqlite.Connection) -> int:
+    """Bring the schema up to date; safe when several processes race to do it.
+
+    ``BEGIN IMMEDIATE`` takes the write lock before user_version is read, so a
+    second process waits (busy_timeout), then sees the new version and does
+    nothing. Returns the version found before migrating.
+    """
+    migrations = MIGRATIONS  # read once: one consistent list for the whole run
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        cur = await db.execute("PRAGMA user_version")
+        row = await cur.fetchone()
+        found = int(row[0]) if row is not None else 0
+        for version in range(found, len(migrations)):
+            for stmt in migrations[version]:
+                await db.execute(stmt)
+        if found < len(migrations):
+            # PRAGMA takes no parameters; the value is our own int.
+            await db.execute(f"PRAGMA user_version = {len(migrations)}")
+        await db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            await db.execute("ROLLBACK")
+        raise
+    if found > len(migrations):
+        # A newer sidecar migrated this DB. Inserts name their columns and
+        # migrations only add, so this version can keep writing.
+        log.info("meter db schema v%d is newer than this code's v%d", found, len(migrations))
+    elif found < len(migrations):
+        log.info("meter db schema migrated v%d -> v%d", found, len(migrations))
+    return found
+
+
+# --- spill file ---------------------------------------------------------------
+
+
+def _encode(records: Iterable[MeterRecord]) -> bytes:
+    return b"".join(
+        orjson.dumps(dict(zip(COLUMNS, _record_row(r), strict=True))) + b"\n" for r in records
+    )
+
+
+def _decode(line: bytes) -> tuple[Any, ...] | None:
+    """One spill line -> a row in COLUMNS order, or None if it is not a record."""
+    try:
+        obj = orjson.loads(line)
+        rec = MeterRecord(**obj)
+    except (orjson.JSONDecodeError, TypeError):
+        return None
+    row = _record_row(rec)
+    if not all(isinstance(v, _SQL_SCALARS) for v in row):
+        return None
+    return row
+
+
+class _SpillFile:
+    """Appends whole lines to the spill file; safe against concurrent replays.
+
+    The descriptor is kept open between appends (overflow means many appends
+    in a row), so after taking the lock we check that the path still names our
+    file: a replayer renames it away and then takes the same lock once, which
+    waits for any append already past that check.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def append(self, data: bytes) -> None:
+        while True:
+            if self._fd is None:
+                self._fd = os.open(
+                    self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666
+                )
+            fd = self._fd
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if self._is_current(fd):
+                    self._write_whole(fd, data)
+                    return
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            self.close()  # claimed by a replayer since we opened it: start a new file
+
+    def _is_current(self, fd: int) -> bool:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        own = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+    @staticmethod
+    def _write_whole(fd: int, data: bytes) -> None:
+        # os.write may write part of the data (e.g. the disk fills mid-way). A
+        # torn line would corrupt the next record appended after it, so cut
+        # the file back to where this append started before re-raising.
+        start = os.fstat(fd).st_size
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
+def _try_lock(path: str) -> int | None:
+    """Non-blocking exclusive flock on ``path``; the fd, or None if held elsewhere."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None
+        raise
+    return fd
+
+
+def _claim_spill_files(spill: str) -> list[str]:
+    """Rename the live spill file away and list every claimed file to replay.
+
+    Called with ``<spill>.lock`` held. Claimed files left by a replayer that
+    crashed are included (oldest first), the one claimed now last.
+    """
+    claimed = sorted(glob.glob(glob.escape(spill) + CLAIM_SUFFIX + "*"))
+    target = f"{spill}{CLAIM_SUFFIX}{os.getpid()}-{time.time_ns()}"
+    try:
+        os.rename(spill, target)
+    except FileNotFoundError:
+        return claimed
+    # Wait out an append that passed its path check just before the rename;
+    # every later append re-checks, sees the rename and opens a fresh file.
+    fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+    claimed.append(target)
+    return claimed
+
+
+def _read_chunk(f: IO[bytes], rows: int) -> tuple[list[tuple[Any, ...]], list[bytes], bool]:
+    """Up to ``rows`` decoded rows; also the undecodable lines and whether EOF was hit."""
+    good: list[tuple[Any, ...]] = []
+    bad: list[bytes] = []
+    while len(good) < rows:
+        line = f.readline()
+        if not line:
+            return good, bad, True
+        if not line.strip():
+            continue
+        row = _decode(line)
+        if row is None:
+            bad.append(line if line.endswith(b"\n") else line + b"\n")
+        else:
+            good.append(row)
+    return good, bad, False
+
+
+# --- the meter ----------------------------------------------------------------
+
+
+class Meter:
+    """Bounded queue + one writer task feeding the SQLite meter table."""
+
+    def __init__(self, cfg: MeterConfig) -> None:
+        self._cfg = cfg
+        self.spill_path = cfg.spill_path
+        self._queue: asyncio.Queue[MeterRecord] = asyncio.Queue(cfg.queue_size)
+        self._spill_file = _SpillFile(self.spill_path)
+        self._db: aiosqlite.Connection | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._close_task: asyncio.Task[None] | None = None
+        # The writer sleeps on _wake; submit() sets it once the queue holds
+        # _wake_at records (1 when idle, batch_rows while a batch is gathering).
+        self._wake = asyncio.Event()
+        self._wake_at = 1
+        self._started = False
+        self._closing = False  # close() began: drain what is queued, then stop
+        self._abandon = False  # close() timed out: stop after the current batch
+        self._spill_only = False  # no writer will run again: submit() spills directly
+        self._written = 0
+        self._spilled = 0
+        self._batches = 0
+        self._errors = 0
+        self._overflowed = 0
+        self._replayed = 0
+        self._lost = 0
+        self._last_overflow_log = -OVERFLOW_LOG_INTERVAL_S
+
+    @property
+    def stats(self) -> MeterStats:
+        return MeterStats(
+            written=self._written,
+            spilled=self._spilled,
+            queued=self._queue.qsize(),
+            batches=self._batches,
+            errors=self._errors,
+            overflowed=self._overflowed,
+            replayed=self._replayed,
+            lost=self._lost,
+        )
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open and migrate the DB, replay any spill file, start the writer."""
+        if self._started:
+            raise RuntimeError("Meter.start() called twice")
+        self._started = True
+        path = self._cfg.db
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            # SQLite would only say "unable to open database file".
+            raise MeterError(f"cannot open meter db {path!r}: directory {parent!r} does not exist")
+        try:
+            db = await aiosqlite.connect(path, isolation_level=None)  # we issue BEGIN ourselves
+        except sqlite3.Error as exc:
+            raise MeterError(f"cannot open meter db {path!r}: {exc}") from exc
+        try:
+            await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            cur = await db.execute("PRAGMA journal_mode = WAL")
+            row = await cur.fetchone()
+            if row is None or str(row[0]).lower() != "wal":
+                # e.g. a filesystem without shared memory: still works, but
+                # readers then block the writer.
+                log.warning("meter db %r: journal_mode is %r, not wal", path, row and row[0])
+            await db.execute("PRAGMA synchronous = NORMAL")
+            await migrate(db)
+        except BaseException as exc:
+            await db.close()
+            if isinstance(exc, sqlite3.Error):
+                raise MeterError(f"cannot prepare meter db {path!r}: {exc}") from exc
+            raise
+        self._db = db
+        await self._replay(db)
+        self._writer = asyncio.get_running_loop().create_task(
+            self._run(db), name="sidecar-meter-writer"
+        )
+        self._writer.add_done_callback(self._writer_done)
+
+    def submit(self, rec: MeterRecord) -> None:
+        """Queue one record. Never awaits, never touches the database, never raises."""
+        if self._spill_only:
+            self._spill([rec], "meter is closed")
+            return
+        try:
+            self._queue.put_nowait(rec)
+        except asyncio.QueueFull:
+            self._overflowed += 1
+            now = time.monotonic()
+            if now - self._last_overflow_log >= OVERFLOW_LOG_INTERVAL_S:
+                self._last_overflow_log = now
+                log.warning(
+                    "meter queue full (%d); spilling to %s (%d overflowed so far)",
+                    self._cfg.queue_size,
+                    self.spill_path,
+                    self._overflowed,
+                )
+            self._spill([rec], None)
+            return
+        if self._queue.qsize() >= self._wake_at:
+            self._wake.set()
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Drain the queue into the DB, commit and close. Idempotent.
+
+        ``timeout`` bounds the drain: whatever is still queued then is spilled
+        (after the batch in flight finishes, so nothing is written twice).
+        Errors that killed the writer, or closing the DB, are raised here by
+        the first call; later calls only wait for the first to finish.
+        """
+        if self._close_task is not None:
+            await asyncio.wait([self._close_task])
+            return
+        self._close_task = asyncio.get_running_loop().create_task(self._close(timeout))
+        # Shielded: a cancelled caller must not abandon the drain half-way.
+        await asyncio.shield(self._close_task)
+
+    async def _close(self, timeout: float | None) -> None:
+        self._closing = True
+        self._wake.set()
+        error: BaseException | None = None
+        writer = self._writer
+        if writer is not None:
+            done, _ = await asyncio.wait([writer], timeout=timeout)
+            if not done:
+                log.warning(
+                    "meter: queue not drained within %ss; spilling %d queued records to %s",
+                    timeout,
+                    self._queue.qsize(),
+                    self.spill_path,
+                )
+                self._abandon = True
+                self._wake.set()
+                await asyncio.wait([writer])
+            if not writer.cancelled():
+                error = writer.exception()
+        # Records submitted after the writer's last look (or with no writer at
+        # all) go to the spill file; from here on submit() spills directly.
+        # No await between these two steps, so none can slip in between.
+        self._spill(self._drain(self._queue.qsize()), "meter is closing")
+        self._spill_only = True
+        self._spill_file.close()
+        db, self._db = self._db, None
+        if db is not None:
+            try:
+                await db.close()
+            except sqlite3.Error as exc:
+                if error is None:
+                    error = MeterError(f"closing meter db {self._cfg.db!r}: {exc}")
+                    error.__cause__ = exc
+        if error is not None:
+            raise error
+
+    # -- writer ----------------------------------------------------------------
+
+    async def _run(self, db: aiosqlite.Connection) -> None:
+        batch_rows = self._cfg.batch_rows
+        flush_s = self._cfg.flush_ms / 1000
+        queue = self._queue
+        while not self._abandon:
+            if queue.empty():
+                if self._closing:
+                    return
+                await self._wait(1, None)
+                continue
+            # First record is here: give the batch until flush_ms to fill.
+            if queue.qsize() < batch_rows:
+                await self._wait(batch_rows, flush_s)
+            if self._abandon:
+                return
+            await self._write(db, self._drain(batch_rows))
+
+    async def _wait(self, threshold: int, timeout: float | None) -> None:
+        """Sleep until ``threshold`` records are queued, close(), or ``timeout``."""
+        self._wake_at = threshold
+        self._wake.clear()
+        if self._queue.qsize() >= threshold or self._closing:
+            return
+        timer = None
+        if timeout is not None:
+            timer = asyncio.get_running_loop().call_later(timeout, self._wake.set)
+        try:
+            await self._wake.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _drain(self, limit: int) -> list[MeterRecord]:
+        out: list[MeterRecord] = []
+        while len(out) < limit:
+            try:
+                out.append(self._queue.get_nowait())
+            except asyncio.QueueEmpty:
+                break
+        return out
+
+    async def _write(self, db: aiosqlite.Connection, batch: Sequence[MeterRecord]) -> None:
+        """Insert one batch in one transaction; on a DB error spill it instead."""
+        committing = False
+        try:
+            # IMMEDIATE: take the write lock up front (waiting busy_timeout for
+            # other workers) instead of failing on a read->write upgrade.
+            await db.execute("BEGIN IMMEDIATE")
+            await db.executemany(_INSERT_SQL, [_record_row(r) for r in batch])
+            committing = True
+            await db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            # A failed COMMIT leaves the transaction open; BEGIN may not have
+            # started one. Either way nothing of this batch is committed.
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    await db.execute("ROLLBACK")
+            self._errors += 1
+            log.error("meter: writing %d rows failed (%s); spilling them", len(batch), exc)
+            self._spill(batch, "write failed")
+            return
+        except BaseException:
+            # Cancelled or a bug. Before COMMIT was sent nothing is committed
+            # (closing the connection rolls back), so keep the batch; once it
+            # was sent SQLite will most likely commit it, so spilling would
+            # write it twice.
+            if not committing:
+                self._spill(batch, "writer stopped")
+            raise
+        self._written += len(batch)
+        self._batches += 1
+
+    def _writer_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        # A bug killed the writer: say so now rather than at close(), and stop
+        # queueing records nobody will write.
+        log.error("meter writer died; spilling from now on", exc_info=task.exception())
+        self._spill_only = True
+        self._spill(self._drain(self._queue.qsize()), "writer died")
+
+    # -- spill and replay ------------------------------------------------------
+
+    def _spill(self, records: Sequence[MeterRecord], reason: str | None) -> None:
+        if not records:
+            return
+        try:
+            self._spill_file.append(_encode(records))
+        except (OSError, TypeError, orjson.JSONEncodeError) as exc:
+            self._errors += 1
+            self._lost += len(records)
+            log.critical(
+                "meter: LOST %d records: cannot append to spill file %s: %s",
+                len(records),
+                self.spill_path,
+                exc,
+            )
+            return
+        self._spilled += len(records)
+        if reason is not None:
+            log.warning(
+                "meter: spilled %d records to %s (%s)", len(records), self.spill_path, reason
+            )
+
+    async def _replay(self, db: aiosqlite.Connection) -> None:
+        """Insert spill files left by earlier runs (of any worker), then remove them.
+
+        All claimed files go in one transaction, so a failure leaves them all
+        in place (claimed) for the next start to retry, with nothing doubled.
+        A failure here is logged, not raised: the meter can still write.
+        """
+        lock_path = self.spill_path + LOCK_SUFFIX
+        try:
+            lock_fd = await asyncio.to_thread(_try_lock, lock_path)
+        except OSError as exc:
+            self._errors += 1
+            log.error("meter: cannot lock %s (%s); spill files not replayed", lock_path, exc)
+            return
+        if lock_fd is None:
+            log.info("meter: another worker is replaying %s", self.spill_path)
+            return
+        try:
+            paths = await asyncio.to_thread(_claim_spill_files, self.spill_path)
+            if paths:
+                await self._insert_files(db, paths)
+        except (OSError, sqlite3.Error) as exc:
+            self._errors += 1
+            log.error(
+                "meter: replaying %s failed (%s); will retry at next start", self.spill_path, exc
+            )
+        finally:
+            os.close(lock_fd)
+
+    async def _insert_files(self, db: aiosqlite.Connection, paths: Sequence[str]) -> None:
+        rows_in = 0
+        rejected: list[bytes] = []
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for p in paths:
+                with open(p, "rb") as f:
+                    eof = False
+                    while not eof:
+                        rows, bad, eof = await asyncio.to_thread(_read_chunk, f, REPLAY_CHUNK_ROWS)
+                        rejected.extend(bad)
+                        if rows:
+                            await db.executemany(_INSERT_SQL, rows)
+                            rows_in += len(rows)
+            if rejected:
+                # Kept before COMMIT: if this fails, nothing is committed and
+                # the claimed files stay for the next start.
+                rejected_path = self.spill_path + REJECTED_SUFFIX
+                await asyncio.to_thread(_append_file, rejected_path, b"".join(rejected))
+                log.error(
+                    "meter: %d spill lines are not records; moved to %s",
+                    len(rejected),
+                    rejected_path,
+                )
+            await db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    await db.execute("ROLLBACK")
+            raise
+        self._replayed += rows_in
+        log.info("meter: replayed %d spilled rows from %d file(s)", rows_in, len(paths))
+        for p in paths:
+            try:
+                os.unlink(p)
+            except OSError as exc:
+                # Committed but still on disk: the next start would insert
+                # these rows a second time.
+                self._errors += 1
+                log.critical(
+                    "meter: cannot remove replayed spill file %s (%s); "
+                    "remove it by hand or its rows will be counted twice",
+                    p,
+                    exc,
+                )
+
+
+def _append_file(path: str, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
