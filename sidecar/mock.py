@@ -109,7 +109,7 @@ class MockRequest:
 
     method: str
     path: str
-    raw_headers: list[tuple[bytes, bytes]]  # lower-cased names, values as sent
+    head: bytes  # the raw request head; headers are parsed from it only when asked for
     body: bytes
     received_at: float
     connection: MockConnection
@@ -126,6 +126,15 @@ class MockRequest:
     first_byte_at: float | None = None
     completed: bool = False  # the whole response, terminator included, was written
     _json: Any = field(default=None, repr=False)
+
+    @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """(lower-cased name, value as sent) in order."""
+        out: list[tuple[bytes, bytes]] = []
+        for line in self.head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            out.append((name.strip().lower(), value.strip()))
+        return out
 
     @property
     def headers(self) -> dict[str, str]:
@@ -259,16 +268,6 @@ class _Knobs:
         return replace(self, **changes) if changes else self
 
 
-@dataclass(frozen=True, slots=True)
-class _Parsed:
-    model: str
-    stream: bool
-    include_usage: bool
-    prompt_tokens: int
-    inputs: int
-    base64: bool
-
-
 class _BadRequest(Exception):
     pass
 
@@ -349,20 +348,133 @@ def _error_response(status: int, kind: str, retry_after: str, message: str | Non
 # --------------------------------------------------------------------------- protocol
 
 
+class _Plan:
+    """How to answer one (path, body, x-mock-* headers) combination: everything that does not
+    change from one identical request to the next, worked out once and cached. The bench sends
+    the same body thousands of times; per request only the id and the clock are new."""
+
+    __slots__ = (
+        "_parts",
+        "_second",
+        "completion_tokens",
+        "direct",
+        "faults",
+        "id_prefix",
+        "kind",
+        "knobs",
+        "model",
+        "prompt_tokens",
+        "reply",
+        "status",
+        "stream",
+        "tmpl",
+        "usage_sent",
+    )
+
+    def __init__(self, kind: str, knobs: _Knobs) -> None:
+        self.kind = kind
+        self.knobs = knobs
+        self.faults = knobs.faults
+        self.reply: bytes | None = None  # a fixed answer (status fault, bad request)
+        self.status = 200
+        self.tmpl: shapes.Template | None = None
+        self.model = ""
+        self.stream = False
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.usage_sent = False
+        self.direct = True  # answer in one write from data_received (no pacing, no big mode)
+        self.id_prefix = _ID_PREFIX[kind]
+        self._second = -1
+        self._parts: list[bytes] = []
+
+    def burst(self, rid: bytes) -> bytes:
+        """The whole response with this request's id. The clock is filled in once a second
+        and the template pre-split at the id, so a request costs one join."""
+        assert self.tmpl is not None
+        now = int(time.time())
+        if now != self._second:
+            filled = self.tmpl.burst.replace(shapes.CREATED_PH, b"%d" % now)
+            self._parts = filled.split(shapes.ID_PH)
+            self._second = now
+        return rid.join(self._parts)
+
+
+_ID_PREFIX: Final = {
+    "chat": "chatcmpl-",
+    "completions": "cmpl-",
+    "responses": "resp_",
+    "messages": "msg_",
+    "embeddings": "",
+}
+
+_Head = tuple[bytes, bytes, int, bool, bool, bool, tuple[tuple[bytes, bytes], ...]]
+
+
+def _header_value(low: bytes, name: bytes) -> bytes | None:
+    """Value of header `name` (given as b"\\r\\nname:") in a lower-cased head, or None."""
+    i = low.find(name)
+    if i < 0:
+        return None
+    start = i + len(name)
+    j = low.find(b"\r\n", start)
+    return low[start : j if j >= 0 else len(low)].strip()
+
+
+def _parse_head(head: bytes) -> _Head:
+    """Request line and the few headers the mock acts on. The full header list is parsed
+    later, and only if a test asks for it (MockRequest.raw_headers)."""
+    eol = head.find(b"\r\n")
+    parts = (head if eol < 0 else head[:eol]).split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+        raise ValueError("bad request line")
+    method, target, version = parts
+    close = version == b"HTTP/1.0"
+    length = 0
+    chunked = expect = False
+    mock: tuple[tuple[bytes, bytes], ...] = ()
+    if eol >= 0:
+        # Header names are case-insensitive: search a lower-cased copy, anchored at line starts.
+        low = head.lower()
+        value = _header_value(low, b"\r\ncontent-length:")
+        if value is not None:
+            length = int(value)
+            if length < 0:
+                raise ValueError("negative content-length")
+        value = _header_value(low, b"\r\ntransfer-encoding:")
+        chunked = value is not None and b"chunked" in value
+        value = _header_value(low, b"\r\nconnection:")
+        if value is not None:
+            if b"close" in value:
+                close = True
+            elif b"keep-alive" in value:
+                close = False
+        expect = _header_value(low, b"\r\nexpect:") == b"100-continue"
+        if b"\r\nx-mock-" in low:
+            items: list[tuple[bytes, bytes]] = []
+            for line in low[eol + 2 :].split(b"\r\n"):
+                if line.startswith(b"x-mock-"):
+                    name, _, val = line.partition(b":")
+                    items.append((name.strip(), val.strip()))
+            mock = tuple(items)
+    return method, target, length, chunked, close, expect, mock
+
+
 class _MockProtocol(asyncio.Protocol):
     """One connection: parse requests in order, answer each before looking at the next."""
 
     def __init__(self, up: MockUpstream) -> None:
         self._up = up
         self._transport: asyncio.Transport | None = None
-        self._buf = bytearray()
+        # Unparsed input. Usually empty between requests, so a request that arrives in one
+        # packet is parsed straight from the bytes object data_received was given.
+        self._pending: bytes | bytearray = b""
         self._busy = False  # a response is in flight (task, or hang): later requests wait
         self._paused = False
         self._resume: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False  # the mock itself closed / is closing this connection
         self._continued = False  # "100 Continue" already sent for the current request
-        self._req: MockRequest | None = None
         self.info = MockConnection(0, 0.0)
 
     # -- asyncio callbacks
@@ -377,7 +489,13 @@ class _MockProtocol(asyncio.Protocol):
         up._live.add(self)
 
     def data_received(self, data: bytes) -> None:
-        self._buf += data
+        pending = self._pending
+        if pending:
+            if isinstance(pending, bytes):
+                pending = self._pending = bytearray(pending)
+            pending += data
+        else:
+            self._pending = data
         if not self._busy:
             self._process()
 
@@ -426,99 +544,52 @@ class _MockProtocol(asyncio.Protocol):
     # -- request parsing
 
     def _process(self) -> None:
-        buf = self._buf
-        while buf and not self._busy and not self._closing:
-            if buf.startswith(b"\r\n"):  # stray CRLF between pipelined requests (RFC 9112 2.2)
-                del buf[:2]
+        buf = self._pending
+        size = len(buf)
+        pos = 0
+        while pos < size and not self._busy and not self._closing:
+            if buf.startswith(b"\r\n", pos):  # stray CRLF between requests (RFC 9112 2.2)
+                pos += 2
                 continue
-            end = buf.find(b"\r\n\r\n")
+            end = buf.find(b"\r\n\r\n", pos)
             if end < 0:
-                if len(buf) > MAX_HEAD:
+                if size - pos > MAX_HEAD:
                     self._reject(431, "request head too large")
-                return
+                break
+            head = bytes(buf[pos:end])
             try:
-                request = self._parse_head(bytes(buf[:end]))
-            except (ValueError, UnicodeDecodeError) as exc:
-                self._reject(400, f"bad request head: {exc}")
-                return
-            method, target, headers, length, chunked, close, expect, mock = request
-            start = end + 4
-            if chunked:
-                got = _dechunk(buf, start)
-                if got is None:
-                    if expect and not self._continued:
-                        self._send_continue()
-                    return
-                body, consumed = got
-            else:
-                if length > MAX_BODY:
+                method, target, length, chunked, close, expect, mock = _parse_head(head)
+                start = end + 4
+                if chunked:
+                    got = _dechunk(buf, start)
+                elif length > MAX_BODY:
                     self._reject(413, "request body too large")
-                    return
-                consumed = start + length
-                if len(buf) < consumed:
-                    if expect and not self._continued:
-                        self._send_continue()
-                    return
-                body = bytes(buf[start:consumed])
-            if consumed == len(buf):
-                buf.clear()
-            else:
-                del buf[:consumed]
+                    break
+                elif size >= start + length:
+                    got = bytes(buf[start : start + length]), start + length
+                else:
+                    got = None
+            except ValueError as exc:
+                self._reject(400, f"bad request: {exc}")
+                break
+            if got is None:  # body incomplete: keep it, maybe tell the client to go on
+                if expect and not self._continued:
+                    self._continued = True
+                    assert self._transport is not None
+                    self._transport.write(_CONTINUE)
+                break
+            body, pos = got
             self._continued = False
-            if not self._handle(method, target, headers, body, close, mock):
+            if not self._handle(method, target, head, body, close, mock):
                 self._busy = True
-
-    def _send_continue(self) -> None:
-        self._continued = True
-        assert self._transport is not None
-        self._transport.write(_CONTINUE)
-
-    @staticmethod
-    def _parse_head(
-        head: bytes,
-    ) -> tuple[
-        bytes, bytes, list[tuple[bytes, bytes]], int, bool, bool, bool, list[tuple[bytes, bytes]]
-    ]:
-        line, _, rest = head.partition(b"\r\n")
-        parts = line.split(b" ")
-        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-            raise ValueError("request line")
-        method, target, version = parts
-        close = version == b"HTTP/1.0"
-        headers: list[tuple[bytes, bytes]] = []
-        mock: list[tuple[bytes, bytes]] = []
-        length = 0
-        chunked = False
-        expect = False
-        if rest:
-            for hline in rest.split(b"\r\n"):
-                name, sep, value = hline.partition(b":")
-                if not sep:
-                    raise ValueError("header line without a colon")
-                name = name.strip().lower()
-                value = value.strip()
-                headers.append((name, value))
-                if name == b"content-length":
-                    length = int(value)
-                    if length < 0:
-                        raise ValueError("negative content-length")
-                elif name == b"transfer-encoding":
-                    chunked = b"chunked" in value.lower()
-                elif name == b"connection":
-                    v = value.lower()
-                    if b"close" in v:
-                        close = True
-                    elif b"keep-alive" in v:
-                        close = False
-                elif name == b"expect":
-                    expect = value.lower() == b"100-continue"
-                elif name.startswith(b"x-mock-"):
-                    mock.append((name, value))
-        return method, target, headers, length, chunked, close, expect, mock
+        if pos >= size:
+            self._pending = b""
+        elif pos:
+            self._pending = buf[pos:]
 
     def _reject(self, status: int, message: str) -> None:
         """Answer a request we could not parse, then close: the stream position is lost."""
-        req = MockRequest("", "", [], b"", time.monotonic(), self.info, status=status)
+        req = MockRequest("", "", b"", b"", time.monotonic(), self.info, status=status)
         self._write(req, _error_response(status, "chat", "1", message))
         self.close()
 
@@ -528,100 +599,63 @@ class _MockProtocol(asyncio.Protocol):
         self,
         method: bytes,
         target: bytes,
-        headers: list[tuple[bytes, bytes]],
+        head: bytes,
         body: bytes,
         close: bool,
-        mock: list[tuple[bytes, bytes]],
+        mock: tuple[tuple[bytes, bytes], ...],
     ) -> bool:
         """Answer one request. True if the answer is complete (next request may be parsed)."""
         up = self._up
-        path = target.split(b"?", 1)[0].decode("latin-1")
-        req = MockRequest(
-            method.decode("latin-1"), path, headers, body, time.monotonic(), self.info
-        )
+        q = target.find(b"?")
+        path = (target if q < 0 else target[:q]).decode("latin-1")
+        req = MockRequest(method.decode("latin-1"), path, head, body, time.monotonic(), self.info)
         self.info.requests += 1
         up.requests_total += 1
         if up.record:
             up.requests.append(req)
-        self._req = req
-        try:
-            knobs = up._knobs.with_headers(mock) if mock else up._knobs
-        except ValueError as exc:
-            return self._simple(
-                req, _error_response(400, "chat", "1", f"bad x-mock header: {exc}"), close
-            )
-
-        if method == b"GET" or method == b"HEAD":
-            return self._get(req, path, close)
         if method != b"POST":
-            return self._simple(req, _error_response(405, "chat", "1", "use POST"), close)
+            return self._not_post(req, close)
 
-        kind = kind_for_path(path, up.api_format)
-        req.kind = kind
-        faults = knobs.faults
+        key = (path, body, mock)
+        plan = up._plans.get(key)
+        if plan is None:
+            plan = up._plan(key)
+        req.kind = plan.kind
+        faults = plan.faults
+        if plan.reply is not None:
+            req.status = plan.status
+            return self._simple(req, plan.reply, close)
         if faults.hang:
-            return False  # busy forever: this connection answers nothing more
+            return False  # busy for good: this connection answers nothing more
         if faults.malformed:
             self._write(req, _MALFORMED)
             self.close()
             return True
-        if faults.status is not None:
-            req.status = faults.status
-            return self._simple(req, _error_response(faults.status, kind, knobs.retry_after), close)
 
-        try:
-            parsed = up._parse(kind, body)
-        except _BadRequest as exc:
-            return self._simple(req, _error_response(400, kind, "1", str(exc)), close)
-        req.model = parsed.model
-        req.stream = parsed.stream and kind != "embeddings"
-        req.prompt_tokens = parsed.prompt_tokens
-
-        big = req.stream and knobs.bytes_total > 0
-        tokens = knobs.chunk_tokens or (DEFAULT_BIG_CHUNK_TOKENS if big else DEFAULT_CHUNK_TOKENS)
-        openai_stream = req.stream and kind in ("chat", "completions")
-        shape = shapes.Shape(
-            kind=kind,
-            model=parsed.model,
-            stream=req.stream,
-            chunks=knobs.chunks,
-            chunk_tokens=tokens,
-            usage=not faults.no_usage,
-            usage_nulls=openai_stream and (parsed.include_usage or knobs.always_usage),
-            prompt_tokens=parsed.prompt_tokens,
-            cache_read=knobs.cache_read,
-            cache_write=knobs.cache_write,
-            inputs=parsed.inputs,
-            base64=parsed.base64,
-        )
-        tmpl = up._big_template(shape, knobs.bytes_total) if big else up._template(shape)
+        tmpl = plan.tmpl
+        assert tmpl is not None
+        req.model = plan.model
+        req.stream = plan.stream
+        req.prompt_tokens = plan.prompt_tokens
+        req.completion_tokens = plan.completion_tokens
+        req.usage_sent = plan.usage_sent
         req.status = 200
-        req.completion_tokens = tmpl.completion_tokens
-        req.usage_sent = shape.usage and (shape.usage_nulls or not openai_stream)
-
         rid = shapes.make_id(up._next_id())
-        created = b"%d" % int(time.time())
-        req.response_id = _ID_PREFIX[kind] + rid.decode()
-        limit = faults.disconnect_after
+        req.response_id = plan.id_prefix + rid.decode()
 
-        if knobs.first_byte_ms > 0 or (req.stream and (knobs.delay_ms > 0 or big)):
+        if not plan.direct:
             self._task = asyncio.get_running_loop().create_task(
-                self._respond_later(req, tmpl, knobs, rid, created, close)
+                self._respond_later(req, plan, rid, close)
             )
             return False
 
-        # Fast path: the whole response in one write.
-        data = shapes.fill(tmpl.burst, rid, created)
+        # The common case: the whole response in one write.
+        data = plan.burst(rid)
         if close:
             data = data.replace(b"connection: keep-alive", b"connection: close", 1)
+        limit = faults.disconnect_after
         if limit is not None:
-            if req.stream:
-                n = min(limit, len(tmpl.deltas))
-                partial = tmpl.head + tmpl.pre + b"".join(tmpl.deltas[:n])
-                self._write(req, shapes.fill(partial, rid, created))
-                req.chunks_sent = n
-            else:
-                self._write(req, data[: len(tmpl.head) + (len(data) - len(tmpl.head)) // 2])
+            self._write(req, self._truncated(req, tmpl, data, limit))
             self.close()
             return True
         self._write(req, data)
@@ -631,9 +665,18 @@ class _MockProtocol(asyncio.Protocol):
             self.close()
         return True
 
+    @staticmethod
+    def _truncated(req: MockRequest, tmpl: shapes.Template, data: bytes, limit: int) -> bytes:
+        """disconnect-after:N cut: a stream loses everything after its N-th content delta
+        (finish, usage and terminator included); a JSON body is cut in half."""
+        if not req.stream:
+            return data[: len(tmpl.head) + (len(data) - len(tmpl.head)) // 2]
+        n = min(limit, len(tmpl.deltas))
+        req.chunks_sent = n
+        cut = len(tmpl.head) + len(tmpl.pre) + sum(len(d) for d in tmpl.deltas[:n])
+        return data[: cut + len(data) - len(tmpl.burst)]  # "connection: close" shortens the head
+
     def _simple(self, req: MockRequest, data: bytes, close: bool) -> bool:
-        if req.status == 0:
-            req.status = int(data[9:12])
         if close:
             data = data.replace(b"connection: keep-alive", b"connection: close", 1)
         self._write(req, data)
@@ -642,8 +685,11 @@ class _MockProtocol(asyncio.Protocol):
             self.close()
         return True
 
-    def _get(self, req: MockRequest, path: str, close: bool) -> bool:
-        if path in ("/healthz", "/readyz", "/health"):
+    def _not_post(self, req: MockRequest, close: bool) -> bool:
+        path = req.path
+        if req.method not in ("GET", "HEAD"):
+            data = _error_response(405, "chat", "1", f"{req.method} not allowed")
+        elif path in ("/healthz", "/readyz", "/health"):
             data = shapes.json_response(200, {"status": "ok"})
         elif path.endswith("/models"):
             model = self._up.model
@@ -655,43 +701,39 @@ class _MockProtocol(asyncio.Protocol):
                 },
             )
         else:
-            data = _error_response(404, "chat", "1", f"no route for GET {path}")
+            data = _error_response(404, "chat", "1", f"no route for {req.method} {path}")
+        req.status = int(data[9:12])
         if req.method == "HEAD":
             data = data[: data.index(b"\r\n\r\n") + 4]
         return self._simple(req, data, close)
 
-    async def _respond_later(
-        self,
-        req: MockRequest,
-        tmpl: shapes.Template,
-        knobs: _Knobs,
-        rid: bytes,
-        created: bytes,
-        close: bool,
-    ) -> None:
+    async def _respond_later(self, req: MockRequest, plan: _Plan, rid: bytes, close: bool) -> None:
         """Paced, delayed or big responses: written from a task that honours flow control."""
+        tmpl = plan.tmpl
+        assert tmpl is not None
+        knobs = plan.knobs
+        limit = plan.faults.disconnect_after
         loop = asyncio.get_running_loop()
-        limit = knobs.faults.disconnect_after
         if knobs.first_byte_ms > 0:
             await asyncio.sleep(knobs.first_byte_ms / 1000.0)
         if self._closing:
             return
+        created = b"%d" % int(time.time())
         head = tmpl.head
         if close:
             head = head.replace(b"connection: keep-alive", b"connection: close", 1)
         if not req.stream:
             data = head + shapes.fill(tmpl.burst[len(tmpl.head) :], rid, created)
             if limit is not None:
-                self._write(req, data[: len(head) + (len(data) - len(head)) // 2])
+                self._write(req, self._truncated(req, tmpl, data, limit))
                 self.close()
                 return
             self._write(req, data)
         else:
             self._write(req, head + shapes.fill(tmpl.pre, rid, created))
             if tmpl.repeat:
-                await self._write_big(
-                    req, shapes.fill(tmpl.deltas[0], rid, created), tmpl.repeat, limit
-                )
+                frame = shapes.fill(tmpl.deltas[0], rid, created)
+                await self._write_big(req, frame, tmpl.repeat, limit)
             else:
                 delay = knobs.delay_ms / 1000.0
                 t0 = loop.time()
@@ -721,7 +763,7 @@ class _MockProtocol(asyncio.Protocol):
             self.close()
             return
         self._busy = False
-        if self._buf:
+        if self._pending:
             self._process()
 
     async def _write_big(
@@ -744,18 +786,9 @@ class _MockProtocol(asyncio.Protocol):
             await asyncio.sleep(0)
 
 
-_ID_PREFIX: Final = {
-    "chat": "chatcmpl-",
-    "completions": "cmpl-",
-    "responses": "resp_",
-    "messages": "msg_",
-    "embeddings": "",
-}
-
-
-def _dechunk(buf: bytearray, start: int) -> tuple[bytes, int] | None:
+def _dechunk(buf: bytes | bytearray, start: int) -> tuple[bytes, int] | None:
     """A chunked request body starting at `start`: (body, end offset), or None if incomplete.
-    Trailers are skipped. Raises ValueError on a bad size line."""
+    Trailers are skipped. Raises ValueError on a bad size line or an oversized body."""
     out = bytearray()
     pos = start
     while True:
@@ -833,7 +866,7 @@ class MockUpstream:
         self._live: set[_MockProtocol] = set()
         self._server: asyncio.AbstractServer | None = None
         self._ids = 0
-        self._parsed: dict[tuple[str, bytes], _Parsed] = {}
+        self._plans: dict[tuple[str, bytes, tuple[tuple[bytes, bytes], ...]], _Plan] = {}
         self._templates: dict[shapes.Shape, shapes.Template] = {}
         self._big: dict[tuple[shapes.Shape, int], shapes.Template] = {}
 
@@ -916,13 +949,34 @@ class MockUpstream:
         self._ids += 1
         return self._ids
 
-    def _parse(self, kind: str, body: bytes) -> _Parsed:
-        """Facts about a request body, memoised on the exact bytes: the bench sends the same
-        body thousands of times and must not pay for JSON parsing or tiktoken each time."""
-        key = (kind, body)
-        hit = self._parsed.get(key)
-        if hit is not None:
-            return hit
+    def _plan(self, key: tuple[str, bytes, tuple[tuple[bytes, bytes], ...]]) -> _Plan:
+        """Work out (slowly, once) how to answer this path + body + x-mock-* headers."""
+        path, body, mock = key
+        kind = kind_for_path(path, self.api_format)
+        try:
+            knobs = self._knobs.with_headers(mock) if mock else self._knobs
+        except ValueError as exc:
+            plan = _Plan(kind, self._knobs)
+            plan.status = 400
+            plan.reply = _error_response(400, kind, "1", f"bad x-mock header: {exc}")
+            return plan  # not cached: a broken test header is not worth remembering
+        plan = _Plan(kind, knobs)
+        faults = knobs.faults
+        if faults.status is not None:
+            plan.status = faults.status
+            plan.reply = _error_response(faults.status, kind, knobs.retry_after)
+        elif not (faults.hang or faults.malformed):
+            try:
+                self._plan_response(plan, kind, body)
+            except _BadRequest as exc:
+                plan.status = 400
+                plan.reply = _error_response(400, kind, "1", str(exc))
+        if len(self._plans) >= _CACHE_MAX:
+            self._plans.clear()
+        self._plans[key] = plan
+        return plan
+
+    def _plan_response(self, plan: _Plan, kind: str, body: bytes) -> None:
         try:
             obj = orjson.loads(body) if body else {}
         except orjson.JSONDecodeError as exc:
@@ -932,19 +986,36 @@ class MockUpstream:
         model = obj.get("model")
         if not isinstance(model, str) or not model:
             model = self.model
+        knobs = plan.knobs
         options = obj.get("stream_options")
-        parsed = _Parsed(
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        stream = obj.get("stream") is True and kind != "embeddings"
+        big = stream and knobs.bytes_total > 0
+        openai_stream = stream and kind in ("chat", "completions")
+        shape = shapes.Shape(
+            kind=kind,
             model=model,
-            stream=obj.get("stream") is True,
-            include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+            stream=stream,
+            chunks=knobs.chunks,
+            chunk_tokens=knobs.chunk_tokens
+            or (DEFAULT_BIG_CHUNK_TOKENS if big else DEFAULT_CHUNK_TOKENS),
+            usage=not knobs.faults.no_usage,
+            usage_nulls=openai_stream and (include_usage or knobs.always_usage),
             prompt_tokens=prompt_tokens(kind, obj, model),
+            cache_read=knobs.cache_read,
+            cache_write=knobs.cache_write,
             inputs=shapes.input_count(obj) if kind == "embeddings" else 1,
             base64=obj.get("encoding_format") == "base64",
         )
-        if len(self._parsed) >= _CACHE_MAX:
-            self._parsed.clear()
-        self._parsed[key] = parsed
-        return parsed
+        tmpl = self._big_template(shape, knobs.bytes_total) if big else self._template(shape)
+        plan.tmpl = tmpl
+        plan.model = model
+        plan.stream = stream
+        plan.prompt_tokens = shape.prompt_tokens
+        plan.completion_tokens = tmpl.completion_tokens
+        # An OpenAI stream only carries usage when asked (include_usage / always_usage).
+        plan.usage_sent = shape.usage and (shape.usage_nulls or not openai_stream)
+        plan.direct = not (knobs.first_byte_ms > 0 or (stream and (knobs.delay_ms > 0 or big)))
 
     def _template(self, shape: shapes.Shape) -> shapes.Template:
         tmpl = self._templates.get(shape)
