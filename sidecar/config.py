@@ -307,7 +307,7 @@ def _build(
         line = text.count("\n", 0, e.position) + 1
         return None, [ConfigError(filename, line, _YAML, f"invalid YAML: {e.reason}")]
     except yaml.YAMLError as e:  # any other PyYAML failure still names the file
-        return None, [ConfigError(filename, None, _YAML, f"invalid YAML: {e}")]
+        return None, [ConfigError(filename, None, _YAML, f"invalid YAML ({type(e).__name__})")]
     if root is None:
         return None, [ConfigError(filename, 1, _ROOT, "the file is empty; expected a mapping")]
     if not isinstance(root, MappingNode):
@@ -493,7 +493,7 @@ def _mapping(
     ``allowed=None`` accepts any key (maps of names). ``key: `` (null) reads as
     an empty mapping, so a section whose lines are all commented out is fine.
     """
-    if isinstance(node, ScalarNode) and node.tag == _NULL:
+    if _is_null(node):
         return {}
     if not isinstance(node, MappingNode):
         ctx.error(node, path, f"must be a mapping, got {_kind(node)}")
@@ -501,11 +501,15 @@ def _mapping(
     own = {id(k) for k, _ in node.value if k.tag != _MERGE}
     try:
         ctx.constructor.flatten_mapping(node)  # resolve YAML merge keys (<<: *base)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
+    except yaml.MarkedYAMLError as e:
+        # e.problem only: str(e) quotes a snippet of the file.
+        mark = e.problem_mark
         line = mark.line + 1 if mark is not None else _line(node)
-        ctx.errors.append(ConfigError(ctx.file, line, path or _ROOT, f"bad merge key: {e}"))
-        return {}
+        problem = f"bad merge key (<<): {e.problem or 'cannot merge'}"
+        ctx.errors.append(ConfigError(ctx.file, line, path or _ROOT, problem))
+        # Check the keys written here anyway, without the merge, so that the
+        # merge problem is not followed by a "missing" error for each key.
+        node.value = [(k, v) for k, v in node.value if k.tag != _MERGE]
     out: dict[str, tuple[Node, Node]] = {}
     for knode, vnode in node.value:
         if not (isinstance(knode, ScalarNode) and knode.tag == _STR):
@@ -555,15 +559,16 @@ def _fields(
             out[key] = spec[key](ctx, vnode)
         except _Bad as e:
             ctx.error(e.node or vnode, _join(path, key), e.problem)
-    for key in required:
-        if key not in m and not _is_bad_mapping(node):
-            ctx.error(node, _join(path, key), "is required")
+    # A node that is not a mapping at all already has its error; don't pile on.
+    if isinstance(node, MappingNode) or _is_null(node):
+        for key in required:
+            if key not in m:
+                ctx.error(node, _join(path, key), "is required")
     return out, m
 
 
-def _is_bad_mapping(node: Node) -> bool:
-    # A node that is not a mapping at all already has its error; don't pile on.
-    return not isinstance(node, MappingNode)
+def _is_null(node: Node) -> bool:
+    return isinstance(node, ScalarNode) and node.tag == _NULL
 
 
 def _convert(ctx: _Ctx, conv: Callable[[_Ctx, Node], T], node: Node, path: str) -> T | None:
@@ -741,7 +746,7 @@ def _path(must_be: Literal["file", "dir"] | None = None) -> Conv:
 def _c_db_path(ctx: _Ctx, node: Node) -> str:
     p = _path()(ctx, node)
     if p is None:
-        raise _Bad("must be a path to the SQLite file (or ':memory:'), got null")
+        raise _Bad("must be a path to the SQLite file (or ':memory:'), got nothing")
     assert isinstance(p, str)
     return p
 
@@ -859,7 +864,10 @@ def _parse_url(text: str, bare: bool) -> _Url:
         raise _Bad("credentials in the URL are not allowed; use api_key: ${VAR}")
     if "?" in rest or "#" in rest:
         raise _Bad(f"must not have a query or fragment, got {_clip(text)!r}")
-    parts = urlsplit("//" + rest)
+    try:
+        parts = urlsplit("//" + rest)
+    except ValueError as e:  # e.g. an unclosed [IPv6 bracket
+        raise _Bad(f"is not a valid URL or host ({e}): {_clip(text)!r}") from e
     host = (parts.hostname or "").lower()
     if not host or not _valid_host(host):
         raise _Bad(f"has no valid host: {_clip(text)!r}")
@@ -1059,7 +1067,7 @@ class _Registry:
 
 
 def _routes(ctx: _Ctx, node: Node, reg: _Registry) -> tuple[RouteConfig, ...]:
-    if isinstance(node, ScalarNode) and node.tag == _NULL:
+    if _is_null(node):
         return ()
     items = _sequence(ctx, node, "routes")
     if items is None:
@@ -1130,7 +1138,7 @@ def _route(ctx: _Ctx, node: Node, path: str, reg: _Registry) -> RouteConfig | No
     middleware: list[MiddlewareConfig] = []
     if "middleware" in m:
         mw_node = m["middleware"][1]
-        if not (isinstance(mw_node, ScalarNode) and mw_node.tag == _NULL):
+        if not _is_null(mw_node):
             has_metrics = False
             for k, item in enumerate(_sequence(ctx, mw_node, f"{path}.middleware") or ()):
                 mw = _middleware(ctx, item, f"{path}.middleware[{k}]")

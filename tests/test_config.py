@@ -7,6 +7,8 @@ import pathlib
 import textwrap
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sidecar.config import (
     Config,
@@ -17,6 +19,7 @@ from sidecar.config import (
     load_config,
     parse_config_text,
     validate_config_file,
+    validate_config_text,
 )
 from sidecar.errors import ConfigError
 
@@ -795,6 +798,41 @@ def test_all_errors_collected_in_line_order(tmp_path: pathlib.Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert info.value.line == 1  # load_config raises the first one
+
+
+def test_upstream_with_no_body_still_needs_url(tmp_path: pathlib.Path) -> None:
+    assert problems(tmp_path, "upstreams:\n  u:\n  v: {url: 'http://v.internal'}\n") == [
+        "c.yaml:2: upstreams.u.url: is required"
+    ]
+
+
+def test_bad_merge_key(tmp_path: pathlib.Path) -> None:
+    found = problems(tmp_path, "upstreams:\n  u:\n    url: http://u.internal\n    <<: 5\n")
+    assert found[0] == (
+        "c.yaml:4: upstreams.u: bad merge key (<<): expected a mapping or list of mappings for "
+        "merging, but found scalar"
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    edits=st.lists(
+        st.tuples(
+            st.integers(min_value=0, max_value=len(MIGRATION) - 1),
+            st.sampled_from([*" :-{}[],'\"\n#&*!|>$@?\t0a/.", "${", "<<: ", "- ", ""]),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_mangled_config_gives_config_errors_never_crashes(edits: list[tuple[int, str]]) -> None:
+    text = MIGRATION
+    for pos, piece in edits:
+        text = text[:pos] + piece + text[pos + 1 :]
+    # validate_config_text is what `sidecar check` relies on: only ConfigErrors, never a raise.
+    for err in validate_config_text(text, "m.yaml", env={}, base_dir="/nonexistent"):
+        assert isinstance(err, ConfigError)
+        assert err.line is None or 1 <= err.line <= text.count("\n") + 2
 
 
 def test_unsupported_yaml_tags(tmp_path: pathlib.Path) -> None:
