@@ -144,7 +144,11 @@ class RouteConfig:
     path: str
     upstreams: tuple[RouteUpstream, ...]
     middleware: tuple[MiddlewareConfig, ...] = ()
-    format: ApiFormat = "openai"  # API format the path serves (see route_format)
+
+    @property
+    def format(self) -> ApiFormat:
+        """The API format this path serves; derived from the path, never configured."""
+        return route_format(self.path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1151,9 +1155,9 @@ def _route(ctx: _Ctx, node: Node, path: str, reg: _Registry) -> RouteConfig | No
                     has_metrics = True
                 middleware.append(mw)
 
-    if route_path is None or fmt is None or len(ctx.errors) != n_errors:
+    if route_path is None or len(ctx.errors) != n_errors:
         return None
-    return RouteConfig(route_path, tuple(ups), tuple(middleware), fmt)
+    return RouteConfig(route_path, tuple(ups), tuple(middleware))
 
 
 _FORMAT_TITLE = {"openai": "OpenAI", "anthropic": "Anthropic"}
