@@ -26,11 +26,12 @@ from sidecar.errors import (
     SidecarError,
     UpstreamError,
 )
+from sidecar.http1 import ResponseHead
 from sidecar.meter import Meter
 from sidecar.responses import error_for, render
 from sidecar.router import RouteTable
 from sidecar.splice import Exchange
-from sidecar.sse import TapResult, UsageChunkStripper, make_tap
+from sidecar.sse import Tap, TapResult, UsageChunkStripper, make_tap
 from sidecar.tokenizer import Tokenizer
 from sidecar.upstream import UpstreamPool, build_request_head
 from sidecar.usage import Usage
@@ -46,6 +47,11 @@ LOCAL_PATHS = frozenset({"/healthz", "/readyz"})
 # A reused keep-alive connection that the provider closed while idle fails before
 # any byte comes back; one retry on a fresh connection is safe and invisible.
 MAX_STALE_RETRIES = 1
+
+
+def _is_event_stream(head: ResponseHead) -> bool:
+    ctype = head.get(b"content-type")
+    return ctype is not None and ctype.split(b";", 1)[0].strip().lower() == b"text/event-stream"
 
 
 class Proxy:
@@ -152,10 +158,14 @@ class Proxy:
                                   req.request_id)
         request_bytes = head + payload
         limits = self.config.limits
+        def filters(head: ResponseHead) -> tuple[Tap, UsageChunkStripper | None]:
+            sse = _is_event_stream(head)
+            tap = make_tap(upstream.format, req.path, sse, body_cap=limits.tap_body_bytes)
+            return tap, (UsageChunkStripper() if strip and sse and head.status < 300 else None)
+
         conn = await pool.acquire()
         while True:
             ctx.attempts += 1
-            tap = make_tap(upstream.format, req.path, stream, body_cap=limits.tap_body_bytes)
             ex = Exchange(
                 pool=pool,
                 conn=conn,
@@ -164,8 +174,7 @@ class Proxy:
                 client_keep_alive=req.keep_alive and not self.draining,
                 is_head_request=False,
                 request_id=req.request_id,
-                tap=tap,
-                stripper=UsageChunkStripper() if strip else None,
+                filters=filters,
                 max_head=limits.max_header_bytes,
             )
             client.exchange = ex
@@ -178,27 +187,27 @@ class Proxy:
                 # Client gone while connecting, or the shutdown deadline passed: cut the
                 # provider now, and still meter what was streamed so far.
                 ex.client_gone()
-                self._finish(ctx, ex, body, tap.result(), req.path)
+                self._finish(ctx, ex, body, req.path)
                 ctx.outcome = "shutdown" if self.draining else "client_disconnect"
                 raise
             if ex.stale and ctx.attempts <= MAX_STALE_RETRIES and not client.closed:
                 conn = await pool.connect()
                 continue
             break
-        self._finish(ctx, ex, body, tap.result(), req.path)
+        self._finish(ctx, ex, body, req.path)
         if ex.error is not None and not ex.head_sent and ex.outcome != "client_disconnect":
             raise ex.error
         return ex.client_keep_alive and ex.outcome == "ok"
 
-    def _finish(self, ctx: RequestContext, ex: Exchange, body: dict[str, Any],
-                result: TapResult, path: str) -> None:
+    def _finish(self, ctx: RequestContext, ex: Exchange, body: dict[str, Any], path: str) -> None:
         ctx.outcome = ex.outcome
         ctx.bytes_out = ex.bytes_out
         ctx.t_first_byte = ex.t_first_byte
         ctx.status = ex.head.status if ex.head is not None else 0
         if ex.error is not None:
             ctx.error = str(ex.error)
-        self._settle_usage(ctx, body, result, ctx.status, path)
+        if ex.tap is not None:
+            self._settle_usage(ctx, body, ex.tap.result(), ctx.status, path)
 
     def _settle_usage(
         self, ctx: RequestContext, body: dict[str, Any], result: TapResult, status: int, path: str
@@ -210,8 +219,10 @@ class Proxy:
         if status >= 300 or (status == 0 and ctx.outcome == "upstream_error"):
             return  # the provider refused or was never reached: nothing to bill
         prompt, approx_p = self.tokenizer.count_prompt(body, ctx.api_format, path, ctx.model)
-        completion, approx_c = self.tokenizer.count_text(result.completion_text, ctx.model)
-        completion += getattr(result, "completion_tokens_counted", 0)
+        count, approx_c = self.tokenizer.counter(ctx.model)
+        # Beyond the tap's text cap the rest is extrapolated, which makes it approximate.
+        completion = result.completion_estimate(count)
+        approx_c = approx_c or result.completion_bytes_dropped > 0
         ctx.usage = Usage(prompt_tokens=prompt, completion_tokens=completion,
                           total_tokens=prompt + completion)
         ctx.usage_source = "estimated"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from enum import IntEnum
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from sidecar.errors import SidecarError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
@@ -28,6 +29,11 @@ from sidecar.http1 import parse_response_head as _parse_head
 if TYPE_CHECKING:
     from sidecar.sse import Tap, UsageChunkStripper
     from sidecar.upstream import UpstreamConnection, UpstreamPool
+
+    # Given the provider's response head, the usage tap and (when the stream must be
+    # changed) the stripper for this body: an error answer to a streaming request is
+    # plain JSON, so neither can be chosen before the head arrives.
+    BodyFilters = Callable[[ResponseHead], tuple[Tap | None, UsageChunkStripper | None]]
 
 
 class ClientSide(Protocol):
@@ -86,6 +92,7 @@ class Exchange:
         "request_id",
         "stale",
         "started",
+        "filters",
         "stripper",
         "t_first_byte",
         "tap",
@@ -102,8 +109,7 @@ class Exchange:
         client_keep_alive: bool,
         is_head_request: bool,
         request_id: bytes,
-        tap: Tap | None,
-        stripper: UsageChunkStripper | None,
+        filters: BodyFilters,
         max_head: int,
     ) -> None:
         self._loop = asyncio.get_running_loop()
@@ -114,8 +120,9 @@ class Exchange:
         self.client_keep_alive = client_keep_alive
         self.is_head_request = is_head_request
         self.request_id = request_id
-        self.tap = tap
-        self.stripper = stripper
+        self.filters = filters
+        self.tap: Tap | None = None
+        self.stripper: UsageChunkStripper | None = None
         self.max_head = max_head
         self.timeouts = pool.timeouts
         self.phase = Phase.WAIT_HEAD
@@ -234,6 +241,7 @@ class Exchange:
         if self.is_head_request or not head.has_body:
             self.mode = BodyMode.NONE
             return
+        self.tap, self.stripper = self.filters(head)
         if head.chunked:
             self._decoder = ChunkedDecoder()
         else:

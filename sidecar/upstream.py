@@ -12,7 +12,7 @@ import logging
 import ssl
 import time
 from enum import IntEnum
-from typing import Protocol
+from typing import Protocol, cast
 
 from sidecar.config import TimeoutsConfig, UpstreamConfig
 from sidecar.errors import UpstreamError, UpstreamTimeout
@@ -51,8 +51,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         sink = self.sink
