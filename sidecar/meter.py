@@ -353,6 +353,10 @@ class Meter:
     """Bounded queue + one writer task feeding the SQLite meter table."""
 
     def __init__(self, cfg: MeterConfig) -> None:
+        # asyncio.Queue(0) is unbounded: a zero here would turn overload into
+        # unbounded memory instead of spilling.
+        if cfg.queue_size < 1 or cfg.batch_rows < 1 or cfg.flush_ms < 0:
+            raise ValueError(f"meter: queue_size and batch_rows must be >= 1, flush_ms >= 0: {cfg}")
         self._cfg = cfg
         self.spill_path = cfg.spill_path
         self._queue: asyncio.Queue[MeterRecord] = asyncio.Queue(cfg.queue_size)
@@ -577,11 +581,18 @@ class Meter:
         self._batches += 1
 
     def _writer_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or task.exception() is None:
+        if task.cancelled():
+            # Someone cancelled the writer (e.g. the loop shut down without
+            # close()): what is still queued would vanish with the process.
+            self._spill_only = True
+            self._spill(self._drain(self._queue.qsize()), "writer cancelled")
+            return
+        exc = task.exception()
+        if exc is None:
             return
         # A bug killed the writer: say so now rather than at close(), and stop
         # queueing records nobody will write.
-        log.error("meter writer died; spilling from now on", exc_info=task.exception())
+        log.error("meter writer died; spilling from now on", exc_info=exc)
         self._spill_only = True
         self._spill(self._drain(self._queue.qsize()), "writer died")
 

@@ -645,3 +645,29 @@ def test_an_unopenable_db_path_raises_meter_error(tmp_path: pathlib.Path) -> Non
 
     with pytest.raises(meter_mod.MeterError, match="no-such-dir"):
         asyncio.run(main())
+
+
+def test_a_cancelled_writer_spills_what_is_queued(tmp_path: pathlib.Path) -> None:
+    cfg = cfg_for(tmp_path, flush_ms=60_000)  # the batch would wait a minute
+
+    async def main() -> Meter:
+        m = Meter(cfg)
+        await m.start()
+        for i in range(7):
+            m.submit(rec(i))
+        await asyncio.sleep(0.01)
+        assert m._writer is not None
+        m._writer.cancel()  # e.g. the loop shutting down without close()
+        await asyncio.sleep(0)
+        await m.close()
+        m.submit(rec(7))
+        return m
+
+    m = asyncio.run(main())
+    assert (m.stats.written, m.stats.spilled, m.stats.lost) == (0, 8, 0)
+    assert len(spill_lines(m.spill_path)) == 8
+
+
+def test_a_zero_queue_size_is_refused_not_unbounded(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ValueError, match="queue_size"):
+        Meter(cfg_for(tmp_path, queue_size=0))

@@ -1,0 +1,452 @@
+"""``sidecar meter ...``: read-only reports over the meter database.
+
+The database is opened with SQLite's ``mode=ro`` URI, so these commands never
+create a file, never take the write lock and are safe while workers write
+(WAL lets readers and the writer proceed together). Times are UTC.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import os
+import re
+import sqlite3
+import time
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from typing import IO, Any, Final
+
+import click
+import orjson
+
+from sidecar.config import MeterConfig
+from sidecar.meter import BUSY_TIMEOUT_MS, TABLE
+
+# How often `tail -f` looks for new rows.
+TAIL_POLL_S: Final = 0.5
+TAIL_DEFAULT_ROWS: Final = 20
+# Rows fetched per round trip when streaming an export or a followed tail.
+FETCH_ROWS: Final = 1_000
+
+_UNIT_MS: Final = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+_DURATION_RE: Final = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$", re.IGNORECASE)
+
+# --by choice -> SQL expression for the group. Day is the UTC calendar day.
+GROUPS: Final = {
+    "key": "key_id",
+    "model": "model",
+    "upstream": "upstream",
+    "route": "route",
+    "day": "strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch')",
+    "outcome": "outcome",
+}
+
+# Summary figures, in output order.
+FIGURES: Final = (
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "reported",
+    "estimated",
+    "none",
+    "errors",
+    "p50_ttft_ms",
+    "avg_duration_ms",
+    "bytes_out",
+)
+_TABLE_HEADINGS: Final = {
+    "requests": "requests",
+    "prompt_tokens": "prompt",
+    "completion_tokens": "completion",
+    "total_tokens": "total",
+    "reported": "reported",
+    "estimated": "estimated",
+    "none": "no usage",
+    "errors": "errors",
+    "p50_ttft_ms": "p50 ttft ms",
+    "avg_duration_ms": "avg ms",
+    "bytes_out": "bytes out",
+}
+FLOAT_DIGITS: Final = 3  # ms figures in json/csv: microsecond precision is plenty
+_NO_GROUP: Final = "(none)"  # table label for a NULL or empty group value
+
+
+# --- helpers --------------------------------------------------------------------
+
+
+def parse_duration(text: str) -> int:
+    """ "30m" / "24h" / "7d" -> milliseconds."""
+    m = _DURATION_RE.match(text)
+    if m is None:
+        raise ValueError(f"{text!r} is not a duration like 30m, 24h or 7d")
+    return int(m.group(1)) * _UNIT_MS[m.group(2).lower()]
+
+
+class _Since(click.ParamType[int | None]):
+    """--since: a duration back from now -> the cutoff in ms since epoch (None: all)."""
+
+    name = "duration"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int | None:
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).strip().lower() == "all":
+            return None
+        try:
+            return int(time.time() * 1000) - parse_duration(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+_since_option = click.option(
+    "--since",
+    type=_Since(),
+    default=None,
+    help="Only requests that started within this long before now: 30m, 24h, 7d (default: all).",
+)
+_db_option = click.option(
+    "--db",
+    "db_path",
+    default=MeterConfig().db,
+    show_default=True,
+    help="Meter SQLite database.",
+)
+
+
+def open_ro(path: str) -> sqlite3.Connection:
+    """Open the meter DB read-only; a clear ClickException (exit 1) if we cannot."""
+    if not os.path.isfile(path):
+        raise click.ClickException(f"meter database not found: {path}")
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True)
+        # A reader only waits during a checkpoint/recovery, but do not fail then.
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        found = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (TABLE,)
+        ).fetchone()
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"cannot read meter database {path}: {exc}") from exc
+    if found is None:
+        conn.close()
+        raise click.ClickException(f"{path} is not a meter database (no '{TABLE}' table)")
+    return conn
+
+
+def _query(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+    try:
+        return conn.execute(sql, params)
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"meter database query failed: {exc}") from exc
+
+
+def _rows(cur: sqlite3.Cursor) -> Iterator[tuple[Any, ...]]:
+    while True:
+        try:
+            chunk = cur.fetchmany(FETCH_ROWS)
+        except sqlite3.Error as exc:
+            raise click.ClickException(f"meter database read failed: {exc}") from exc
+        if not chunk:
+            return
+        yield from chunk
+
+
+def _where_since(since_ms: int | None) -> tuple[str, tuple[Any, ...]]:
+    if since_ms is None:
+        return "", ()
+    return "WHERE ts_ms >= ?", (since_ms,)
+
+
+def _iso_ms(ts_ms: int | None) -> str:
+    if ts_ms is None:
+        return "-"
+    t = dt.datetime.fromtimestamp(ts_ms / 1000, tz=dt.UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+
+# --- summary --------------------------------------------------------------------
+
+
+def summarize(
+    conn: sqlite3.Connection, by: str, since_ms: int | None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per-group figures and the totals over all groups."""
+    groups = _aggregate(conn, GROUPS[by], since_ms, order_by_group=by == "day")
+    totals = _aggregate(conn, "'*'", since_ms, order_by_group=True)
+    total: dict[str, Any] = dict.fromkeys(FIGURES, 0)
+    total["p50_ttft_ms"] = total["avg_duration_ms"] = None
+    if totals:
+        total = {f: totals[0][f] for f in FIGURES}
+    return groups, total
+
+
+def _aggregate(
+    conn: sqlite3.Connection, group_expr: str, since_ms: int | None, *, order_by_group: bool
+) -> list[dict[str, Any]]:
+    where, params = _where_since(since_ms)
+    order = "agg.grp" if order_by_group else "agg.requests DESC, agg.grp"
+    # p50 is the median of the rows that have a ttft (interpolated between the
+    # two middle values for an even count), computed in SQL with window
+    # functions so no per-row data is pulled into Python.
+    sql = f"""
+        WITH base AS (
+            SELECT {group_expr} AS grp, * FROM {TABLE} {where}
+        ), agg AS (
+            SELECT grp,
+                   COUNT(*) AS requests,
+                   COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens,
+                   COALESCE(SUM(completion_tokens), 0) AS completion_tokens,
+                   COALESCE(SUM(total_tokens), 0) AS total_tokens,
+                   SUM(usage_source = 'reported') AS reported,
+                   SUM(usage_source = 'estimated') AS estimated,
+                   SUM(usage_source IS NULL
+                       OR usage_source NOT IN ('reported', 'estimated')) AS none_,
+                   SUM(outcome IS NOT 'ok') AS errors,
+                   AVG(duration_ms) AS avg_duration_ms,
+                   COALESCE(SUM(bytes_out), 0) AS bytes_out
+            FROM base GROUP BY grp
+        ), ranked AS (
+            SELECT grp, ttft_ms,
+                   ROW_NUMBER() OVER (PARTITION BY grp ORDER BY ttft_ms) AS rn,
+                   COUNT(*) OVER (PARTITION BY grp) AS n
+            FROM base WHERE ttft_ms IS NOT NULL
+        ), p50 AS (
+            SELECT grp, AVG(ttft_ms) AS p50_ttft_ms FROM ranked
+            WHERE rn IN ((n + 1) / 2, (n + 2) / 2) GROUP BY grp
+        )
+        SELECT agg.grp, agg.requests, agg.prompt_tokens, agg.completion_tokens,
+               agg.total_tokens, agg.reported, agg.estimated, agg.none_, agg.errors,
+               p50.p50_ttft_ms, agg.avg_duration_ms, agg.bytes_out
+        FROM agg LEFT JOIN p50 ON p50.grp IS agg.grp
+        ORDER BY {order}
+    """
+    out = []
+    for row in _rows(_query(conn, sql, params)):
+        item: dict[str, Any] = {"group": row[0]}
+        for name, value in zip(FIGURES, row[1:], strict=True):
+            if isinstance(value, float):
+                value = round(value, FLOAT_DIGITS)
+            item[name] = value
+        out.append(item)
+    return out
+
+
+def _fmt_cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def render_table(by: str, groups: Sequence[dict[str, Any]], total: dict[str, Any]) -> str:
+    headings = [by, *(_TABLE_HEADINGS[f] for f in FIGURES)]
+    body = [[_group_label(g["group"]), *(_fmt_cell(g[f]) for f in FIGURES)] for g in groups]
+    foot = ["TOTAL", *(_fmt_cell(total[f]) for f in FIGURES)]
+    widths = [max(len(r[i]) for r in (headings, *body, foot)) for i in range(len(headings))]
+
+    def line(cells: Sequence[str]) -> str:
+        # Group name left-aligned, figures right-aligned so digits line up.
+        parts = [cells[0].ljust(widths[0])]
+        parts += [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
+        return "  ".join(parts).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headings), rule, *(line(r) for r in body), rule, line(foot)])
+
+
+def _group_label(value: Any) -> str:
+    return _NO_GROUP if value is None or value == "" else str(value)
+
+
+# --- commands -------------------------------------------------------------------
+
+
+@click.group()
+def meter() -> None:
+    """Reports over the meter database (read-only; safe while the sidecar runs)."""
+
+
+@meter.command()
+@_db_option
+@click.option(
+    "--by",
+    type=click.Choice(list(GROUPS)),
+    default="model",
+    show_default=True,
+    help="Group rows by this (day = UTC calendar day).",
+)
+@_since_option
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+)
+def summary(db_path: str, by: str, since: int | None, fmt: str) -> None:
+    """Requests, tokens, usage sources, errors and latency per group.
+
+    errors counts rows whose outcome is not 'ok'; "no usage" counts rows whose
+    usage_source is neither 'reported' nor 'estimated'; p50 ttft is the median
+    over rows that have one.
+    """
+    conn = open_ro(db_path)
+    try:
+        groups, total = summarize(conn, by, since)
+    finally:
+        conn.close()
+    if fmt == "json":
+        doc = {
+            "by": by,
+            "since_ms": since,
+            "groups": [{by: g["group"], **{f: g[f] for f in FIGURES}} for g in groups],
+            "totals": total,
+        }
+        click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+    elif fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow([by, *FIGURES])
+        for g in groups:
+            w.writerow(["" if g["group"] is None else g["group"], *(_csv(g[f]) for f in FIGURES)])
+        click.echo(buf.getvalue(), nl=False)
+    elif not groups:
+        click.echo("no requests recorded" + ("" if since is None else " in that period"))
+    else:
+        click.echo(render_table(by, groups, total))
+
+
+def _csv(value: Any) -> Any:
+    return "" if value is None else value
+
+
+_TAIL_COLUMNS: Final = (
+    "id",
+    "ts_ms",
+    "request_id",
+    "key_id",
+    "model",
+    "upstream",
+    "status",
+    "outcome",
+    "stream",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "usage_source",
+    "ttft_ms",
+    "duration_ms",
+    "bytes_out",
+)
+
+
+def format_tail_line(row: dict[str, Any]) -> str:
+    def n(v: Any) -> str:
+        return "-" if v is None else str(v)
+
+    def ms(v: Any) -> str:
+        return "-" if v is None else f"{v:.0f}ms"
+
+    return " ".join(
+        [
+            _iso_ms(row["ts_ms"]),
+            n(row["request_id"]),
+            n(row["status"]),
+            n(row["outcome"]),
+            _group_label(row["model"]),
+            "via " + _group_label(row["upstream"]),
+            "key " + n(row["key_id"]),
+            "stream" if row["stream"] else "unary",
+            f"tok {n(row['prompt_tokens'])}/{n(row['completion_tokens'])}"
+            f"/{n(row['total_tokens'])} {n(row['usage_source'])}",
+            f"ttft {ms(row['ttft_ms'])}",
+            f"dur {ms(row['duration_ms'])}",
+            f"out {n(row['bytes_out'])}B",
+        ]
+    )
+
+
+@meter.command()
+@_db_option
+@click.option(
+    "-n",
+    "--lines",
+    type=click.IntRange(min=0),
+    default=TAIL_DEFAULT_ROWS,
+    show_default=True,
+    help="How many of the latest rows to show.",
+)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new rows until Ctrl-C.")
+def tail(db_path: str, lines: int, follow: bool) -> None:
+    """The latest requests, one compact line each (oldest first)."""
+    conn = open_ro(db_path)
+    cols = ", ".join(_TAIL_COLUMNS)
+    try:
+        rows = _query(
+            conn, f"SELECT {cols} FROM {TABLE} ORDER BY id DESC LIMIT ?", (lines,)
+        ).fetchall()
+        for row in reversed(rows):
+            click.echo(format_tail_line(dict(zip(_TAIL_COLUMNS, row, strict=True))))
+        if not follow:
+            return
+        # Rows get ids in commit order (one writer at a time holds the lock),
+        # so "id > last seen" never skips a row committed later by a worker.
+        if rows:
+            last_id = int(rows[0][0])
+        else:
+            last_id = int(_query(conn, f"SELECT COALESCE(MAX(id), 0) FROM {TABLE}").fetchone()[0])
+        try:
+            while True:
+                time.sleep(TAIL_POLL_S)
+                cur = _query(
+                    conn, f"SELECT {cols} FROM {TABLE} WHERE id > ? ORDER BY id", (last_id,)
+                )
+                for row in _rows(cur):
+                    last_id = int(row[0])
+                    click.echo(format_tail_line(dict(zip(_TAIL_COLUMNS, row, strict=True))))
+        except KeyboardInterrupt:
+            return
+    finally:
+        conn.close()
+
+
+@meter.command()
+@_db_option
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), required=True)
+@_since_option
+@click.option(
+    "-o", "--output", default="-", help="Write here instead of stdout.", type=click.Path()
+)
+def export(db_path: str, fmt: str, since: int | None, output: str) -> None:
+    """Every column of every row (in id order), values as stored."""
+    conn = open_ro(db_path)
+    try:
+        where, params = _where_since(since)
+        cur = _query(conn, f"SELECT * FROM {TABLE} {where} ORDER BY id", params)
+        names = [d[0] for d in cur.description]
+        with click.open_file(output, "w", encoding="utf-8") as out:
+            _write_export(out, fmt, names, _rows(cur))
+    finally:
+        conn.close()
+
+
+def _write_export(
+    out: IO[str], fmt: str, names: Sequence[str], rows: Iterator[tuple[Any, ...]]
+) -> None:
+    if fmt == "csv":
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(names)
+        for row in rows:
+            w.writerow([_csv(v) for v in row])
+    else:
+        for row in rows:
+            out.write(orjson.dumps(dict(zip(names, row, strict=True))).decode())
+            out.write("\n")
