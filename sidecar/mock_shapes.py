@@ -442,6 +442,7 @@ def _openai_usage(shape: Shape, completion: int, *, details: bool = True) -> dic
 class _Chat(_Builder):
     prefix = "chatcmpl-"
     obj = "chat.completion"
+    chunk_obj = "chat.completion.chunk"
     details = True  # prompt/completion_tokens_details in usage (chat has them, legacy not)
 
     def _base(self, shape: Shape, obj: str) -> dict[str, Any]:
@@ -474,7 +475,7 @@ class _Chat(_Builder):
         return _json(body)
 
     def _chunk(self, shape: Shape, choice: dict[str, Any]) -> bytes:
-        chunk = self._base(shape, self.obj + ".chunk")
+        chunk = self._base(shape, self.chunk_obj)
         chunk["choices"] = [choice]
         if shape.usage_nulls:
             chunk["usage"] = None
@@ -498,7 +499,7 @@ class _Chat(_Builder):
         deltas = [self._delta(shape, t) for t in texts]
         post = self._last(shape)
         if shape.usage and shape.usage_nulls:
-            final = self._base(shape, self.obj + ".chunk")
+            final = self._base(shape, self.chunk_obj)
             final["choices"] = []
             final["usage"] = _openai_usage(shape, completion, details=self.details)
             post += _data_event(final)
@@ -511,6 +512,7 @@ class _Completions(_Chat):
 
     prefix = "cmpl-"
     obj = "text_completion"
+    chunk_obj = "text_completion"  # legacy stream chunks have no ".chunk" suffix
     details = False
 
     def _choice(
@@ -521,25 +523,8 @@ class _Completions(_Chat):
     def _whole_choice(self, text: str) -> dict[str, Any]:
         return self._choice(text, "stop", {})
 
-    def _chunk(self, shape: Shape, choice: dict[str, Any]) -> bytes:
-        # Legacy completion chunks keep object "text_completion" (no ".chunk" suffix).
-        chunk = self._base(shape, self.obj)
-        chunk["choices"] = [choice]
-        if shape.usage_nulls:
-            chunk["usage"] = None
-        return _data_event(chunk)
-
     def _first(self, shape: Shape) -> bytes:
         return b""  # no role chunk in the legacy API
-
-    def stream(
-        self, shape: Shape, texts: list[str], text: str, completion: int
-    ) -> tuple[bytes, list[bytes], bytes]:
-        pre, deltas, post = super().stream(shape, texts, text, completion)
-        if shape.usage and shape.usage_nulls:
-            # The usage chunk of the legacy API also says "text_completion".
-            post = post.replace(b'"text_completion.chunk"', b'"text_completion"')
-        return pre, deltas, post
 
 
 class _Responses(_Builder):
