@@ -1,0 +1,62 @@
+"""``python -m bench compare|setup|mock`` — see bench/README.md."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("compare", help="run the comparison and write bench/results/")
+    c.add_argument(
+        "--quick", action="store_true", help="seconds: direct + sidecar (+ nginx), 1 run"
+    )
+    c.add_argument(
+        "--contenders",
+        nargs="+",
+        metavar="NAME",
+        help="subset, e.g. direct sidecar nginx nginx-lua litellm portkey sidecar-w2 nginx-w2 "
+        "nginx-lua-w2 (direct is always added)",
+    )
+    c.add_argument(
+        "--pin",
+        action="store_true",
+        help="taskset: 1-worker proxy on its own CPU, mock + load generator on another",
+    )
+    c.add_argument("--runs", type=int, default=None, help="interleaved runs (default 3; quick 1)")
+    c.add_argument("--no-hold", action="store_true", help="skip the open-streams RSS phase")
+    c.add_argument(
+        "--out", type=Path, default=None, help="result folder (default bench/results/<stamp>)"
+    )
+
+    s = sub.add_parser("setup", help="install the peers (nginx + lua, LiteLLM venv, Portkey)")
+    s.add_argument("--nginx", action="store_true")
+    s.add_argument("--litellm", action="store_true")
+    s.add_argument("--portkey", action="store_true")
+    s.add_argument("--bench-deps", action="store_true", help="matplotlib + py-spy into this venv")
+    s.add_argument("--dry-run", action="store_true", help="print the commands only")
+
+    a = ap.parse_args(argv)
+    if a.cmd == "compare":
+        from bench.compare import compare
+
+        res = compare(a.contenders, a.quick, a.pin, a.runs, a.out, no_hold=a.no_hold)
+        print(
+            (Path(a.out) if a.out else Path("bench/results")) / "",
+            res.get("contenders"),
+            file=sys.stderr,
+        )
+        return 0
+    if a.cmd == "setup":
+        from bench.setup import setup
+
+        return setup(a.nginx, a.litellm, a.portkey, a.bench_deps, a.dry_run)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
