@@ -35,6 +35,22 @@ WORKER_RESTART_DELAY = 1.0
 # Extra time the supervisor gives workers beyond their own drain deadline.
 WORKER_EXIT_SLACK = 10.0
 ENV_WORKER_PORT = "SIDECAR_WORKER_PORT"
+# A worker writes one byte to this fd once it is listening, so the supervisor
+# announces the port only when connections will be accepted, not refused.
+ENV_READY_FD = "SIDECAR_READY_FD"
+WORKER_START_TIMEOUT = 60.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In a worker (Linux): get SIGTERM if the supervisor dies, so no worker is orphaned."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the supervisor's own SIGTERM still reaches us
+        pass
 
 
 class Server:
@@ -120,6 +136,12 @@ def run_single(config: Config, port: int | None = None, announce: bool = True) -
     async def main() -> None:
         server = Server(config)
         await server.start(port=port, reuse_port=port is not None)
+        ready_fd = os.environ.get(ENV_READY_FD)
+        if ready_fd is not None:
+            # A restarted worker's supervisor no longer listens: a closed pipe is fine.
+            with contextlib.suppress(OSError):
+                os.write(int(ready_fd), b"1")
+            os.close(int(ready_fd))
         await server.serve_until_signal(announce=announce)
 
     asyncio.run(main())
@@ -146,12 +168,28 @@ def _reserve_port(config: Config) -> socket.socket:
     return sock
 
 
+def _wait_ready(fd: int, timeout: float) -> bool:
+    import select
+
+    try:
+        readable, _, _ = select.select([fd], [], [], timeout)
+        return bool(readable) and os.read(fd, 1) == b"1"
+    finally:
+        os.close(fd)
+
+
 def supervise(config: Config, config_path: str) -> int:
     holder = _reserve_port(config)
     port = holder.getsockname()[1]
-    env = dict(os.environ, **{ENV_WORKER_PORT: str(port)})
     cmd = [sys.executable, "-m", "sidecar", "run", "-c", config_path]
     stopping = False
+
+    def spawn() -> tuple[subprocess.Popen[bytes], int]:
+        read_fd, write_fd = os.pipe()
+        env = dict(os.environ, **{ENV_WORKER_PORT: str(port), ENV_READY_FD: str(write_fd)})
+        proc = subprocess.Popen(cmd, env=env, pass_fds=(write_fd,), preexec_fn=_die_with_parent)
+        os.close(write_fd)
+        return proc, read_fd
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -164,10 +202,20 @@ def supervise(config: Config, config_path: str) -> int:
     started: list[float] = []
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    ready_fds = []
     for _ in range(config.workers):
-        procs.append(subprocess.Popen(cmd, env=env))
+        proc, fd = spawn()
+        procs.append(proc)
+        ready_fds.append(fd)
         started.append(time.monotonic())
-    _announce(config, port)
+    failed = False
+    for fd in ready_fds:
+        if not _wait_ready(fd, WORKER_START_TIMEOUT) and not stopping:
+            log.error("a worker failed to start (see its errors above)")
+            failed = True
+            on_signal(signal.SIGTERM, None)
+    if not stopping:
+        _announce(config, port)
     try:
         while not stopping:
             time.sleep(0.2)
@@ -178,10 +226,11 @@ def supervise(config: Config, config_path: str) -> int:
                 log.error("worker pid %d exited with %s; restarting", proc.pid, code)
                 if time.monotonic() - started[i] < WORKER_MIN_UPTIME:
                     time.sleep(WORKER_RESTART_DELAY)
-                procs[i] = subprocess.Popen(cmd, env=env)
+                procs[i], fd = spawn()
                 started[i] = time.monotonic()
+                os.close(fd)  # the surviving workers serve meanwhile; no need to wait
         deadline = time.monotonic() + config.timeouts.shutdown_grace + WORKER_EXIT_SLACK
-        worst = 0
+        worst = 1 if failed else 0
         for proc in procs:
             try:
                 code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
