@@ -131,6 +131,9 @@ def parse_response_head(buf: bytes | bytearray, max_head: int) -> tuple[Response
     return head, end + 4
 
 
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+
+
 class ChunkState(IntEnum):
     SIZE = 0  # reading a chunk-size line
     DATA = 1  # inside chunk payload
@@ -160,7 +163,40 @@ class ChunkedDecoder:
         return self.state is ChunkState.DONE
 
     def feed(self, data: bytes | memoryview) -> tuple[list[memoryview], int]:
-        view = data if isinstance(data, memoryview) else memoryview(data)
+        if self.state is ChunkState.SIZE and not self._line and type(data) is bytes:
+            return self._feed_whole_frames(data)
+        return self._feed(data if isinstance(data, memoryview) else memoryview(data))
+
+    def _feed_whole_frames(self, data: bytes) -> tuple[list[memoryview], int]:
+        """The common case, one read holding whole frames: a find and a slice per frame.
+
+        Anything unusual (extensions, the last chunk, a frame split across reads,
+        malformed input) is handed to the general state machine from that point.
+        """
+        n = len(data)
+        pos = 0
+        out: list[memoryview] = []
+        view = memoryview(data)
+        while pos < n:
+            i = data.find(b"\r\n", pos)
+            if i < 0 or i - pos > MAX_CHUNK_SIZE_DIGITS:
+                break
+            size_text = data[pos:i]
+            if not size_text or size_text.translate(None, _HEX_DIGITS):
+                break
+            size = int(size_text, 16)
+            end = i + 2 + size
+            if size == 0 or end + 2 > n or data[end : end + 2] != b"\r\n":
+                break
+            out.append(view[i + 2 : end])
+            pos = end + 2
+        if pos < n:
+            more, used = self._feed(view[pos:])
+            out += more
+            pos += used
+        return out, pos
+
+    def _feed(self, view: memoryview) -> tuple[list[memoryview], int]:
         n = len(view)
         pos = 0
         out: list[memoryview] = []
