@@ -40,6 +40,19 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--bench-deps", action="store_true", help="matplotlib + py-spy into this venv")
     s.add_argument("--dry-run", action="store_true", help="print the commands only")
 
+    pr = sub.add_parser("profile", help="py-spy the sidecar under the paced load")
+    pr.add_argument("--seconds", type=float, default=10.0)
+    pr.add_argument("--workers", type=int, default=1)
+    pr.add_argument("--concurrency", type=int, default=10)
+    pr.add_argument("--pattern", default="paced", choices=["paced", "paced10", "burst"])
+    pr.add_argument(
+        "--no-native",
+        dest="native",
+        action="store_false",
+        help="Python frames only (idle waits then cannot be told apart)",
+    )
+    pr.add_argument("--out", type=Path, default=None)
+
     a = ap.parse_args(argv)
     if a.cmd == "compare":
         from bench.compare import compare
@@ -50,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
             res.get("contenders"),
             file=sys.stderr,
         )
+        return 0
+    if a.cmd == "profile":
+        from bench.profile import profile
+
+        out = profile(a.seconds, a.out, a.workers, a.concurrency, a.pattern, a.native)
+        print((out / "profile.md").read_text())
         return 0
     if a.cmd == "setup":
         from bench.setup import setup

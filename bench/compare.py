@@ -84,43 +84,20 @@ def raise_nofile() -> None:
 
 # --------------------------------------------------------------------------- mock
 def mock_command(port: int) -> tuple[list[str], str]:
-    probe = subprocess.run(
-        [sys.executable, "-c", "import sidecar.mock as m; m.MockUpstream; m.mock_upstream"],
-        cwd=REPO,
-        capture_output=True,
-        env={**os.environ, **C.sidecar_env()},
-    )
-    if probe.returncode == 0:
-        return (
-            [
-                sys.executable,
-                "-m",
-                "sidecar.mock",
-                "--port",
-                str(port),
-                "--chunks",
-                "20",
-                "--delay-ms",
-                "1",
-                "--always-usage",
-            ],
-            "sidecar.mock",
-        )
-    return (
-        [
-            sys.executable,
-            "-m",
-            "bench.standin_mock",
-            "--port",
-            str(port),
-            "--chunks",
-            "20",
-            "--delay-ms",
-            "1",
-            "--always-usage",
-        ],
-        "bench.standin_mock (sidecar.mock not importable)",
-    )
+    """The project's own mock provider (sidecar.mock), paced 1 ms by default."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "sidecar.mock",
+        "--port",
+        str(port),
+        "--chunks",
+        "20",
+        "--delay-ms",
+        "1",
+        "--always-usage",
+    ]
+    return cmd, "sidecar.mock"
 
 
 def start_mock(workdir: Path, cpus: set[int] | None) -> tuple[C.Proc, int, str, list[str]]:

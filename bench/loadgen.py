@@ -32,6 +32,7 @@ the start and end of the measured window (see :mod:`bench.procstat`).
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import re
 import sys
@@ -320,8 +321,8 @@ class Gen:
                 if cl is None or cl.closed:
                     try:
                         cl = await self.connect()
-                    except OSError:
-                        self.stats.error("connect")
+                    except OSError as e:
+                        self.stats.error(f"connect:{errno.errorcode.get(e.errno or 0, e.errno)}")
                         await asyncio.sleep(0.01)
                         continue
                 fut = self.loop.create_future()
@@ -371,8 +372,8 @@ class Gen:
                 if cl is None:
                     try:
                         cl = await self.connect()
-                    except OSError:
-                        self.stats.error("connect")
+                    except OSError as e:
+                        self.stats.error(f"connect:{errno.errorcode.get(e.errno or 0, e.errno)}")
                         return
                 fut = self.loop.create_future()
                 cl.start(self.req, t_sched, fut)
@@ -425,8 +426,8 @@ class Gen:
         async def open_one() -> bool:
             try:
                 cl = await self.connect()
-            except OSError:
-                self.stats.error("connect")
+            except OSError as e:
+                self.stats.error(f"connect:{errno.errorcode.get(e.errno or 0, e.errno)}")
                 return False
             cl.head_fut = self.loop.create_future()
             cl.start(self.req, perf(), self.loop.create_future())
