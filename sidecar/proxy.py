@@ -31,7 +31,7 @@ from sidecar.meter import Meter
 from sidecar.responses import error_for, render
 from sidecar.router import RouteTable
 from sidecar.splice import Exchange
-from sidecar.sse import Tap, TapResult, UsageChunkStripper, make_tap
+from sidecar.sse import Tap, UsageChunkStripper, make_tap
 from sidecar.tokenizer import Tokenizer
 from sidecar.upstream import UpstreamPool, build_request_head
 from sidecar.usage import Usage
@@ -119,8 +119,23 @@ class Proxy:
             raise
         finally:
             self.in_flight -= 1
-            self.meter.submit(ctx.to_record(self.loop.time()))
+            t_end = self.loop.time()
             client.cycle_done(keep_alive)
+            if ctx.pending_estimate is not None:
+                self.spawn(self._estimate_then_submit(ctx, t_end))
+            else:
+                self.meter.submit(ctx.to_record(t_end))
+
+    async def _estimate_then_submit(self, ctx: RequestContext, t_end: float) -> None:
+        """Count tokens off the loop (tiktoken releases the GIL), then queue the row.
+
+        Runs after the client's cycle is done, so an estimate never delays a response.
+        """
+        try:
+            await self.loop.run_in_executor(None, self._estimate, ctx)
+        finally:
+            # Even when cancelled at the shutdown deadline, the row goes in.
+            self.meter.submit(ctx.to_record(t_end))
 
     async def _proxy(
         self,
@@ -206,23 +221,25 @@ class Proxy:
         ctx.status = ex.head.status if ex.head is not None else 0
         if ex.error is not None:
             ctx.error = str(ex.error)
-        if ex.tap is not None:
-            self._settle_usage(ctx, body, ex.tap.result(), ctx.status, path)
-
-    def _settle_usage(
-        self, ctx: RequestContext, body: dict[str, Any], result: TapResult, status: int, path: str
-    ) -> None:
-        """Reported usage wins; otherwise estimate what the provider most likely billed."""
-        if result.usage is not None:
+        result = ex.tap.result() if ex.tap is not None else None
+        if result is not None and result.usage is not None:
             ctx.usage, ctx.usage_source = result.usage, "reported"
-            return
-        if status >= 300 or (status == 0 and ctx.outcome == "upstream_error"):
-            return  # the provider refused or was never reached: nothing to bill
+        elif ctx.status < 300 and (ctx.status != 0 or ex.outcome != "upstream_error"):
+            # The provider accepted the request (or may have: the client left before its
+            # answer) but no usage came: estimate what it most likely billed. A refusal
+            # (4xx/5xx) or a provider never reached bills nothing.
+            ctx.pending_estimate = (body, result, path)
+
+    def _estimate(self, ctx: RequestContext) -> None:
+        assert ctx.pending_estimate is not None
+        body, result, path = ctx.pending_estimate
         prompt, approx_p = self.tokenizer.count_prompt(body, ctx.api_format, path, ctx.model)
         count, approx_c = self.tokenizer.counter(ctx.model)
-        # Beyond the tap's text cap the rest is extrapolated, which makes it approximate.
-        completion = result.completion_estimate(count)
-        approx_c = approx_c or result.completion_bytes_dropped > 0
+        completion = 0
+        if result is not None:
+            completion = result.completion_estimate(count)
+            # Beyond the tap's text cap the rest is extrapolated, which makes it approximate.
+            approx_c = approx_c or result.completion_bytes_dropped > 0
         ctx.usage = Usage(prompt_tokens=prompt, completion_tokens=completion,
                           total_tokens=prompt + completion)
         ctx.usage_source = "estimated"
