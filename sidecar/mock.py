@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import signal
 import sys
 import time
@@ -81,6 +82,9 @@ MAX_BODY: Final = 64 * 1024 * 1024
 BIG_BLOCK: Final = 64 * 1024
 # Bounded caches: the bench repeats a handful of bodies; a fuzzing test must not grow memory.
 _CACHE_MAX: Final = 4096
+# Pacer resolution (seconds): paced deltas due within the same half millisecond go out
+# together from one timer callback.
+_PACE_GRID: Final = 0.0005
 
 _MALFORMED: Final = (
     b"HTTP/1.1 2x0 NOT A STATUS\r\nthis line is not a header\r\n\x00\x01\xff\r\n\r\n"
@@ -357,6 +361,7 @@ class _Plan:
         "_parts",
         "_second",
         "completion_tokens",
+        "cuts",
         "direct",
         "faults",
         "id_prefix",
@@ -385,6 +390,9 @@ class _Plan:
         self.usage_sent = False
         self.direct = True  # answer in one write from data_received (no pacing, no big mode)
         self.id_prefix = _ID_PREFIX[kind]
+        # Offsets in the burst bytes where a paced writer may stop: after head+preamble,
+        # then after each content delta (what follows the last cut is the trailer).
+        self.cuts: list[int] = []
         self._second = -1
         self._parts: list[bytes] = []
 
@@ -460,6 +468,37 @@ def _parse_head(head: bytes) -> _Head:
     return method, target, length, chunked, close, expect, mock
 
 
+class _Paced:
+    """A response being written by timer callbacks (delay and/or first-byte delay)."""
+
+    __slots__ = (
+        "close",
+        "cuts",
+        "data",
+        "delay",
+        "end",
+        "index",
+        "plan",
+        "req",
+        "rid",
+        "stalled",
+        "t0",
+    )
+
+    def __init__(self, req: MockRequest, plan: _Plan, rid: bytes, close: bool) -> None:
+        self.req = req
+        self.plan = plan
+        self.rid = rid
+        self.close = close
+        self.data = b""
+        self.cuts: list[int] = []
+        self.end = 0  # deltas to write before the trailer (fewer with disconnect-after)
+        self.index = 0
+        self.delay = 0.0
+        self.t0 = 0.0
+        self.stalled = False  # waiting for resume_writing
+
+
 class _MockProtocol(asyncio.Protocol):
     """One connection: parse requests in order, answer each before looking at the next."""
 
@@ -472,7 +511,9 @@ class _MockProtocol(asyncio.Protocol):
         self._busy = False  # a response is in flight (task, or hang): later requests wait
         self._paused = False
         self._resume: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # big mode writer
+        self._paced: _Paced | None = None  # paced / delayed response in progress
+        self._timer: asyncio.TimerHandle | None = None
         self._closing = False  # the mock itself closed / is closing this connection
         self._continued = False  # "100 Continue" already sent for the current request
         self.info = MockConnection(0, 0.0)
@@ -506,6 +547,9 @@ class _MockProtocol(asyncio.Protocol):
         self._up._live.discard(self)
         if self._task is not None:
             self._task.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._paced = None
         if self._resume is not None and not self._resume.done():
             self._resume.cancel()
 
@@ -516,6 +560,10 @@ class _MockProtocol(asyncio.Protocol):
         self._paused = False
         if self._resume is not None and not self._resume.done():
             self._resume.set_result(None)
+        paced = self._paced
+        if paced is not None and paced.stalled:
+            paced.stalled = False
+            self._tick()
 
     # -- helpers
 
@@ -644,9 +692,18 @@ class _MockProtocol(asyncio.Protocol):
         req.response_id = plan.id_prefix + rid.decode()
 
         if not plan.direct:
-            self._task = asyncio.get_running_loop().create_task(
-                self._respond_later(req, plan, rid, close)
-            )
+            if tmpl.repeat:
+                self._task = asyncio.get_running_loop().create_task(
+                    self._big(req, plan, rid, close)
+                )
+            else:
+                self._paced = _Paced(req, plan, rid, close)
+                first = plan.knobs.first_byte_ms
+                if first > 0:
+                    loop = asyncio.get_running_loop()
+                    self._timer = loop.call_later(first / 1000.0, self._begin)
+                else:
+                    self._begin()
             return False
 
         # The common case: the whole response in one write.
@@ -707,13 +764,90 @@ class _MockProtocol(asyncio.Protocol):
             data = data[: data.index(b"\r\n\r\n") + 4]
         return self._simple(req, data, close)
 
-    async def _respond_later(self, req: MockRequest, plan: _Plan, rid: bytes, close: bool) -> None:
-        """Paced, delayed or big responses: written from a task that honours flow control."""
+    # -- paced and delayed responses: callbacks from a shared pacer (MockUpstream._pace), no
+    # task per stream. The bench paces hundreds of streams at 1 ms; a coroutine with a sleep
+    # per delta, or even a timer per delta, cost several times more CPU per event than this.
+
+    def _begin(self) -> None:
+        """First byte time: write the head (and preamble), then pace the deltas."""
+        self._timer = None
+        p = self._paced
+        if p is None or self._closing:
+            return
+        req, plan = p.req, p.plan
+        data = plan.burst(p.rid)
+        if p.close:
+            data = data.replace(b"connection: keep-alive", b"connection: close", 1)
+        p.data = data
+        # "connection: close" is shorter than "connection: keep-alive": shift the cuts.
+        shift = len(data) - len(plan.tmpl.burst) if plan.tmpl is not None else 0
+        p.cuts = [c + shift for c in plan.cuts] if shift else plan.cuts
+        limit = plan.faults.disconnect_after
+        if not req.stream or not p.cuts:
+            if limit is not None:
+                assert plan.tmpl is not None
+                self._write(req, self._truncated(req, plan.tmpl, data, limit))
+                self.close()
+                return
+            self._write(req, data)
+            req.completed = True
+            self._response_done(p.close)
+            return
+        n_deltas = len(p.cuts) - 1
+        p.end = n_deltas if limit is None else min(limit, n_deltas)
+        p.delay = plan.knobs.delay_ms / 1000.0
+        if p.delay <= 0 and limit is None:  # only the first byte was delayed
+            self._write(req, data)
+            req.chunks_sent = n_deltas
+            req.completed = True
+            self._response_done(p.close)
+            return
+        self._write(req, data[: p.cuts[0]])
+        p.t0 = asyncio.get_running_loop().time()
+        self._tick()
+
+    def _tick(self) -> None:
+        """Write the next delta; schedule the one after against t0 + i * delay, so timer
+        lateness does not accumulate over a long stream."""
+        self._timer = None
+        p = self._paced
+        if p is None or self._closing:
+            return
+        if self._paused:
+            p.stalled = True  # resume_writing calls us again
+            return
+        req = p.req
+        i = p.index
+        if i < p.end:
+            self._write(req, p.data[p.cuts[i] : p.cuts[i + 1]])
+            req.chunks_sent = i = p.index = i + 1
+        if i < p.end:
+            self._up._pace(self, p.t0 + i * p.delay)
+            return
+        if p.plan.faults.disconnect_after is not None:
+            self.close()
+            return
+        self._write(req, p.data[p.cuts[-1] :])
+        req.completed = True
+        self._response_done(p.close)
+
+    def _response_done(self, close: bool) -> None:
+        """A slow-path response is complete: go on with pipelined requests, or close."""
+        self._paced = None
+        self._task = None
+        if close:
+            self.close()
+            return
+        self._busy = False
+        if self._pending:
+            self._process()
+
+    async def _big(self, req: MockRequest, plan: _Plan, rid: bytes, close: bool) -> None:
+        """Big mode: one delta frame repeated to the requested size, written in blocks from a
+        task that waits on resume_writing, so the mock never buffers more than a block."""
         tmpl = plan.tmpl
         assert tmpl is not None
         knobs = plan.knobs
-        limit = plan.faults.disconnect_after
-        loop = asyncio.get_running_loop()
         if knobs.first_byte_ms > 0:
             await asyncio.sleep(knobs.first_byte_ms / 1000.0)
         if self._closing:
@@ -722,49 +856,18 @@ class _MockProtocol(asyncio.Protocol):
         head = tmpl.head
         if close:
             head = head.replace(b"connection: keep-alive", b"connection: close", 1)
-        if not req.stream:
-            data = head + shapes.fill(tmpl.burst[len(tmpl.head) :], rid, created)
-            if limit is not None:
-                self._write(req, self._truncated(req, tmpl, data, limit))
-                self.close()
-                return
-            self._write(req, data)
-        else:
-            self._write(req, head + shapes.fill(tmpl.pre, rid, created))
-            if tmpl.repeat:
-                frame = shapes.fill(tmpl.deltas[0], rid, created)
-                await self._write_big(req, frame, tmpl.repeat, limit)
-            else:
-                delay = knobs.delay_ms / 1000.0
-                t0 = loop.time()
-                for i, frame in enumerate(tmpl.deltas):
-                    if limit is not None and i >= limit:
-                        break
-                    if delay > 0 and i:
-                        # Against absolute deadlines, so sleep overshoot does not accumulate.
-                        wait = t0 + i * delay - loop.time()
-                        if wait > 0:
-                            await asyncio.sleep(wait)
-                    if self._paused:
-                        await self._drained()
-                    if self._closing:
-                        return
-                    self._write(req, shapes.fill(frame, rid, created))
-                    req.chunks_sent += 1
-            if self._closing:
-                return
-            if limit is not None:
-                self.close()
-                return
-            self._write(req, shapes.fill(tmpl.post, rid, created))
-        req.completed = True
-        self._task = None
-        if close:
+        limit = plan.faults.disconnect_after
+        self._write(req, head + shapes.fill(tmpl.pre, rid, created))
+        frame = shapes.fill(tmpl.deltas[0], rid, created)
+        await self._write_big(req, frame, tmpl.repeat, limit)
+        if self._closing:
+            return
+        if limit is not None:
             self.close()
             return
-        self._busy = False
-        if self._pending:
-            self._process()
+        self._write(req, shapes.fill(tmpl.post, rid, created))
+        req.completed = True
+        self._response_done(close)
 
     async def _write_big(
         self, req: MockRequest, frame: bytes, repeat: int, limit: int | None
@@ -866,6 +969,7 @@ class MockUpstream:
         self._live: set[_MockProtocol] = set()
         self._server: asyncio.AbstractServer | None = None
         self._ids = 0
+        self._due: dict[int, list[_MockProtocol]] = {}  # pacer slot -> streams due then
         self._plans: dict[tuple[str, bytes, tuple[tuple[bytes, bytes], ...]], _Plan] = {}
         self._templates: dict[shapes.Shape, shapes.Template] = {}
         self._big: dict[tuple[shapes.Shape, int], shapes.Template] = {}
@@ -945,6 +1049,21 @@ class MockUpstream:
 
     # -- internals used by the protocol
 
+    def _pace(self, proto: _MockProtocol, when: float) -> None:
+        """Call proto._tick() at loop time `when`, rounded up to the pacer's grid. Streams due
+        in the same slot share one timer and one loop wake-up: libuv timers have 1 ms
+        resolution anyway, and deadlines are absolute, so rounding never accumulates."""
+        slot = math.ceil(when / _PACE_GRID)
+        due = self._due.get(slot)
+        if due is None:
+            due = self._due[slot] = []
+            asyncio.get_running_loop().call_at(slot * _PACE_GRID, self._fire, slot)
+        due.append(proto)
+
+    def _fire(self, slot: int) -> None:
+        for proto in self._due.pop(slot, ()):
+            proto._tick()
+
     def _next_id(self) -> int:
         self._ids += 1
         return self._ids
@@ -1009,6 +1128,12 @@ class MockUpstream:
         )
         tmpl = self._big_template(shape, knobs.bytes_total) if big else self._template(shape)
         plan.tmpl = tmpl
+        if stream and not big:
+            cut = len(tmpl.head) + len(tmpl.pre)
+            plan.cuts = [cut]
+            for delta in tmpl.deltas:
+                cut += len(delta)
+                plan.cuts.append(cut)
         plan.model = model
         plan.stream = stream
         plan.prompt_tokens = shape.prompt_tokens
@@ -1050,13 +1175,15 @@ class MockUpstream:
 
 
 async def _serve(mock: MockUpstream) -> None:
-    await mock.start()
-    print(mock.url, flush=True)
+    # Handlers first: a supervisor may signal us while the tokenizer is still loading, and
+    # a background process started by a shell ignores SIGINT until we take it over.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):  # add_signal_handler is POSIX-only
             loop.add_signal_handler(sig, stop.set)
+    await mock.start()
+    print(mock.url, flush=True)
     try:
         await stop.wait()
     finally:
