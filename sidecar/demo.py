@@ -34,10 +34,11 @@ def _demo_config(mock_port: int, db: str) -> Config:
     anthropic_up = UpstreamConfig(name="mock-anthropic", url=f"http://127.0.0.1:{mock_port}",
                                   scheme="http", host="127.0.0.1", port=mock_port,
                                   format="anthropic")
-    routes = tuple(
-        RouteConfig(path=p, upstreams=(RouteUpstream(openai_up, 1),))
-        for p in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings")
-    ) + (RouteConfig(path="/v1/messages", upstreams=(RouteUpstream(anthropic_up, 1),)),)
+    openai_paths = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings")
+    routes = (
+        *(RouteConfig(path=p, upstreams=(RouteUpstream(openai_up, 1),)) for p in openai_paths),
+        RouteConfig(path="/v1/messages", upstreams=(RouteUpstream(anthropic_up, 1),)),
+    )
     return Config(listen_host="127.0.0.1", listen_port=0, routes=routes,
                   upstreams={"mock-openai": openai_up, "mock-anthropic": anthropic_up},
                   meter=MeterConfig(db=db), source="<demo>")
@@ -134,8 +135,8 @@ async def _demo(n_requests: int, db: str, delay_ms: float) -> None:
             click.echo(click.style(f"[{i + 1}/{n_requests}] {label}: ", bold=True), nl=False)
             t0 = time.perf_counter()
             status, _ = await _stream(server.port, path, body, cut_after=cut)
-            click.echo(click.style(f"    status {status}, {1000 * (time.perf_counter() - t0):.0f} ms",
-                                   dim=True))
+            ms = 1000 * (time.perf_counter() - t0)
+            click.echo(click.style(f"    status {status}, {ms:.0f} ms", dim=True))
         await asyncio.sleep(0.1)  # let the hung-up stream's row be queued
     finally:
         await server.stop()

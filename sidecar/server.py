@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import cast
 
 from sidecar.config import Config
 from sidecar.downstream import DownstreamProtocol
@@ -80,8 +81,9 @@ class Server:
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
+        # uvloop's Server has .sockets like asyncio.Server, without subclassing it.
+        server = cast(asyncio.Server, self._server)
+        return int(server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
         """Drain and flush. Safe to call twice."""

@@ -18,8 +18,8 @@ until then nothing is committed, which is what later failover builds on.
 from __future__ import annotations
 
 import asyncio
-from enum import IntEnum
 from collections.abc import Callable
+from enum import IntEnum
 from typing import TYPE_CHECKING, Protocol
 
 from sidecar.errors import SidecarError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
@@ -80,6 +80,7 @@ class Exchange:
         "done",
         "error",
         "extra_after_body",
+        "filters",
         "head",
         "head_sent",
         "is_head_request",
@@ -92,7 +93,6 @@ class Exchange:
         "request_id",
         "stale",
         "started",
-        "filters",
         "stripper",
         "t_first_byte",
         "tap",

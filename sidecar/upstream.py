@@ -149,7 +149,9 @@ class UpstreamPool:
         except TimeoutError:
             raise UpstreamTimeout(f"connect to upstream '{cfg.name}' timed out") from None
         except ssl.SSLError as exc:
-            raise UpstreamError(f"TLS handshake with upstream '{cfg.name}' failed: {exc.reason}") from None
+            raise UpstreamError(
+                f"TLS handshake with upstream '{cfg.name}' failed: {exc.reason}"
+            ) from None
         except OSError as exc:
             raise UpstreamError(
                 f"cannot connect to upstream '{cfg.name}': {exc.strerror or type(exc).__name__}"
