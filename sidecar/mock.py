@@ -844,7 +844,8 @@ class _MockProtocol(asyncio.Protocol):
 
     async def _big(self, req: MockRequest, plan: _Plan, rid: bytes, close: bool) -> None:
         """Big mode: one delta frame repeated to the requested size, written in blocks from a
-        task that waits on resume_writing, so the mock never buffers more than a block."""
+        task that waits on resume_writing, so what the mock holds for a slow reader stays
+        near the transport's high-water mark plus one block, whatever the size."""
         tmpl = plan.tmpl
         assert tmpl is not None
         knobs = plan.knobs

@@ -629,7 +629,7 @@ def test_hang_fault_never_answers_and_sees_client_close() -> None:
             reader, writer = await asyncio.open_connection(mock.host, mock.port)
             writer.write(request_bytes("/v1/chat/completions", CHAT_BODY, {"x-mock-fault": "hang"}))
             with pytest.raises(TimeoutError):
-                await asyncio.wait_for(reader.read(1), 0.2)
+                await asyncio.wait_for(reader.read(1), 0.1)
             (req,) = await mock.wait_for_requests(1)
             assert req.status == 0 and req.bytes_sent == 0
             writer.close()
