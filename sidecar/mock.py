@@ -980,7 +980,7 @@ class MockUpstream:
     async def start(self) -> None:
         # Load the default model's encoding off the loop: the first load takes ~0.5 s, and
         # paying it inside the first request would skew its latency.
-        await asyncio.to_thread(shapes._encoding, encoding_name_for_model(self.model))
+        await asyncio.to_thread(shapes.count_tokens, "warm up", encoding_name_for_model(self.model))
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: _MockProtocol(self),

@@ -15,69 +15,29 @@ from __future__ import annotations
 import base64
 import functools
 import math
-import os
-import pathlib
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
-import tiktoken
-import tiktoken.load
 
 # --------------------------------------------------------------------------- tokenizer
 
-# The split patterns of the two encodings, as published with tiktoken. They are needed to build
-# an Encoding from a local rank file (tiktoken_ext would fetch the ranks from the network).
-_CL100K_PAT: Final = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
-    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
-)
-_O200K_PAT: Final = "|".join(
-    [
-        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"""
-        r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"""
-        r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-        r"""\p{N}{1,3}""",
-        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
-        r"""\s*[\r\n]+""",
-        r"""\s+(?!\S)""",
-        r"""\s+""",
-    ]
-)
-_ENCODING_SPECS: Final[dict[str, tuple[str, dict[str, int]]]] = {
-    "cl100k_base": (
-        _CL100K_PAT,
-        {
-            "<|endoftext|>": 100257,
-            "<|fim_prefix|>": 100258,
-            "<|fim_middle|>": 100259,
-            "<|fim_suffix|>": 100260,
-            "<|endofprompt|>": 100276,
-        },
-    ),
-    "o200k_base": (_O200K_PAT, {"<|endoftext|>": 199999, "<|endofprompt|>": 200018}),
-}
+
+# A model of each encoding, so the sidecar's tokenizer picks that encoding.
+_MODEL_OF_ENCODING: Final = {"o200k_base": "gpt-4o", "cl100k_base": "gpt-4"}
 
 
 @functools.cache
-def _encoding(name: str) -> tiktoken.Encoding:
-    """The named encoding, from SIDECAR_TOKENIZER_DIR when it holds the file (air-gapped tests
-    and CI), else from tiktoken's own cache/download. Private on purpose: the sidecar's real
-    tokenizer module is separate and the mock must not depend on it."""
-    folder = os.environ.get("SIDECAR_TOKENIZER_DIR")
-    spec = _ENCODING_SPECS.get(name)
-    if folder and spec is not None:
-        path = pathlib.Path(folder) / f"{name}.tiktoken"
-        if path.is_file():
-            ranks = tiktoken.load.load_tiktoken_bpe(str(path))
-            pat, special = spec
-            return tiktoken.Encoding(
-                name, pat_str=pat, mergeable_ranks=ranks, special_tokens=special
-            )
-    return tiktoken.get_encoding(name)
+def _counter(name: str) -> Callable[[str], int]:
+    """Token counter for one encoding, loaded the way the sidecar loads it (offline first:
+    SIDECAR_TOKENIZER_DIR, then tiktoken's cache, never a download), so the mock also runs
+    air-gapped; with no encoding at all it counts with the sidecar's documented approximation."""
+    from sidecar.tokenizer import Tokenizer
+
+    count, _approx = Tokenizer.load().counter(_MODEL_OF_ENCODING.get(name, "gpt-4o"))
+    return count
 
 
 def encoding_name_for_model(model: str) -> str:
@@ -102,7 +62,7 @@ def count_tokens(text: str, encoding_name: str) -> int:
     if n is None:
         # disallowed_special=() so a prompt that happens to contain "<|endoftext|>" is counted
         # as text instead of raising, which is what the providers do with user text.
-        n = len(_encoding(encoding_name).encode(text, disallowed_special=()))
+        n = _counter(encoding_name)(text)
         if len(_COUNT_CACHE) >= _COUNT_CACHE_MAX:
             _COUNT_CACHE.clear()
         _COUNT_CACHE[key] = n
