@@ -50,6 +50,10 @@ def _request_id(headers: list[tuple[bytes, bytes]]) -> bytes:
             if 0 < len(value) <= MAX_REQUEST_ID and _ID_CHARS.issuperset(value):
                 return value
             break
+    return _new_id()
+
+
+def _new_id() -> bytes:
     return os.urandom(12).hex().encode()
 
 
@@ -214,9 +218,10 @@ class DownstreamProtocol(asyncio.Protocol):
     # -- helpers ----------------------------------------------------------------------
     def _fail_request(self, exc: SidecarError, close: bool) -> None:
         status, body = error_for(exc)
-        rid = os.urandom(12).hex().encode()
+        # One id for the answer and the row; the client's own when its head was readable.
+        rid = _request_id(list(self.request.headers)) if self.request is not None else _new_id()
         self.write(render(status, body, request_id=rid, keep_alive=not close))
-        self.proxy.note_rejected(self.request, status, exc)
+        self.proxy.note_rejected(self.request, rid, status, exc)
         if close:
             self._close()
 

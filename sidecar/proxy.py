@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import time
 from collections.abc import Coroutine
@@ -47,6 +46,31 @@ LOCAL_PATHS = frozenset({"/healthz", "/readyz"})
 # A reused keep-alive connection that the provider closed while idle fails before
 # any byte comes back; one retry on a fresh connection is safe and invisible.
 MAX_STALE_RETRIES = 1
+
+
+def _outcome(exchange_outcome: str, status: int) -> str:
+    """Meter outcome: a provider's refusal is not 'ok' even when relayed cleanly."""
+    if exchange_outcome != "ok":
+        return exchange_outcome
+    if status == 429:
+        return "rate_limited"
+    if status >= 500:
+        return "upstream_error"
+    if status >= 400:
+        return "rejected"
+    return "ok"
+
+
+def _may_have_billed(status: int, exchange_outcome: str) -> bool:
+    """Did the provider accept work we have no usage for?
+
+    A 2xx answer did; a refusal (4xx/5xx) did not. With no answer at all, only a
+    request the client abandoned (or shutdown cut) may have been generating: a
+    timeout or a connection failure means the provider never got going.
+    """
+    if status:
+        return status < 300
+    return exchange_outcome in ("client_disconnect", "shutdown")
 
 
 def _is_event_stream(head: ResponseHead) -> bool:
@@ -215,33 +239,44 @@ class Proxy:
         return ex.client_keep_alive and ex.outcome == "ok"
 
     def _finish(self, ctx: RequestContext, ex: Exchange, body: dict[str, Any], path: str) -> None:
-        ctx.outcome = ex.outcome
         ctx.bytes_out = ex.bytes_out
         ctx.t_first_byte = ex.t_first_byte
-        ctx.status = ex.head.status if ex.head is not None else 0
+        status = ctx.status = ex.head.status if ex.head is not None else 0
+        ctx.outcome = _outcome(ex.outcome, status)
         if ex.error is not None:
             ctx.error = str(ex.error)
         result = ex.tap.result() if ex.tap is not None else None
-        if result is not None and result.usage is not None:
-            ctx.usage, ctx.usage_source = result.usage, "reported"
-        elif ctx.status < 300 and (ctx.status != 0 or ex.outcome != "upstream_error"):
-            # The provider accepted the request (or may have: the client left before its
-            # answer) but no usage came: estimate what it most likely billed. A refusal
-            # (4xx/5xx) or a provider never reached bills nothing.
+        usage = result.usage if result is not None else None
+        if usage is not None and usage.prompt_tokens is not None \
+                and usage.completion_tokens is not None:
+            ctx.usage, ctx.usage_source = usage, "reported"
+        elif _may_have_billed(status, ex.outcome):
+            # No (complete) usage came: estimate what the provider most likely billed,
+            # keeping any part it did report (Anthropic's message_start input tokens).
             ctx.pending_estimate = (body, result, path)
 
     def _estimate(self, ctx: RequestContext) -> None:
         assert ctx.pending_estimate is not None
         body, result, path = ctx.pending_estimate
-        prompt, approx_p = self.tokenizer.count_prompt(body, ctx.api_format, path, ctx.model)
+        partial = result.usage if result is not None else None
+        if partial is not None and partial.prompt_tokens is not None:
+            prompt, approx_p = partial.prompt_tokens, False
+        else:
+            prompt, approx_p = self.tokenizer.count_prompt(body, ctx.api_format, path, ctx.model)
         count, approx_c = self.tokenizer.counter(ctx.model)
         completion = 0
         if result is not None:
             completion = result.completion_estimate(count)
             # Beyond the tap's text cap the rest is extrapolated, which makes it approximate.
             approx_c = approx_c or result.completion_bytes_dropped > 0
-        ctx.usage = Usage(prompt_tokens=prompt, completion_tokens=completion,
-                          total_tokens=prompt + completion)
+        ctx.usage = Usage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            cache_read_tokens=partial.cache_read_tokens if partial is not None else None,
+            cache_write_tokens=partial.cache_write_tokens if partial is not None else None,
+            raw=partial.raw if partial is not None else None,
+        )
         ctx.usage_source = "estimated"
         ctx.usage_approx = approx_p or approx_c
 
@@ -262,11 +297,12 @@ class Proxy:
         if isinstance(exc, MethodNotAllowed):
             extra = ((b"allow", b"POST"),)
         data = render(status, body, request_id=req.request_id, keep_alive=req.keep_alive,
-                      extra=extra)
+                      extra=extra, head_only=req.method == b"HEAD")
         client.write(data)
         return len(data)
 
-    def note_rejected(self, request: h11.Request | None, status: int, exc: SidecarError) -> None:
+    def note_rejected(self, request: h11.Request | None, request_id: bytes, status: int,
+                      exc: SidecarError) -> None:
         """A request refused before it was complete (too large, malformed) still gets a row."""
         if request is None:
             return
@@ -274,7 +310,7 @@ class Proxy:
         table = self.routes.get(path)
         if table is None:
             return
-        ctx = RequestContext(request_id=os.urandom(12).hex(), ts_ms=int(time.time() * 1000),
+        ctx = RequestContext(request_id=request_id.decode(), ts_ms=int(time.time() * 1000),
                              t_received=self.loop.time(), path=path, route=table.route.path,
                              status=status, outcome="rejected", error=str(exc))
         self.meter.submit(ctx.to_record(self.loop.time()))

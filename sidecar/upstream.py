@@ -209,9 +209,11 @@ def build_request_head(
     host_value = host if cfg.port == default_port else b"%b:%d" % (host, cfg.port)
     parts = [method, b" ", cfg.base_path.encode() + target, b" HTTP/1.1\r\nhost: ", host_value,
              b"\r\ncontent-length: %d\r\naccept-encoding: identity\r\n" % body_len]
+    # Headers the client named in `connection` are hop-by-hop too (RFC 9110 7.6.1).
+    named = {t.strip().lower() for n, v in headers if n == b"connection" for t in v.split(b",")}
     has_version = False
     for name, value in headers:
-        if name in _DROP_REQUEST or name == b"x-request-id":
+        if name in _DROP_REQUEST or name == b"x-request-id" or name in named:
             continue
         if name in _CLIENT_AUTH and not cfg.forward_client_auth:
             continue
