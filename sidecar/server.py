@@ -66,8 +66,16 @@ class Server:
         self._stopping = False
 
     async def start(self, port: int | None = None, reuse_port: bool = False) -> None:
-        if not self.tokenizer.preload():
-            log.warning("no tiktoken encoding could be loaded; estimates will be approximate")
+        if not self.tokenizer.available():
+            log.warning(
+                "tiktoken encodings not found (set SIDECAR_TOKENIZER_DIR or tokenizer.dir); "
+                "token estimates will use the byte approximation and be marked approximate"
+            )
+        for route in self.config.routes:
+            for mw in route.middleware:
+                # Accepted so migration configs load; enforcement arrives with limits/metrics.
+                log.warning("route %s: middleware %r is accepted but not enforced yet",
+                            route.path, mw.type)
         await self.meter.start()
         loop = asyncio.get_running_loop()
         self.proxy = proxy = Proxy(self.config, self.meter, self.tokenizer)

@@ -259,6 +259,23 @@ class Tokenizer:
         dirs = [d for d in (os.environ.get(TOKENIZER_DIR_ENV), config_dir) if d]
         return cls(dirs, allow_download=allow_download)
 
+    def available(self) -> bool:
+        """True when every known encoding has a file to load, without loading it.
+
+        A server calls this at start-up to warn once when estimates will be
+        approximate, while leaving the (large) encodings unloaded until the first
+        estimate needs one: most requests are metered from reported usage.
+        """
+        for name in ENCODINGS:
+            spec = _SPECS[name]
+            in_dirs = any(os.path.isfile(os.path.join(d, f"{name}.tiktoken")) for d in self.dirs)
+            cached = self.use_tiktoken_cache and (
+                (path := _tiktoken_cache_file(spec)) is not None and os.path.isfile(path)
+            )
+            if not (in_dirs or cached):
+                return False
+        return True
+
     def preload(self) -> bool:
         """Load every known encoding now; True when all of them are real (not fallbacks)."""
         return all(self._encoding(name) is not None for name in ENCODINGS)
