@@ -166,9 +166,15 @@ def run_demo(n_requests: int, db: str | None, delay_ms: float) -> int:
 
 
 def _bundled_tokenizer_dir() -> str | None:
-    """Where a source checkout keeps the offline encodings (../shared/tiktoken), if present."""
+    """The offline encodings beside a source checkout (``../shared/tiktoken``), if present.
+
+    Looked for next to the package (editable installs) and next to the working
+    directory (a newcomer running the demo from the checkout after ``pip install .``).
+    """
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for cand in (os.path.join(here, "..", "shared", "tiktoken"),):
-        if os.path.isdir(cand):
-            return os.path.abspath(cand)
+    for base in (here, os.getcwd()):
+        for cand in (os.path.join(base, "..", "shared", "tiktoken"),
+                     os.path.join(base, "shared", "tiktoken")):
+            if os.path.isfile(os.path.join(cand, "o200k_base.tiktoken")):
+                return os.path.abspath(cand)
     return None
