@@ -40,8 +40,9 @@ class Plan:
 def _fd_cap() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     lim = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    # a single-process proxy holds two fds per stream (client + upstream)
-    return max(100, min(10_000, (lim - 100) // 2 // 100 * 100))
+    # a single-process proxy holds two fds per stream (client + upstream), plus its own
+    # (listeners, logs, idle keep-alive connections to the mock: nginx keeps up to 1024)
+    return max(100, min(10_000, (lim - 1000) // 2 // 100 * 100))
 
 
 FULL = Plan(

@@ -95,6 +95,7 @@ class Client(asyncio.Protocol):
         self.buf = b""
         self.line = b""
         self.need = 0
+        self.skip = 0
         self.trailer = False
         self.status = 0
         self.keep = True
@@ -189,29 +190,45 @@ class Client(asyncio.Protocol):
         if not self.tfirst:
             self.tfirst = now
         self.nbytes += len(data)
-        if self.usage is None:
-            # the usage event may straddle two reads (e.g. a proxy reading 4 KB at a time)
-            win = self.prev + data if self.prev else data
-            if b"_tokens" in win:
-                m = _USAGE_RE.search(win)
-                if m:
-                    self.usage = (int(m.group(1)), int(m.group(2)))
-            self.prev = data[-256:]
-        if b"[DONE]" in data or b"[DONE]" in self.prev[-8:] + data[:8]:
-            self.done = True
         if self.state == CHUNKED:
-            self._chunked(data, now)
-        elif self.state == LENGTH:
-            self.need -= len(data)
-            if self.need <= 0:
-                self._finish(now, True)
+            payload, end = self._chunked(data)
+        else:
+            payload, end = data, False
+            if self.state == LENGTH:
+                self.need -= len(data)
+                end = self.need <= 0
+        if payload:
+            self._scan(payload)
+        if end:
+            self._finish(now, True)
 
-    def _chunked(self, data: bytes, now: float) -> None:
+    def _scan(self, payload: bytes) -> None:
+        """Usage and [DONE] in the de-chunked body (a proxy may re-chunk mid-event)."""
+        win = self.prev + payload if self.prev else payload
+        if self.usage is None and b"_tokens" in win:
+            m = _USAGE_RE.search(win)
+            if m:
+                self.usage = (int(m.group(1)), int(m.group(2)))
+        if not self.done and b"[DONE]" in win:
+            self.done = True
+        self.prev = payload[-256:]
+
+    def _chunked(self, data: bytes) -> tuple[bytes, bool]:
+        """Consume one read of a chunked body: (payload bytes in it, whether the body ended)."""
         pos, n = 0, len(data)
+        out: list[bytes] = []
         while pos < n:
             if self.need:
                 take = n - pos if n - pos < self.need else self.need
+                out.append(data[pos : pos + take])
                 self.need -= take
+                pos += take
+                if not self.need:
+                    self.skip = 2  # the CRLF after the chunk data
+                continue
+            if self.skip:
+                take = n - pos if n - pos < self.skip else self.skip
+                self.skip -= take
                 pos += take
                 continue
             if self.line.endswith(b"\r") and data[pos : pos + 1] == b"\n":
@@ -221,25 +238,25 @@ class Client(asyncio.Protocol):
                 j = data.find(b"\r\n", pos)
                 if j < 0:
                     self.line += data[pos:]
-                    return
+                    break
                 line, self.line = self.line + data[pos:j], b""
                 pos = j + 2
             if self.trailer:
                 if not line:
-                    self._finish(now, True)
-                    return
+                    return b"".join(out), True
                 continue
             try:
                 size = int(line.split(b";", 1)[0], 16)
             except ValueError:
-                self._finish(now, False, "bad_chunk")
+                self._finish(perf(), False, "bad_chunk")
                 if self.transport is not None:
                     self.transport.close()
-                return
+                return b"", False
             if size == 0:
                 self.trailer = True
             else:
-                self.need = size + 2
+                self.need = size
+        return (out[0] if len(out) == 1 else b"".join(out)), False
 
 
 def pct(values: list[float], qs: tuple[float, ...] = (50, 90, 99)) -> dict[str, float]:

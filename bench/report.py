@@ -82,7 +82,7 @@ def markdown(res: dict[str, Any]) -> str:
     L.append(f"- pinning: {res['pinning']}")
     L.append(
         f"- provider: {res['mock']['impl']} — 20 content events + usage + [DONE]; paced = 1 ms "
-        "between events, burst = all in one write, slow = 30 s between events"
+        "between events, burst = all in one write, slow = 10 s between events"
     )
     if res["missing"]:
         L.append(
