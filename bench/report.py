@@ -29,6 +29,8 @@ COLUMNS = [
     ("added_ttft_p99_c100", "added p99 c100 ms", "{:+.3f}"),
     ("rps_c100_paced", "req/s paced c100", "{:.0f}"),
     ("rps_c100_burst", "req/s burst c100", "{:.0f}"),
+    ("cap_paced_per_core", "capacity/core paced (1/CPU)", "{:.0f}"),
+    ("cap_burst_per_core", "capacity/core burst (1/CPU)", "{:.0f}"),
     ("rps_open", "req/s open-loop", "{:.0f}"),
     ("open_ttlb_p99", "open TTLB p99 ms", "{:.1f}"),
     ("cpu_us_c10", "CPU s/1k paced c10", "{:.3f}"),
@@ -93,7 +95,7 @@ def markdown(res: dict[str, Any]) -> str:
     L.append(
         "TTFT = time to the first SSE event at the client; *added* = minus `direct` in the same run. "
         "CPU = on-CPU time of the proxy's process tree (/proc schedstat) per 1,000 streamed requests, "
-        "in CPU-seconds (0.250 s/1k = 250 µs per request). *c100* = 100 concurrent streams with 1 ms pacing, which saturates this 2-core box (TTFT there is mostly queueing); *100@10ms* = 100 concurrent streams with events 10 ms apart, which does not. For `direct`, CPU and memory "
+        "in CPU-seconds (0.250 s/1k = 250 µs per request). *c100* = 100 concurrent streams with 1 ms pacing, which saturates this 2-core box (TTFT there is mostly queueing); *100@10ms* = 100 concurrent streams with events 10 ms apart, which does not. *capacity/core* = 1 / CPU per stream at c100: what one core would sustain, since the measured req/s of the fast proxies is capped by the mock + load generator sharing this box. For `direct`, CPU and memory "
         "columns are the mock provider's own.\n"
     )
     L.append("## Absolute figures (medians)\n")
@@ -117,6 +119,7 @@ def markdown(res: dict[str, Any]) -> str:
         ("cpu_us_c10_vs_nginx_lua", "CPU c10 / nginx-lua"),
         ("rps_c100_paced_vs_nginx", "req/s paced / nginx"),
         ("rps_c100_burst_vs_nginx", "req/s burst / nginx"),
+        ("cap_paced_per_core_vs_nginx", "capacity paced / nginx"),
         ("rps_c100_paced_vs_direct", "req/s paced / direct"),
         ("rps_c100_burst_vs_direct", "req/s burst / direct"),
         ("added_ttft_p50_c10_minus_nginx", "added TTFT p50 c10 - nginx's (ms)"),
