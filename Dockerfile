@@ -10,7 +10,9 @@ RUN pip install --no-cache-dir . && useradd --system --home /var/lib/sidecar sid
     && mkdir -p /var/lib/sidecar && chown sidecar /var/lib/sidecar
 # Tokenizer encodings baked in so the container works air-gapped.
 COPY shared/tiktoken /usr/share/sidecar/tiktoken
-ENV SIDECAR_TOKENIZER_DIR=/usr/share/sidecar/tiktoken
+ENV SIDECAR_TOKENIZER_DIR=/usr/share/sidecar/tiktoken \
+    SIDECAR_LISTEN=0.0.0.0:8080 \
+    SIDECAR_METER_DB=/var/lib/sidecar/meter.db
 USER sidecar
 WORKDIR /var/lib/sidecar
 EXPOSE 8080
