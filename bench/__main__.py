@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     pr.add_argument("--out", type=Path, default=None)
 
+    rg = sub.add_parser("report", help="recompute tables and chart from a results folder")
+    rg.add_argument("dir", type=Path)
+
     a = ap.parse_args(argv)
     if a.cmd == "compare":
         from bench.compare import compare
@@ -69,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
 
         out = profile(a.seconds, a.out, a.workers, a.concurrency, a.pattern, a.native)
         print((out / "profile.md").read_text())
+        return 0
+    if a.cmd == "report":
+        from bench.compare import regenerate
+
+        regenerate(a.dir)
+        print(a.dir / "results.md")
         return 0
     if a.cmd == "setup":
         from bench.setup import setup

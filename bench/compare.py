@@ -359,13 +359,17 @@ def run_metrics(r: dict[str, Any]) -> dict[str, float | None]:
     levels = [lv for lv in r.get("hold", {}).get("levels", []) if "level" in lv and "mem" in lv]
     if len(levels) >= 2:
         a, b = levels[0], levels[-1]
-        m["rss_lo_mb"], m["rss_hi_mb"] = a["mem"]["rss_mb"], b["mem"]["rss_mb"]
-        m["pss_lo_mb"], m["pss_hi_mb"] = a["mem"]["pss_mb"], b["mem"]["pss_mb"]
         m["streams_lo"], m["streams_hi"] = float(a["established"]), float(b["established"])
+        # a level counts only when (nearly) all its streams were established in time
+        ok_a = a["established"] >= 0.9 * a["level"]
+        ok_b = b["established"] >= 0.9 * b["level"]
+        if ok_a:
+            m["rss_lo_mb"], m["pss_lo_mb"] = a["mem"]["rss_mb"], a["mem"]["pss_mb"]
+        if ok_b:
+            m["rss_hi_mb"], m["pss_hi_mb"] = b["mem"]["rss_mb"], b["mem"]["pss_mb"]
         dn = b["established"] - a["established"]
-        m["kb_per_stream"] = (
-            (b["mem"]["rss_mb"] - a["mem"]["rss_mb"]) * 1024 / dn if dn > 0 else None
-        )
+        if ok_a and ok_b and dn > 0:
+            m["kb_per_stream"] = (b["mem"]["rss_mb"] - a["mem"]["rss_mb"]) * 1024 / dn
     return m
 
 
@@ -686,6 +690,7 @@ def compare(
             present.append(n)
     log(f"contenders: {present}; missing: {missing}; pinning: {layout}")
 
+    machine_info = machine()  # before the runs: the checkout may move while they go on
     mock, mock_port, mock_kind, mock_cmd = start_mock(work, aux_cpus)
     raw: list[dict[str, Any]] = []
     started = time.monotonic()
@@ -720,7 +725,7 @@ def compare(
         "command": " ".join(["python -m bench", *sys.argv[1:]])
         if sys.argv[0].endswith("__main__.py")
         else " ".join(sys.argv),
-        "machine": machine(),
+        "machine": machine_info,
         "plan": plan.__dict__,
         "pinning": layout,
         "mock": {"impl": mock_kind, "cmd": mock_cmd, "port": mock_port},
@@ -744,3 +749,14 @@ def compare(
     report.write_all(result, out_dir)
     log(f"results in {out_dir} ({result['duration_s']:.0f}s)")
     return result
+
+
+def regenerate(out_dir: Path) -> dict[str, Any]:
+    """Recompute medians, ratios and targets from a results.json and rewrite the outputs."""
+    res: dict[str, Any] = json.loads((out_dir / "results.json").read_text())
+    res["medians"] = aggregate(res["runs"], res["contenders"])
+    res["targets"] = targets(res["medians"])
+    from bench import report
+
+    report.write_all(res, out_dir)
+    return res

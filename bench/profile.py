@@ -51,6 +51,7 @@ def _module(frame: str) -> str:
 # py-spy's idle detection does not work in this container (threads parked on a
 # lock and the loop in epoll_pwait are sampled as active), so waits are dropped
 # here by their native frames (hence --native).
+SYSCALL_LEAVES = ("write (", "writev (", "read (", "recv", "send", "sendmsg (", "pwrite64 (")
 IDLE_MARKERS = (
     "epoll_pwait",
     "epoll_wait",
@@ -68,7 +69,8 @@ def summarize(raw: str, top: int = 25) -> dict[str, Any]:
     incl: Counter[str] = Counter()
     mod_self: Counter[str] = Counter()
     threads: Counter[str] = Counter()
-    total = idle = 0
+    py_user: Counter[str] = Counter()
+    total = idle = user_total = 0
     for line in raw.splitlines():
         stack, _, n = line.rpartition(" ")
         if not stack or not n.isdigit():
@@ -87,6 +89,11 @@ def summarize(raw: str, top: int = 25) -> dict[str, Any]:
         total += k
         threads[thread] += k
         self_c[_frame_key(frames[-1])] += k
+        leaf_native = not frames[-1].split(" (", 1)[-1].split(":")[0].endswith(".py")
+        if not (leaf_native and any(sc in frames[-1] for sc in SYSCALL_LEAVES)):
+            pyleaf = next((f for f in reversed(frames) if ".py:" in f), frames[-1])
+            py_user[_frame_key(pyleaf)] += k
+            user_total += k
         mod_self[_module(frames[-1])] += k
         for f in {_frame_key(f) for f in frames}:
             incl[f] += k
@@ -97,6 +104,8 @@ def summarize(raw: str, top: int = 25) -> dict[str, Any]:
         "self": self_c.most_common(top),
         "inclusive": incl.most_common(top),
         "modules": mod_self.most_common(top),
+        "user_samples": user_total,
+        "python_leaf_no_syscalls": py_user.most_common(top),
     }
 
 
@@ -200,6 +209,17 @@ def profile(
     md += [f"| {m} | {n} | {n / tot:.1%} |" for m, n in summary["modules"]]
     md += ["", "## Self time by function\n", "| function | samples | share |", "|---|---|---|"]
     md += [f"| `{f}` | {n} | {n / tot:.1%} |" for f, n in summary["self"]]
+    ut = summary["user_samples"] or 1
+    md += [
+        "",
+        "## Outside system calls, by the innermost Python frame\n",
+        "Samples whose leaf is not a read/write system call, charged to the innermost "
+        "Python function (C code it calls - orjson, h11's regexes, uvloop - included): "
+        "where the user-space CPU goes.\n",
+        "| function | samples | share of these |",
+        "|---|---|---|",
+    ]
+    md += [f"| `{f}` | {n} | {n / ut:.1%} |" for f, n in summary["python_leaf_no_syscalls"]]
     md += ["", "## Inclusive time by function\n", "| function | samples | share |", "|---|---|---|"]
     md += [f"| `{f}` | {n} | {n / tot:.1%} |" for f, n in summary["inclusive"]]
     (out_dir / "profile.md").write_text("\n".join(md) + "\n")

@@ -178,7 +178,7 @@ def markdown(res: dict[str, Any]) -> str:
         meter = r.get("meter")
         mt = f"{meter['correct_rows']}/{meter['requests']}" if meter else ""
         hold = ", ".join(
-            f"{lv.get('established')}: {lv.get('mem', {}).get('rss_mb', 0):.1f} MB"
+            f"{lv.get('established')}/{lv.get('level')}: {lv.get('mem', {}).get('rss_mb', 0):.1f} MB"
             for lv in r.get("hold", {}).get("levels", [])
             if "level" in lv
         )
@@ -252,7 +252,9 @@ def chart(res: dict[str, Any], path: Path) -> str | None:
                 edgecolor="black",
                 linewidth=0.4,
             )
-            ax.bar_label(b, fmt="%.3g", fontsize=7)
+            ax.bar_label(
+                b, labels=[f"{v:.0f}" if v >= 100 else f"{v:.3g}" for v in vals], fontsize=7
+            )
         ax.set_xticks([j + w * (len(keys) - 1) / 2 for j in range(len(who))])
         ax.set_xticklabels(who, rotation=25, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
