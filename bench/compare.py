@@ -38,7 +38,7 @@ class Plan:
 
 
 def _fd_cap() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     lim = hard if hard != resource.RLIM_INFINITY else 1 << 20
     # a single-process proxy holds two fds per stream (client + upstream), plus its own
     # (listeners, logs, idle keep-alive connections to the mock: nginx keeps up to 1024)
@@ -398,12 +398,12 @@ def aggregate(raw: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
         # paired, per-run comparisons (same run = same machine weather), then the median
         ref = "nginx-w2" if n.endswith("-w2") else "nginx"
         pairs: dict[str, list[float | None]] = {}
-        for run_no, ms in by_run.items():
+        for ms in by_run.values():
             me, d, ng, lua = ms.get(n), ms.get("direct"), ms.get(ref), ms.get("nginx-lua")
             if me is None:
                 continue
 
-            def add(k: str, v: float | None) -> None:
+            def add(k: str, v: float | None, pairs: dict[str, list[float | None]] = pairs) -> None:
                 pairs.setdefault(k, []).append(v)
 
             def ratio(x: float | None, y: float | None) -> float | None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import math
 import re
 import sys
 import time
@@ -264,7 +265,7 @@ def pct(values: list[float], qs: tuple[float, ...] = (50, 90, 99)) -> dict[str, 
         return {}
     v = sorted(values)
     out = {
-        f"p{q:g}": v[min(len(v) - 1, max(0, int(round(q / 100 * len(v) + 0.5)) - 1))] * 1e3
+        f"p{q:g}": v[min(len(v) - 1, max(0, math.ceil(q / 100 * len(v)) - 1))] * 1e3  # nearest rank
         for q in qs
     }
     out["max"] = v[-1] * 1e3

@@ -161,7 +161,7 @@ def markdown(res: dict[str, Any]) -> str:
             continue
         ph = r["phases"]
 
-        def g(ph_name: str, *path: str) -> Any:
+        def g(ph_name: str, *path: str, ph: dict[str, Any] = ph) -> Any:
             d: Any = ph.get(ph_name, {})
             for p_ in path:
                 d = d.get(p_) if isinstance(d, dict) else None
