@@ -862,10 +862,11 @@ class UsageChunkStripper:
     client asked for and must not be given a stripper).
 
     Used when the sidecar injected include_usage into a request whose client did
-    not ask for it: the usage-only chunk (``"choices":[]`` with a usage object)
-    is dropped, a usage object riding on a content chunk is cut out of it, and
-    ``"usage":null`` is removed from every other chunk, so the client gets the
-    stream it would have got without the sidecar. Only complete events are
+    not ask for it: the usage-only chunk (a usage object with ``"choices":[]``,
+    or with no choices at all as some compatible servers send it) is dropped, a
+    usage object riding on a content chunk is cut out of it, and ``"usage":null``
+    is removed from every other chunk, so the client gets the stream it would
+    have got without the sidecar. Only complete events are
     returned; at most one incomplete event is held (up to STRIPPER_HOLD_MAX).
     The tap is fed the unstripped bytes separately.
     """
@@ -966,7 +967,7 @@ def _strip(ev: Buf) -> Buf:
         if b'"usage"' not in ev:
             return ev
     if _has_usage_object(ev):
-        if b'"choices":[]' in ev or b'"choices": []' in ev:
+        if b'"choices":[]' in ev or b'"choices": []' in ev or b'"choices"' not in ev:
             return b""  # the usage-only chunk the client never asked for
         return _cut_usage_object(ev)
     return _NULL_USAGE.sub(b"", ev)

@@ -80,6 +80,9 @@ ENCODING_FOR_MODEL: Mapping[str, str] = {
 # Client-supplied model names feed the lookup cache: bound it so a client
 # cycling through random names cannot grow it without limit.
 MODEL_LOOKUP_CACHE_SIZE = 1024
+# ...and bound what each cached name may weigh: no real model name is this long,
+# while a request body (up to limits.max_body_bytes) could carry megabytes.
+MODEL_NAME_MAX = 256
 
 # Fallback when no tiktoken encoding loads: English text averages about four
 # UTF-8 bytes per token in both OpenAI vocabularies (less dense for CJK text and
@@ -156,11 +159,15 @@ _SPECS: Mapping[str, _Spec] = {
 ENCODINGS: tuple[str, ...] = tuple(_SPECS)
 
 
-@functools.lru_cache(maxsize=MODEL_LOOKUP_CACHE_SIZE)
 def encoding_for_model(model: str | None) -> tuple[str, bool]:
     """(encoding name, approximate) for a model name; unknown models -> o200k_base, True."""
-    if not model:
+    if not model or len(model) > MODEL_NAME_MAX:
         return DEFAULT_ENCODING, True
+    return _lookup(model)
+
+
+@functools.lru_cache(maxsize=MODEL_LOOKUP_CACHE_SIZE)
+def _lookup(model: str) -> tuple[str, bool]:
     name = model.strip().lower()
     name = name.rsplit("/", 1)[-1]  # "openai/gpt-4o" (OpenRouter and similar)
     name = name.removeprefix("ft:")  # "ft:gpt-4o-mini:org::id" fine-tunes

@@ -727,6 +727,18 @@ def test_stripper_cuts_usage_riding_on_a_content_chunk() -> None:
     )
 
 
+def test_stripper_drops_a_usage_chunk_without_choices() -> None:
+    stream = (
+        b'data: {"id":"x","choices":[{"delta":{"content":"hi"}}]}\n\n'
+        b'data: {"id":"x","usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    assert strip_all([stream]) == (
+        b'data: {"id":"x","choices":[{"delta":{"content":"hi"}}]}\n\n'
+        b"data: [DONE]\n\n"
+    )
+
+
 def test_stripper_handles_spaced_json() -> None:
     stream = (
         b'data: {"choices": [{"delta": {"content": "a"}}], "usage": null}\n\n'

@@ -96,6 +96,7 @@ def test_special_token_text_is_counted_as_text(tok: Tokenizer) -> None:
         ("deepseek-chat", "o200k_base", True),
         ("", "o200k_base", True),
         (None, "o200k_base", True),
+        ("gpt-4o" + "x" * 300, "o200k_base", True),  # absurd names are not looked up
     ],
 )
 def test_model_map(model: str | None, encoding: str, approx: bool) -> None:
