@@ -69,7 +69,7 @@ class Exchange:
         "_buf",
         "_decoder",
         "_loop",
-        "_pending_head",
+        "_out",
         "_remaining",
         "_timer",
         "bytes_out",
@@ -133,8 +133,8 @@ class Exchange:
         self._decoder: ChunkedDecoder | None = None
         self._remaining = 0
         self._timer: asyncio.TimerHandle | None = None
-        # The client head waits here so it shares one write with the first body bytes.
-        self._pending_head: bytes | None = None
+        # Bytes for the client from the current provider read, written at once.
+        self._out: list[bytes | memoryview] = []
         self.bytes_out = 0
         self.t_first_byte: float | None = None
         self.started = 0.0
@@ -198,6 +198,7 @@ class Exchange:
                 and self.head.content_length is None:
             # Read-until-close body: the close *is* the end of the response.
             self._finish_body()
+            self._flush_out()
             return
         if self.phase is Phase.WAIT_HEAD and not self._buf and self.conn.reused:
             self.stale = True
@@ -232,7 +233,7 @@ class Exchange:
             break
         self.head = head
         self.phase = Phase.BODY
-        rest = memoryview(bytes(buf))[n:]
+        rest = bytes(buf[n:])  # bytes, not a view: the decoder's fast path wants whole reads
         buf.clear()
         self._choose_mode(head)
         self._write_head_and(rest)
@@ -278,79 +279,85 @@ class Exchange:
         parts += (b"x-request-id: ", self.request_id, b"\r\n\r\n")
         return b"".join(parts)
 
-    def _write_head_and(self, rest: memoryview) -> None:
+    def _write_head_and(self, rest: bytes) -> None:
         head = self.head
         assert head is not None
         self.head_sent = True
-        head_bytes = self._client_head(head)
+        # Queued, not written: it shares one write with the first body bytes.
+        self._out.append(self._client_head(head))
         if self.mode is BodyMode.NONE:
-            self._send(head_bytes)
             self._finish_body(reusable_hint=not rest and head.content_length in (None, 0))
+            self._flush_out()
             return
-        self._pending_head = head_bytes
         if rest:
             self._body(rest)
-        self._flush_head()
+        else:
+            self._flush_out()
 
     # -- body -------------------------------------------------------------------
-    def _body(self, data: bytes | memoryview) -> None:
-        mode = self.mode
-        tap = self.tap
+    def _body(self, data: bytes) -> None:
+        """One provider read: relay it, write once, and only then let the tap look at it."""
         dec = self._decoder
         if dec is not None:
             pieces, used = dec.feed(data)
-            if tap is not None:
-                for piece in pieces:
-                    tap.feed(piece)
-            if mode is BodyMode.VERBATIM_CHUNKED:
-                self._send(data if used == len(data) else data[:used])
+            if self.mode is BodyMode.VERBATIM_CHUNKED:
+                self._out.append(data if used == len(data) else data[:used])
             else:
                 self._emit_payload(pieces)
-            if dec.done:
-                if used != len(data):
-                    self.extra_after_body = True
-                self._finish_body()
-            return
-        # content-length or read-until-close body
-        remaining = self._remaining
-        if remaining >= 0 and len(data) > remaining:
-            self.extra_after_body = True
-            data = data[:remaining]
-        if tap is not None:
-            tap.feed(data)
-        if mode is BodyMode.VERBATIM_LENGTH:
-            self._send(data)
+            done = dec.done
+            if done and used != len(data):
+                self.extra_after_body = True
+            tap_pieces: list[memoryview] | list[bytes] = pieces
         else:
-            self._emit_payload([data])
-        if remaining >= 0:
-            self._remaining = remaining - len(data)
-            if self._remaining == 0:
-                self._finish_body()
-
-    def _emit_payload(self, pieces: list[memoryview] | list[bytes | memoryview]) -> None:
-        """Write payload for the modes that change framing or content."""
-        stripper = self.stripper
-        for piece in pieces:
-            out: bytes | memoryview = stripper.feed(piece) if stripper is not None else piece
-            if not out:
-                continue
-            if self.mode is BodyMode.REFRAME_CHUNKED:
-                self._send(frame_chunk(out))
+            # content-length or read-until-close body
+            remaining = self._remaining
+            if 0 <= remaining < len(data):
+                self.extra_after_body = True
+                data = data[:remaining]
+            if self.mode is BodyMode.VERBATIM_LENGTH:
+                self._out.append(data)
             else:
-                self._send(out)
+                self._emit_payload([data])
+            done = False
+            if remaining >= 0:
+                self._remaining = remaining - len(data)
+                done = self._remaining == 0
+            tap_pieces = [data]
+        if done:
+            self._finish_body()
+        self._flush_out()
+        tap = self.tap
+        if tap is not None:
+            for piece in tap_pieces:
+                tap.feed(piece)
 
-    def _flush_head(self) -> None:
-        if self._pending_head is not None:
-            self._send(b"")
+    def _emit_payload(self, pieces: list[memoryview] | list[bytes]) -> None:
+        """Queue payload for the modes that change framing or content: one frame per read."""
+        stripper = self.stripper
+        payload: bytes | memoryview
+        if stripper is not None:
+            payload = b"".join([stripper.feed(piece) for piece in pieces])
+        elif len(pieces) == 1:
+            payload = pieces[0]
+        else:
+            payload = b"".join(pieces)
+        if not payload:
+            return
+        if self.mode is BodyMode.REFRAME_CHUNKED:
+            self._out.append(frame_chunk(payload))
+        else:
+            self._out.append(bytes(payload))
 
-    def _send(self, data: bytes | memoryview) -> None:
-        pending = self._pending_head
-        if pending is not None:
-            self._pending_head = None
-            data = pending + bytes(data)
+    def _flush_out(self) -> None:
+        """Write everything queued for the client in one transport write."""
+        out = self._out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
         if not data:
             return
-        if self.t_first_byte is None and self.head_sent:
+        if self.t_first_byte is None:
             self.t_first_byte = self._loop.time()
         self.bytes_out += len(data)
         self.client.write(data)
@@ -366,7 +373,7 @@ class Exchange:
         if self.mode is BodyMode.REFRAME_CHUNKED:
             tail += LAST_CHUNK
         if tail:
-            self._send(tail)
+            self._out.append(tail)
         head = self.head
         reusable = (
             reusable_hint
@@ -385,7 +392,7 @@ class Exchange:
         if self.head_sent:
             # The client already has a head: the only honest signal left is to cut
             # the connection so it sees a truncated body, not a complete one.
-            self._flush_head()
+            self._flush_out()
             self.client_keep_alive = False
             self.client.abort()
         self._end(reusable=False)
