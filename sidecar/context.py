@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.meter import MeterRecord
-from sidecar.sse import TapResult
+from sidecar.sse import Tap
 from sidecar.usage import Usage
 
 
@@ -37,9 +37,9 @@ class RequestContext:
     usage: Usage | None = None
     usage_source: str = "none"
     usage_approx: bool = False
-    # (request body, tap result or None, path) when no usage was reported and the
-    # row needs a tiktoken estimate, computed off the event loop before it is queued.
-    pending_estimate: tuple[dict[str, Any], TapResult | None, str] | None = None
+    # (request body, the response's tap or None, path) when no usage was reported and
+    # the row needs a tiktoken estimate, computed off the event loop before it is queued.
+    pending_estimate: tuple[dict[str, Any], Tap | None, str] | None = None
 
     def to_record(self, t_end: float) -> MeterRecord:
         u = self.usage or Usage()

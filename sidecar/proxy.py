@@ -245,19 +245,21 @@ class Proxy:
         ctx.outcome = _outcome(ex.outcome, status)
         if ex.error is not None:
             ctx.error = str(ex.error)
-        result = ex.tap.result() if ex.tap is not None else None
-        usage = result.usage if result is not None else None
+        # The cheap question first: most responses end with their usage frame.
+        usage = ex.tap.usage() if ex.tap is not None else None
         if usage is not None and usage.prompt_tokens is not None \
                 and usage.completion_tokens is not None:
             ctx.usage, ctx.usage_source = usage, "reported"
         elif _may_have_billed(status, ex.outcome):
             # No (complete) usage came: estimate what the provider most likely billed,
             # keeping any part it did report (Anthropic's message_start input tokens).
-            ctx.pending_estimate = (body, result, path)
+            # The full parse of the stream happens with the count, off the loop.
+            ctx.pending_estimate = (body, ex.tap, path)
 
     def _estimate(self, ctx: RequestContext) -> None:
         assert ctx.pending_estimate is not None
-        body, result, path = ctx.pending_estimate
+        body, tap, path = ctx.pending_estimate
+        result = tap.result() if tap is not None else None
         partial = result.usage if result is not None else None
         if partial is not None and partial.prompt_tokens is not None:
             prompt, approx_p = partial.prompt_tokens, False
