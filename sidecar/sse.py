@@ -915,6 +915,13 @@ class UsageChunkStripper:
                 and not out
             ):
                 return buf  # the common case when include_usage was not injected upstream
+            if not self._cr and not out and buf.endswith(b"\n\n"):
+                # Whole events with only "usage":null in them (every chunk of an OpenAI
+                # stream whose usage we asked for): one C-level replace for the read.
+                # The pattern holds no newline, so it never spans two events.
+                stripped = buf.replace(_NULL_USAGE_COMPACT, b"")
+                if b'"usage"' not in stripped:
+                    return stripped
         start = 0
         for ev_start, ev_end, nxt in _events_from(buf, scan, self._cr):
             if buf.find(b'"usage"', ev_start, ev_end) < 0:
