@@ -8,7 +8,6 @@ arguments through every layer. At the end it becomes one immutable MeterRecord.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from sidecar.meter import MeterRecord
 from sidecar.sse import Tap
@@ -37,9 +36,9 @@ class RequestContext:
     usage: Usage | None = None
     usage_source: str = "none"
     usage_approx: bool = False
-    # (request body, the response's tap or None, path) when no usage was reported and
-    # the row needs a tiktoken estimate, computed off the event loop before it is queued.
-    pending_estimate: tuple[dict[str, Any], Tap | None, str] | None = None
+    # (raw request JSON, the response's tap or None, path) when no usage was reported
+    # and the row needs a tiktoken estimate, computed off the event loop before queueing.
+    pending_estimate: tuple[bytes, Tap | None, str] | None = None
 
     def to_record(self, t_end: float) -> MeterRecord:
         u = self.usage or Usage()

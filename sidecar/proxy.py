@@ -196,6 +196,7 @@ class Proxy:
         head = build_request_head(upstream, req.method, req.target, req.headers, len(payload),
                                   req.request_id)
         request_bytes = head + payload
+        del body, payload, head  # only the raw request is needed from here on
         limits = self.config.limits
         def filters(head: ResponseHead) -> tuple[Tap, UsageChunkStripper | None]:
             sse = _is_event_stream(head)
@@ -226,19 +227,19 @@ class Proxy:
                 # Client gone while connecting, or the shutdown deadline passed: cut the
                 # provider now, and still meter what was streamed so far.
                 ex.client_gone()
-                self._finish(ctx, ex, body, req.path)
+                self._finish(ctx, ex, req.body, req.path)
                 ctx.outcome = "shutdown" if self.draining else "client_disconnect"
                 raise
             if ex.stale and ctx.attempts <= MAX_STALE_RETRIES and not client.closed:
                 conn = await pool.connect()
                 continue
             break
-        self._finish(ctx, ex, body, req.path)
+        self._finish(ctx, ex, req.body, req.path)
         if ex.error is not None and not ex.head_sent and ex.outcome != "client_disconnect":
             raise ex.error
         return ex.client_keep_alive and ex.outcome == "ok"
 
-    def _finish(self, ctx: RequestContext, ex: Exchange, body: dict[str, Any], path: str) -> None:
+    def _finish(self, ctx: RequestContext, ex: Exchange, body: bytes, path: str) -> None:
         ctx.bytes_out = ex.bytes_out
         ctx.t_first_byte = ex.t_first_byte
         status = ctx.status = ex.head.status if ex.head is not None else 0
@@ -264,7 +265,11 @@ class Proxy:
         if partial is not None and partial.prompt_tokens is not None:
             prompt, approx_p = partial.prompt_tokens, False
         else:
-            prompt, approx_p = self.tokenizer.count_prompt(body, ctx.api_format, path, ctx.model)
+            # The request JSON is parsed again here, off the loop, rather than kept
+            # parsed for the whole stream: that would cost memory on every stream.
+            prompt, approx_p = self.tokenizer.count_prompt(
+                orjson.loads(body), ctx.api_format, path, ctx.model
+            )
         count, approx_c = self.tokenizer.counter(ctx.model)
         completion = 0
         if result is not None:
