@@ -1085,11 +1085,13 @@ class DeferredTap(Tap):
         buf = self._buf
         buf += data
         if len(buf) > DEFER_BYTES:
-            self._spilled = True
             self._drain()
 
     def _drain(self) -> None:
         if self._buf:
+            # From here on the parsing tap holds bytes _buf no longer has, so
+            # usage() must ask it (a result() taken mid-stream drains too).
+            self._spilled = True
             self._inner.feed(bytes(self._buf))
             self._buf.clear()
 

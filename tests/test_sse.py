@@ -189,6 +189,16 @@ STREAMS = {
 }
 
 
+@pytest.fixture(autouse=True, params=["deferred", "parsing"])
+def tap_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs twice: through make_tap's DeferredTap as the proxy uses it,
+    and with DEFER_BYTES=0 so each read reaches the parsing tap as it was split."""
+    if request.param == "parsing":
+        monkeypatch.setattr(sse, "DEFER_BYTES", 0)
+    mode: str = request.param
+    return mode
+
+
 def crlf(stream: bytes) -> bytes:
     # JSON strings hold only escaped newlines, so every raw \n is a line ending.
     return stream.replace(b"\n", b"\r\n")
@@ -330,7 +340,12 @@ def test_cr_line_endings_parse_the_same(name: str, variant: object) -> None:
     assert tap_whole(name, variant(stream)) == tap_whole(name, stream)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=150,
+    deadline=None,
+    # tap_mode's monkeypatch is the same for every example, so sharing it is safe.
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(
     name=st.sampled_from(sorted(STREAMS)),
     line_end=st.sampled_from(["lf", "crlf", "cr"]),
@@ -355,7 +370,8 @@ def test_any_split_gives_the_same_result(
 
 
 @given(cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=200))
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_byte_by_byte_and_random_splits_of_chat(cuts: list[int]) -> None:
     tap = make_tap("openai", "/v1/chat/completions", True)
     for piece in split(CHAT_STREAM, cuts):
@@ -378,6 +394,19 @@ def test_trailing_cr_is_settled_at_result_and_a_late_lf_ignored() -> None:
     tap.feed(b'\ndata: {"choices":[{"delta":{"content":"b"}}]}\r\n\r\n')
     r = tap.result()
     assert (r.completion_text, r.events) == ("ab", 2)
+
+
+def test_usage_after_result_still_reports_the_usage() -> None:
+    for name, (fmt, path, stream) in STREAMS.items():
+        tap = make_tap(fmt, path, True)
+        half = len(stream) // 2
+        tap.feed(stream[:half])
+        tap.result()  # e.g. a look taken mid-stream
+        tap.feed(stream[half:])
+        whole = tap_whole(name, stream)
+        assert tap.usage() == whole.usage, name
+        assert tap.result() == whole
+        assert tap.usage() == whole.usage, name
 
 
 def test_result_can_be_called_mid_stream_and_again() -> None:
@@ -679,7 +708,8 @@ def test_stripper_on_completions_removes_usage() -> None:
     assert out.endswith(b"data: [DONE]\n\n")
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=40),
     line_end=st.sampled_from(["lf", "crlf", "cr"]),
