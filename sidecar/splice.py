@@ -60,6 +60,9 @@ class Phase(IntEnum):
     DONE = 2
 
 
+# Most forwarded-but-unwalked chunked bytes an exchange keeps before walking them.
+WALK_BYTES = 64 * 1024
+
 # Response headers we never pass back: hop-by-hop plus framing we set ourselves.
 _DROP_RESPONSE = HOP_BY_HOP | {b"content-length", b"x-request-id"}
 
@@ -70,6 +73,7 @@ class Exchange:
         "_decoder",
         "_loop",
         "_out",
+        "_raw",
         "_remaining",
         "_timer",
         "bytes_out",
@@ -135,6 +139,8 @@ class Exchange:
         self._timer: asyncio.TimerHandle | None = None
         # Bytes for the client from the current provider read, written at once.
         self._out: list[bytes | memoryview] = []
+        # Verbatim chunked bytes forwarded but not yet walked (see _body_verbatim_chunked).
+        self._raw = bytearray()
         self.bytes_out = 0
         self.t_first_byte: float | None = None
         self.started = 0.0
@@ -297,13 +303,13 @@ class Exchange:
     # -- body -------------------------------------------------------------------
     def _body(self, data: bytes) -> None:
         """One provider read: relay it, write once, and only then let the tap look at it."""
+        if self.mode is BodyMode.VERBATIM_CHUNKED:
+            self._body_verbatim_chunked(data)
+            return
         dec = self._decoder
         if dec is not None:
             pieces, used = dec.feed(data)
-            if self.mode is BodyMode.VERBATIM_CHUNKED:
-                self._out.append(data if used == len(data) else data[:used])
-            else:
-                self._emit_payload(pieces)
+            self._emit_payload(pieces)
             done = dec.done
             if done and used != len(data):
                 self.extra_after_body = True
@@ -330,6 +336,57 @@ class Exchange:
         if tap is not None:
             for piece in tap_pieces:
                 tap.feed(piece)
+
+    def _body_verbatim_chunked(self, data: bytes) -> None:
+        """The fast path: chunk frames go out untouched and are only walked in batches.
+
+        Reading each frame's size as it passes cost more than forwarding it, so the
+        reads are kept (bounded by WALK_BYTES) and walked when a read may hold the
+        last chunk: a message ends with ``0\r\n`` + trailers + ``\r\n``, so the
+        read that ends it ends with CRLF CRLF or holds ``\r\n0\r\n``. The walk is
+        the same decoder, fed all kept bytes at once; it also feeds the tap.
+        """
+        raw = self._raw
+        raw += data
+        self._out.append(data)
+        self._flush_out()
+        if (
+            data.endswith(b"\r\n\r\n")
+            or b"\r\n0\r\n" in data
+            or data.startswith(b"0\r\n")
+            or len(raw) > WALK_BYTES
+        ):
+            self._walk(final=False)
+
+    def _walk(self, final: bool) -> None:
+        """Decode the kept raw bytes into the tap; finish the body at the last chunk.
+
+        ``final`` (the exchange is ending for another reason): only feed the tap, so
+        its answer covers every byte the client was sent.
+        """
+        dec = self._decoder
+        raw = self._raw
+        if dec is None or not raw:
+            return
+        data = bytes(raw)
+        raw.clear()
+        try:
+            pieces, used = dec.feed(data)
+        except UpstreamProtocolError:
+            if final:
+                return
+            raise
+        tap = self.tap
+        if tap is not None:
+            for piece in pieces:
+                tap.feed(piece)
+        if dec.done and not final:
+            if used != len(data):
+                # Bytes after the last chunk already went to the client: it must not
+                # read them as the start of its next response.
+                self.extra_after_body = True
+                self.client_keep_alive = False
+            self._finish_body()
 
     def _emit_payload(self, pieces: list[memoryview] | list[bytes]) -> None:
         """Queue payload for the modes that change framing or content: one frame per read."""
@@ -399,6 +456,7 @@ class Exchange:
 
     def _end(self, reusable: bool) -> None:
         self.phase = Phase.DONE
+        self._walk(final=True)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

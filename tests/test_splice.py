@@ -1,0 +1,160 @@
+"""The relay driven directly with byte strings: fakes for the two sockets, no network."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.config import TimeoutsConfig
+from sidecar.http1 import LAST_CHUNK, ResponseHead, frame_chunk
+from sidecar.splice import Exchange
+from sidecar.sse import make_tap
+
+EVENTS = [
+    b'data: {"choices":[{"index":0,"delta":{"content":"w%d "}}],"usage":null}\n\n' % i
+    for i in range(12)
+] + [
+    b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":12,'
+    b'"total_tokens":17}}\n\n',
+    b"data: [DONE]\n\n",
+]
+HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        b"transfer-encoding: chunked\r\n\r\n")
+BODY = b"".join(frame_chunk(e) for e in EVENTS) + LAST_CHUNK
+
+
+class FakePool:
+    timeouts = TimeoutsConfig()
+
+    def __init__(self) -> None:
+        self.released: list[bool] = []
+
+    def release(self, conn: Any, reusable: bool) -> None:
+        self.released.append(reusable)
+
+    def forget(self, conn: Any) -> None:
+        pass
+
+
+class FakeConn:
+    reused = False
+
+    def __init__(self, pool: FakePool) -> None:
+        self.pool = pool
+        self.sink: Any = None
+        self.sent = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.sent += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class FakeClient:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def _run(pieces: list[bytes], client_http11: bool = True) -> tuple[Exchange, FakeClient, FakePool]:
+    async def main() -> tuple[Exchange, FakeClient, FakePool]:
+        pool = FakePool()
+        conn = FakeConn(pool)
+        client = FakeClient()
+
+        def filters(head: ResponseHead) -> tuple[Any, None]:
+            return make_tap("openai", "/v1/chat/completions", True), None
+
+        ex = Exchange(pool=pool, conn=conn, client=client,  # type: ignore[arg-type]
+                      client_http11=client_http11, client_keep_alive=True,
+                      is_head_request=False, request_id=b"rid", filters=filters,
+                      max_head=65536)
+        ex.start(b"REQUEST")
+        for p in pieces:
+            if not ex.done.done():
+                ex.upstream_data(p)
+        return ex, client, pool
+
+    return asyncio.run(main())
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [p for p in (data[a:b] for a, b in zip([0, *points], [*points, len(data)],
+                                                  strict=True)) if p]
+
+
+@settings(max_examples=200, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=60))
+def test_verbatim_relay_ends_exactly_at_the_last_chunk_for_any_split(cuts: list[int]) -> None:
+    ex, client, pool = _run(_split(HEAD + BODY, cuts))
+    assert ex.done.done() and ex.outcome == "ok"
+    out = b"".join(client.writes)
+    head_end = out.index(b"\r\n\r\n") + 4
+    assert out[head_end:] == BODY  # chunk frames forwarded untouched
+    assert b"x-request-id: rid\r\n" in out[:head_end]
+    assert pool.released == [True]  # the provider connection is reused
+    assert ex.tap is not None
+    usage = ex.tap.usage()
+    assert usage is not None and usage.total_tokens == 17
+
+
+def test_one_client_write_per_provider_read() -> None:
+    reads = [HEAD + frame_chunk(EVENTS[0])] + [frame_chunk(e) for e in EVENTS[1:]] + [LAST_CHUNK]
+    ex, client, _ = _run(reads)
+    assert len(client.writes) == len(reads)
+    assert client.writes[0].endswith(frame_chunk(EVENTS[0]))
+
+
+def test_stream_cut_mid_way_leaves_tap_with_everything_forwarded() -> None:
+    reads = [HEAD + frame_chunk(EVENTS[0]), frame_chunk(EVENTS[1]), frame_chunk(EVENTS[2])[:10]]
+
+    async def main() -> tuple[Exchange, FakeClient]:
+        pool = FakePool()
+        conn = FakeConn(pool)
+        client = FakeClient()
+        ex = Exchange(pool=pool, conn=conn, client=client,  # type: ignore[arg-type]
+                      client_http11=True, client_keep_alive=True, is_head_request=False,
+                      request_id=b"r", max_head=65536,
+                      filters=lambda h: (make_tap("openai", "/v1/chat/completions", True), None))
+        ex.start(b"REQUEST")
+        for r in reads:
+            ex.upstream_data(r)
+        ex.upstream_lost(None)
+        return ex, client
+
+    ex, client = asyncio.run(main())
+    assert ex.outcome == "upstream_error" and client.aborted
+    assert ex.tap is not None
+    result = ex.tap.result()
+    assert result.usage is None and result.completion_text == "w0 w1 "
+
+
+def test_bytes_after_the_last_chunk_end_client_keep_alive() -> None:
+    ex, client, pool = _run([HEAD + BODY + b"GARBAGE"])
+    assert ex.done.done() and ex.extra_after_body
+    assert not ex.client_keep_alive and pool.released == []  # closed, not pooled
+
+
+def test_http10_client_gets_payload_without_chunk_framing() -> None:
+    ex, client, _ = _run([HEAD, BODY], client_http11=False)
+    out = b"".join(client.writes)
+    assert out.split(b"\r\n\r\n", 1)[1] == b"".join(EVENTS)
+    assert b"connection: close" in out and b"transfer-encoding" not in out
