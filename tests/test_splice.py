@@ -118,7 +118,7 @@ def test_verbatim_relay_ends_exactly_at_the_last_chunk_for_any_split(cuts: list[
 
 def test_one_client_write_per_provider_read() -> None:
     reads = [HEAD + frame_chunk(EVENTS[0])] + [frame_chunk(e) for e in EVENTS[1:]] + [LAST_CHUNK]
-    ex, client, _ = _run(reads)
+    _ex, client, _ = _run(reads)
     assert len(client.writes) == len(reads)
     assert client.writes[0].endswith(frame_chunk(EVENTS[0]))
 
@@ -148,13 +148,13 @@ def test_stream_cut_mid_way_leaves_tap_with_everything_forwarded() -> None:
 
 
 def test_bytes_after_the_last_chunk_end_client_keep_alive() -> None:
-    ex, client, pool = _run([HEAD + BODY + b"GARBAGE"])
+    ex, _client, pool = _run([HEAD + BODY + b"GARBAGE"])
     assert ex.done.done() and ex.extra_after_body
     assert not ex.client_keep_alive and pool.released == []  # closed, not pooled
 
 
 def test_http10_client_gets_payload_without_chunk_framing() -> None:
-    ex, client, _ = _run([HEAD, BODY], client_http11=False)
+    _ex, client, _ = _run([HEAD, BODY], client_http11=False)
     out = b"".join(client.writes)
     assert out.split(b"\r\n\r\n", 1)[1] == b"".join(EVENTS)
     assert b"connection: close" in out and b"transfer-encoding" not in out
