@@ -1,10 +1,12 @@
-"""Client side: an asyncio.Protocol that reads requests with h11 and relays responses.
+"""Client side: an asyncio.Protocol that reads requests and relays responses.
 
-h11 parses the request head and body; the response is written by the exchange
-itself (verbatim provider bytes are the whole point), so each request cycle
-uses a fresh ``h11.Connection`` seeded with whatever pipelined bytes the
-previous one still held (``trailing_data``). Pipelined requests therefore wait
-in h11's buffer and are answered strictly in order.
+Requests are read by :class:`RequestReader`, a sans-IO wrapper around one
+httptools (llhttp) parser per connection, reused across keep-alive requests.
+The parser reads everything it is fed, so requests pipelined behind the one in
+flight are parsed as they arrive and queue up in the reader, complete and in
+order; the protocol answers them one at a time after each ``cycle_done``.
+Responses are written by the exchange itself (verbatim provider bytes are the
+whole point), never by the reader.
 """
 
 from __future__ import annotations
@@ -12,15 +14,18 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
-import h11
+import httptools
 
 from sidecar.errors import BodyTooLarge, Overloaded, RequestError, SidecarError
 from sidecar.responses import error_for, render
 
 if TYPE_CHECKING:
+    import h11
+
     from sidecar.proxy import Proxy
     from sidecar.splice import Exchange
 
@@ -35,7 +40,7 @@ class IncomingRequest:
     method: bytes
     target: bytes  # path + query, as received
     path: str  # without the query
-    headers: list[tuple[bytes, bytes]]  # names lower-cased by h11
+    headers: list[tuple[bytes, bytes]]  # names lower-cased
     body: bytes
     http11: bool
     keep_alive: bool
@@ -57,24 +62,270 @@ def _new_id() -> bytes:
     return os.urandom(12).hex().encode()
 
 
+# ------------------------------------------------------------------------------ reader
+
+# Headers the reader itself looks at (names lower-cased); all others are only kept.
+_FRAMING = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection", b"expect"))
+# What a head costs beyond the target and header lines: the method's separator,
+# " HTTP/1.1\r\n" and the blank line (the method itself is added once known).
+_REQUEST_LINE_OVERHEAD = 1 + 11 + 2
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+@dataclass(slots=True, eq=False)
+class ParsedRequest:
+    """One request as the reader saw it: the head as soon as it is read, the body at the end."""
+
+    method: bytes
+    target: bytes  # path + query, as received
+    headers: list[tuple[bytes, bytes]]  # names lower-cased, values without surrounding blanks
+    http11: bool
+    keep_alive: bool  # what the request itself allows: HTTP/1.1 and no "close"
+    expect_continue: bool  # HTTP/1.1 with "expect: 100-continue"
+    body: bytes = b""
+    size: int = 0  # head and body bytes held, for the pipelining bound
+    continued: bool = False  # the protocol has written "100 Continue" for it
+
+
+class _Stop(Exception):
+    """Raised in a parser callback to stop llhttp; the reason is already on the reader."""
+
+
+class RequestReader:
+    """Sans-IO request reader: feed bytes in any split, take complete requests out.
+
+    Complete requests queue in ``ready`` in arrival order. The first protocol
+    error stops reading: it is kept in ``error`` behind every request completed
+    before it (so pipelined garbage never costs the requests ahead of it), with
+    the head of the request it belongs to in ``error_head`` when that head was
+    read. Nothing after a request that ends the connection (HTTP/1.0, a
+    ``connection: close``) is read. Library errors become ``RequestError`` here.
+
+    Limits: ``max_head`` bounds a request head (request line and header lines);
+    ``max_body`` the body, whether announced by content-length (refused at once)
+    or chunked (refused once the decoded body passes it).
+    """
+
+    __slots__ = (
+        "_body",
+        "_body_len",
+        "_head_bytes",
+        "_head_whole",
+        "_headers",
+        "_in_head",
+        "_msg",
+        "_msgs",
+        "_parser",
+        "_special",
+        "_synthetic",
+        "_upgrade_framing",
+        "_url",
+        "done",
+        "error",
+        "error_head",
+        "max_body",
+        "max_head",
+        "ready",
+    )
+
+    def __init__(self, max_head: int, max_body: int) -> None:
+        self.max_head = max_head
+        self.max_body = max_body
+        self.ready: deque[ParsedRequest] = deque()
+        self.error: RequestError | None = None
+        self.error_head: ParsedRequest | None = None
+        self.done = False  # an error or a last request: nothing more is read
+        self._parser = httptools.HttpRequestParser(self)
+        self._msg: ParsedRequest | None = None  # head read, body not complete yet
+        self._msgs = 0  # messages begun, to tell one head from the next
+        self._in_head = False
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._special: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0  # counted from the parser's callbacks
+        self._head_whole = 0  # whole reads that fell inside the (unfinished) head
+        self._body: list[bytes] = []
+        self._body_len = 0
+        self._upgrade_framing: bytes | None = None
+        self._synthetic = False
+
+    @property
+    def current(self) -> ParsedRequest | None:
+        """The request whose head is read and whose body is still arriving."""
+        return self._msg
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes held for requests not taken yet (queued ones and the one being read)."""
+        n = sum(r.size for r in self.ready)
+        if self._in_head:
+            n += max(self._head_bytes, self._head_whole)
+        elif self._msg is not None:
+            n += self._head_bytes + self._body_len
+        return n
+
+    def feed(self, data: bytes) -> None:
+        if self.done:
+            return
+        msgs, in_head, idle = self._msgs, self._in_head, self._msg is None and not self._in_head
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as up:
+            self._after_upgrade(data[up.args[0]:])
+            return
+        except httptools.HttpParserError as exc:
+            if self.done:  # stopped on purpose (a limit, a last request): already recorded
+                return
+            cause = exc.__context__
+            if isinstance(cause, Exception) and not isinstance(cause, httptools.HttpParserError):
+                raise cause from exc  # a bug in a callback, not the client's fault
+            self._fail(RequestError(f"malformed HTTP request: {exc}"), self._msg)
+            return
+        if self._in_head:
+            # A head still open: the parser keeps its unfinished header line to itself, so
+            # count every read that held nothing but this head (one that began or went on
+            # with it and saw no other message); the callbacks count the rest.
+            begun = self._msgs - msgs
+            if (in_head and begun == 0) or (idle and begun == 1):
+                self._head_whole += len(data)
+            if max(self._head_bytes, self._head_whole) > self.max_head:
+                self._fail(RequestError(f"request head exceeds {self.max_head} bytes"), None)
+
+    def _fail(self, exc: RequestError, head: ParsedRequest | None) -> None:
+        self.error = exc
+        self.error_head = head
+        self.done = True
+        self._msg = None
+        self._in_head = False
+
+    def _after_upgrade(self, rest: bytes) -> None:
+        # llhttp stops at an upgrade (CONNECT, "connection: upgrade") without reading a
+        # body. We never switch protocols: the request is answered like any other, so a
+        # body it announced is read by a fresh parser primed with a head that frames it
+        # the same way, and what follows is the next request.
+        framing = self._upgrade_framing
+        if framing is not None:
+            self._upgrade_framing = None
+            self._parser = httptools.HttpRequestParser(self)
+            self._synthetic = True
+            self._parser.feed_data(b"POST / HTTP/1.1\r\nhost: -\r\n" + framing + b"\r\n\r\n")
+        if rest:
+            self.feed(rest)
+
+    # -- httptools callbacks -------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self._synthetic:
+            return
+        self._msgs += 1
+        self._in_head = True
+        self._url = b""
+        self._headers = []
+        self._special = []
+        self._head_bytes = _REQUEST_LINE_OVERHEAD
+        self._head_whole = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:  # chunked trailers (and the primer head after an upgrade)
+            return
+        name = name.lower()
+        value = value.rstrip(b" \t")
+        self._headers.append((name, value))
+        self._head_bytes += len(name) + len(value) + 4
+        if name in _FRAMING:
+            self._special.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self._synthetic:
+            self._synthetic = False
+            return
+        self._in_head = False
+        parser = self._parser
+        http11 = parser.get_http_version() == "1.1"
+        hosts = 0
+        length = -1
+        chunked = close = expect = False
+        for name, value in self._special:
+            if name == b"host":
+                hosts += 1
+            elif name == b"content-length":
+                length = int(value)  # digits only: llhttp has checked it
+            elif name == b"transfer-encoding":
+                # llhttp takes "gzip, chunked"; we decode no codings, so only "chunked".
+                if chunked or value.lower() != b"chunked":
+                    self._fail(RequestError(
+                        "malformed HTTP request: only transfer-encoding: chunked is supported"
+                    ), None)
+                    raise _Stop
+                chunked = True
+            elif name == b"connection":
+                close = close or b"close" in value.lower()
+            else:  # expect
+                expect = expect or b"100-continue" in [
+                    t.strip().lower() for t in value.split(b",")
+                ]
+        # RFC 9112 section 3.2: exactly one Host in HTTP/1.1, never more than one.
+        if hosts > 1 or (hosts == 0 and http11):
+            problem = "more than one host header" if hosts else "missing host header"
+            self._fail(RequestError(f"malformed HTTP request: {problem}"), None)
+            raise _Stop
+        method = parser.get_method()
+        self._head_bytes += len(method)
+        if self._head_bytes > self.max_head:
+            self._fail(RequestError(f"request head exceeds {self.max_head} bytes"), None)
+            raise _Stop
+        msg = ParsedRequest(method, self._url, self._headers, http11, http11 and not close,
+                            expect and http11)
+        self._msg = msg
+        self._body = []
+        self._body_len = 0
+        if length > self.max_body:
+            msg.expect_continue = False  # refused before its body was invited
+            self._fail(BodyTooLarge(f"request body exceeds {self.max_body} bytes"), msg)
+            raise _Stop
+        if (length > 0 or chunked) and parser.should_upgrade():
+            self._upgrade_framing = (b"transfer-encoding: chunked" if chunked
+                                     else b"content-length: %d" % length)
+
+    def on_body(self, body: bytes) -> None:
+        self._body_len += len(body)
+        if self._body_len > self.max_body:
+            self._fail(BodyTooLarge(f"request body exceeds {self.max_body} bytes"), self._msg)
+            raise _Stop
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        msg = self._msg
+        if msg is None or self._upgrade_framing is not None:
+            return  # the body comes after the upgrade pause (see _after_upgrade)
+        msg.body = b"".join(self._body)
+        msg.size = self._head_bytes + self._body_len
+        self._msg = None
+        self.ready.append(msg)
+        if not msg.keep_alive:
+            self.done = True  # the connection ends with this one: read no further
+            raise _Stop
+
+
+# ---------------------------------------------------------------------------- protocol
+
 class DownstreamProtocol(asyncio.Protocol):
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
         self.limits = proxy.config.limits
         self.transport: asyncio.Transport | None = None
-        self.h11 = self._new_h11()
-        self.request: h11.Request | None = None
-        self.body = bytearray()
-        self.busy = False  # a request is being answered; later ones wait in h11's buffer
+        self.reader = RequestReader(self.limits.max_header_bytes, self.limits.max_body_bytes)
+        self.request: ParsedRequest | None = None  # the one being read or answered
+        self.busy = False  # a request is being answered; later ones wait in the reader
         self.exchange: Exchange | None = None
         self.task: asyncio.Task[None] | None = None
         self.paused_writing = False
         self.paused_reading = False
         self.closed = False
         self._idle_timer: asyncio.TimerHandle | None = None
-
-    def _new_h11(self) -> h11.Connection:
-        return h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
 
     # -- asyncio.Protocol ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -90,10 +341,10 @@ class DownstreamProtocol(asyncio.Protocol):
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
-        self.h11.receive_data(data)
+        self.reader.feed(data)
         if self.busy:
-            # Pipelined bytes wait for the current response; bound how much we hold.
-            if len(self.h11.trailing_data[0]) > self.limits.max_pipelined_bytes:
+            # Pipelined requests wait for the current response; bound how much we hold.
+            if self.reader.pending_bytes > self.limits.max_pipelined_bytes:
                 self._pause_reading()
             return
         self._drive()
@@ -132,65 +383,52 @@ class DownstreamProtocol(asyncio.Protocol):
 
     # -- request cycle --------------------------------------------------------------
     def _drive(self) -> None:
-        try:
-            while not self.busy and not self.closed:
-                event = self.h11.next_event()
-                if event is h11.NEED_DATA or event is h11.PAUSED:
-                    return
-                if isinstance(event, h11.Request):
-                    self._on_request(event)
-                elif isinstance(event, h11.Data):
-                    self.body += event.data
-                    if len(self.body) > self.limits.max_body_bytes:
-                        raise BodyTooLarge(
-                            f"request body exceeds {self.limits.max_body_bytes} bytes"
-                        )
-                elif isinstance(event, h11.EndOfMessage):
-                    self._dispatch()
-                elif isinstance(event, h11.ConnectionClosed):
-                    self._close()
-                    return
-        except h11.RemoteProtocolError as exc:
-            # Map the library's error to ours at the boundary.
-            self._fail_request(RequestError(f"malformed HTTP request: {exc}"), close=True)
-        except SidecarError as exc:
-            self._fail_request(exc, close=True)
+        reader = self.reader
+        while not self.busy and not self.closed:
+            if reader.ready:
+                req = reader.ready.popleft()
+                self._begin(req)
+                self._dispatch(req)
+            elif reader.error is not None:
+                # Behind every request that came before it: now it is this one's turn.
+                if reader.error_head is not None:
+                    self._begin(reader.error_head)
+                else:
+                    self.request = None  # its head was never read
+                self._fail_request(reader.error, close=True)
+                return
+            else:
+                head = reader.current
+                if head is not None and head is not self.request:
+                    self._begin(head)  # its body is still coming
+                return
 
-    def _on_request(self, event: h11.Request) -> None:
+    def _begin(self, req: ParsedRequest) -> None:
+        """The request's turn has come (its head is read; its body may still be arriving)."""
         self._cancel_idle()
-        self.request = event
-        self.body.clear()
-        for name, value in event.headers:
-            if name == b"content-length" and int(value) > self.limits.max_body_bytes:
-                raise BodyTooLarge(f"request body exceeds {self.limits.max_body_bytes} bytes")
-        if self.h11.they_are_waiting_for_100_continue:
-            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.request = req
+        if req.expect_continue and not req.continued:
+            req.continued = True
+            self.write(CONTINUE)
 
-    def _dispatch(self) -> None:
-        event = self.request
-        assert event is not None
-        headers = list(event.headers)
-        target = event.target
+    def _dispatch(self, req: ParsedRequest) -> None:
+        target = req.target
         q = target.find(b"?")
-        http11 = event.http_version == b"1.1"
-        keep_alive = http11 and not any(
-            n == b"connection" and b"close" in v.lower() for n, v in headers
-        )
-        req = IncomingRequest(
-            method=event.method,
+        headers = req.headers
+        incoming = IncomingRequest(
+            method=req.method,
             target=target,
             path=(target if q < 0 else target[:q]).decode("latin-1"),
             headers=headers,
-            body=bytes(self.body),
-            http11=http11,
-            keep_alive=keep_alive and not self.proxy.draining,
+            body=req.body,
+            http11=req.http11,
+            keep_alive=req.keep_alive and not self.proxy.draining,
             request_id=_request_id(headers),
             t_received=self.proxy.loop.time(),
             ts_ms=int(time.time() * 1000),
         )
-        self.body.clear()
         self.busy = True
-        self.task = self.proxy.spawn(self.proxy.handle(req, self))
+        self.task = self.proxy.spawn(self.proxy.handle(incoming, self))
 
     def cycle_done(self, keep_alive: bool) -> None:
         """Called by the proxy when the response to the current request is complete."""
@@ -203,12 +441,6 @@ class DownstreamProtocol(asyncio.Protocol):
         if not keep_alive or self.proxy.draining:
             self._close()
             return
-        leftover, eof = self.h11.trailing_data
-        self.h11 = self._new_h11()
-        if leftover:
-            self.h11.receive_data(leftover)
-        if eof:
-            self.h11.receive_data(b"")
         if self.paused_reading and self.transport is not None:
             self.paused_reading = False
             self.transport.resume_reading()
@@ -219,9 +451,11 @@ class DownstreamProtocol(asyncio.Protocol):
     def _fail_request(self, exc: SidecarError, close: bool) -> None:
         status, body = error_for(exc)
         # One id for the answer and the row; the client's own when its head was readable.
-        rid = _request_id(list(self.request.headers)) if self.request is not None else _new_id()
+        head = self.request
+        rid = _request_id(head.headers) if head is not None else _new_id()
         self.write(render(status, body, request_id=rid, keep_alive=not close))
-        self.proxy.note_rejected(self.request, rid, status, exc)
+        # note_rejected reads only .target and .headers, which a ParsedRequest has.
+        self.proxy.note_rejected(cast("h11.Request | None", head), rid, status, exc)
         if close:
             self._close()
 
