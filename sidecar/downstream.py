@@ -24,8 +24,6 @@ from sidecar.errors import BodyTooLarge, Overloaded, RequestError, SidecarError
 from sidecar.responses import error_for, render
 
 if TYPE_CHECKING:
-    import h11
-
     from sidecar.proxy import Proxy
     from sidecar.splice import Exchange
 
@@ -455,7 +453,7 @@ class DownstreamProtocol(asyncio.Protocol):
         rid = _request_id(head.headers) if head is not None else _new_id()
         self.write(render(status, body, request_id=rid, keep_alive=not close))
         # note_rejected reads only .target and .headers, which a ParsedRequest has.
-        self.proxy.note_rejected(cast("h11.Request | None", head), rid, status, exc)
+        self.proxy.note_rejected(head, rid, status, exc)
         if close:
             self._close()
 

@@ -1,6 +1,6 @@
 """One exception hierarchy; each class maps to one HTTP status and one error type.
 
-Library errors (h11, ssl, OSError, sqlite) are caught at the module boundary that
+Library errors (httptools, ssl, OSError, sqlite) are caught at the module boundary that
 talks to the library and re-raised as one of these, so callers never need to know
 which library sat underneath.
 """

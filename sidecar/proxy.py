@@ -13,7 +13,6 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-import h11
 import orjson
 
 from sidecar.config import Config
@@ -36,7 +35,7 @@ from sidecar.upstream import UpstreamPool, build_request_head
 from sidecar.usage import Usage
 
 if TYPE_CHECKING:
-    from sidecar.downstream import DownstreamProtocol, IncomingRequest
+    from sidecar.downstream import DownstreamProtocol, IncomingRequest, ParsedRequest
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -308,7 +307,7 @@ class Proxy:
         client.write(data)
         return len(data)
 
-    def note_rejected(self, request: h11.Request | None, request_id: bytes, status: int,
+    def note_rejected(self, request: ParsedRequest | None, request_id: bytes, status: int,
                       exc: SidecarError) -> None:
         """A request refused before it was complete (too large, malformed) still gets a row."""
         if request is None:
