@@ -320,6 +320,9 @@ class DownstreamProtocol(asyncio.Protocol):
         self.busy = False  # a request is being answered; later ones wait in the reader
         self.exchange: Exchange | None = None
         self.task: asyncio.Task[None] | None = None
+        # Inside _drive: a response completed synchronously (an error, /healthz) must
+        # not recurse into _drive once per pipelined request.
+        self._driving = False
         self.paused_writing = False
         self.paused_reading = False
         self.closed = False
@@ -381,6 +384,15 @@ class DownstreamProtocol(asyncio.Protocol):
 
     # -- request cycle --------------------------------------------------------------
     def _drive(self) -> None:
+        if self._driving:
+            return  # a request answered synchronously: the loop below takes the next one
+        self._driving = True
+        try:
+            self._drive_loop()
+        finally:
+            self._driving = False
+
+    def _drive_loop(self) -> None:
         reader = self.reader
         while not self.busy and not self.closed:
             if reader.ready:
@@ -426,7 +438,7 @@ class DownstreamProtocol(asyncio.Protocol):
             ts_ms=int(time.time() * 1000),
         )
         self.busy = True
-        self.task = self.proxy.spawn(self.proxy.handle(incoming, self))
+        self.proxy.dispatch(incoming, self)
 
     def cycle_done(self, keep_alive: bool) -> None:
         """Called by the proxy when the response to the current request is complete."""

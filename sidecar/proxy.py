@@ -31,7 +31,7 @@ from sidecar.router import RouteTable
 from sidecar.splice import Exchange
 from sidecar.sse import Tap, UsageChunkStripper, make_tap
 from sidecar.tokenizer import Tokenizer
-from sidecar.upstream import UpstreamPool, build_request_head
+from sidecar.upstream import UpstreamConnection, UpstreamPool, build_request_head
 from sidecar.usage import Usage
 
 if TYPE_CHECKING:
@@ -42,6 +42,10 @@ log = logging.getLogger("sidecar.proxy")
 # OpenAI paths whose streams report usage only when asked (stream_options.include_usage).
 USAGE_OPT_IN_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 LOCAL_PATHS = frozenset({"/healthz", "/readyz"})
+# Shutdown: how often to look whether in-flight requests have finished, and how
+# long cut ones get to settle (meter rows, estimates) before connections are aborted.
+DRAIN_POLL_S = 0.05
+DRAIN_SETTLE_S = 2.0
 # A reused keep-alive connection that the provider closed while idle fails before
 # any byte comes back; one retry on a fresh connection is safe and invisible.
 MAX_STALE_RETRIES = 1
@@ -77,6 +81,23 @@ def _is_event_stream(head: ResponseHead) -> bool:
     return ctype is not None and ctype.split(b";", 1)[0].strip().lower() == b"text/event-stream"
 
 
+class Flight:
+    """One request between dispatch and its meter row: what the callbacks share."""
+
+    __slots__ = ("client", "ctx", "cut", "exchange", "pool", "req", "request_bytes", "strip")
+
+    def __init__(self, req: IncomingRequest, client: DownstreamProtocol,
+                 ctx: RequestContext) -> None:
+        self.req = req
+        self.client = client
+        self.ctx = ctx
+        self.pool: UpstreamPool
+        self.request_bytes = b""
+        self.strip = False  # hide the usage chunk we asked for from the client
+        self.exchange: Exchange | None = None
+        self.cut = False  # shutdown's deadline passed while it was in flight
+
+
 class Proxy:
     def __init__(self, config: Config, meter: Meter, tokenizer: Tokenizer) -> None:
         self.config = config
@@ -91,6 +112,7 @@ class Proxy:
                     self.pools[up.name] = UpstreamPool(up, config.timeouts)
         self.connections: set[DownstreamProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.flights: set[Flight] = set()
         self.draining = False
         self.in_flight = 0
         self._rand = random.random
@@ -108,7 +130,14 @@ class Proxy:
             log.error("request handler crashed", exc_info=task.exception())
 
     # -- the request --------------------------------------------------------------
-    async def handle(self, req: IncomingRequest, client: DownstreamProtocol) -> None:
+    def dispatch(self, req: IncomingRequest, client: DownstreamProtocol) -> None:
+        """Answer one complete request, synchronously when it can be.
+
+        With a kept-alive provider connection free (the steady state), the request
+        is written upstream right here, inside the client's read callback, and the
+        relay runs on protocol callbacks: no task, no extra loop turn before the
+        provider sees it. Only opening a new provider connection needs a task.
+        """
         if req.path in LOCAL_PATHS:
             self._local(req, client)
             return
@@ -125,48 +154,24 @@ class Proxy:
             route=table.route.path,
             bytes_in=len(req.body),
         )
-        keep_alive = req.keep_alive
         self.in_flight += 1
         try:
-            keep_alive = await self._proxy(req, client, table, ctx)
+            flight = self._prepare(req, client, table, ctx)
         except SidecarError as exc:
-            ctx.status, ctx.error = exc.status, str(exc)
-            if ctx.outcome == "ok":
-                ctx.outcome = "rejected" if isinstance(exc, RequestError) else "upstream_error"
-            ctx.bytes_out += self._reply_error(client, req, exc)
-        except asyncio.CancelledError:
-            if ctx.attempts == 0:
-                ctx.outcome = "shutdown" if self.draining else "client_disconnect"
-                ctx.error = "request cancelled before the provider answered"
-            keep_alive = False
-            raise
-        finally:
-            self.in_flight -= 1
-            t_end = self.loop.time()
-            client.cycle_done(keep_alive)
-            if ctx.pending_estimate is not None:
-                self.spawn(self._estimate_then_submit(ctx, t_end))
-            else:
-                self.meter.submit(ctx.to_record(t_end))
+            self._refuse(Flight(req, client, ctx), exc)
+            return
+        self.flights.add(flight)
+        conn = flight.pool.take_idle()
+        if conn is not None:
+            self._launch(flight, conn)
+        else:
+            client.task = self.spawn(self._connect_and_launch(flight))
 
-    async def _estimate_then_submit(self, ctx: RequestContext, t_end: float) -> None:
-        """Count tokens off the loop (tiktoken releases the GIL), then queue the row.
-
-        Runs after the client's cycle is done, so an estimate never delays a response.
-        """
-        try:
-            await self.loop.run_in_executor(None, self._estimate, ctx)
-        finally:
-            # Even when cancelled at the shutdown deadline, the row goes in.
-            self.meter.submit(ctx.to_record(t_end))
-
-    async def _proxy(
-        self,
-        req: IncomingRequest,
-        client: DownstreamProtocol,
-        table: RouteTable,
+    def _prepare(
+        self, req: IncomingRequest, client: DownstreamProtocol, table: RouteTable,
         ctx: RequestContext,
-    ) -> bool:
+    ) -> Flight:
+        """Validate and inspect the request; choose the upstream; build its bytes."""
         if req.method != b"POST":
             raise MethodNotAllowed(f"{req.method.decode()} is not allowed on {req.path}; use POST")
         try:
@@ -191,52 +196,114 @@ class Proxy:
                                           "include_usage": True}
                 payload = orjson.dumps(body)
                 strip = True
-        pool = self.pools[upstream.name]
         head = build_request_head(upstream, req.method, req.target, req.headers, len(payload),
                                   req.request_id)
-        request_bytes = head + payload
-        del body, payload, head  # only the raw request is needed from here on
+        flight = Flight(req, client, ctx)
+        flight.pool = self.pools[upstream.name]
+        flight.request_bytes = head + payload  # only the raw request is kept from here on
+        flight.strip = strip
+        return flight
+
+    async def _connect_and_launch(self, flight: Flight) -> None:
+        try:
+            conn = await flight.pool.connect()
+        except SidecarError as exc:
+            flight.client.task = None
+            self._refuse(flight, exc)
+            return
+        except asyncio.CancelledError:
+            # The client left, or shutdown's deadline passed, before the provider answered.
+            ctx = flight.ctx
+            ctx.outcome = "shutdown" if self.draining else "client_disconnect"
+            ctx.error = "request cancelled before the provider answered"
+            self._complete(flight, keep_alive=False)
+            raise
+        flight.client.task = None
+        if flight.client.closed:
+            conn.close()
+            flight.ctx.outcome = "client_disconnect"
+            self._complete(flight, keep_alive=False)
+            return
+        self._launch(flight, conn)
+
+    def _launch(self, flight: Flight, conn: UpstreamConnection) -> None:
+        req, client, ctx = flight.req, flight.client, flight.ctx
+        ctx.attempts += 1
         limits = self.config.limits
+        fmt, path, strip = ctx.api_format, req.path, flight.strip
+
         def filters(head: ResponseHead) -> tuple[Tap, UsageChunkStripper | None]:
             sse = _is_event_stream(head)
-            tap = make_tap(upstream.format, req.path, sse, body_cap=limits.tap_body_bytes)
+            tap = make_tap(fmt, path, sse, body_cap=limits.tap_body_bytes)
             return tap, (UsageChunkStripper() if strip and sse and head.status < 300 else None)
 
-        conn = await pool.acquire()
-        while True:
-            ctx.attempts += 1
-            ex = Exchange(
-                pool=pool,
-                conn=conn,
-                client=client,
-                client_http11=req.http11,
-                client_keep_alive=req.keep_alive and not self.draining,
-                is_head_request=False,
-                request_id=req.request_id,
-                filters=filters,
-                max_head=limits.max_header_bytes,
-            )
-            client.exchange = ex
-            if client.paused_writing:
-                ex.pause()
-            ex.start(request_bytes)
-            try:
-                await ex.done
-            except asyncio.CancelledError:
-                # Client gone while connecting, or the shutdown deadline passed: cut the
-                # provider now, and still meter what was streamed so far.
-                ex.client_gone()
-                self._finish(ctx, ex, req.body, req.path)
-                ctx.outcome = "shutdown" if self.draining else "client_disconnect"
-                raise
-            if ex.stale and ctx.attempts <= MAX_STALE_RETRIES and not client.closed:
-                conn = await pool.connect()
-                continue
-            break
-        self._finish(ctx, ex, req.body, req.path)
-        if ex.error is not None and not ex.head_sent and ex.outcome != "client_disconnect":
-            raise ex.error
-        return ex.client_keep_alive and ex.outcome == "ok"
+        ex = Exchange(
+            pool=flight.pool,
+            conn=conn,
+            client=client,
+            client_http11=req.http11,
+            client_keep_alive=req.keep_alive and not self.draining,
+            is_head_request=False,
+            request_id=req.request_id,
+            filters=filters,
+            max_head=limits.max_header_bytes,
+        )
+        flight.exchange = ex
+        client.exchange = ex
+        if client.paused_writing:
+            ex.pause()
+        ex.done.add_done_callback(lambda _: self._landed(flight, ex))
+        ex.start(flight.request_bytes)
+
+    def _landed(self, flight: Flight, ex: Exchange) -> None:
+        """The exchange ended (completed, failed, cut): retry a stale connection or settle."""
+        client, ctx = flight.client, flight.ctx
+        client.exchange = None
+        flight.exchange = None
+        if ex.stale and ctx.attempts <= MAX_STALE_RETRIES and not client.closed \
+                and not flight.cut:
+            client.task = self.spawn(self._connect_and_launch(flight))
+            return
+        self._finish(ctx, ex, flight.req.body, flight.req.path)
+        if flight.cut:
+            ctx.outcome = "shutdown"
+        if ex.error is not None and not ex.head_sent and ex.outcome != "client_disconnect" \
+                and not flight.cut:
+            self._refuse(flight, ex.error)
+            return
+        self._complete(flight, keep_alive=ex.client_keep_alive and ex.outcome == "ok")
+
+    def _refuse(self, flight: Flight, exc: SidecarError) -> None:
+        """Answer with an OpenAI-style error (nothing was sent yet) and settle the row."""
+        ctx = flight.ctx
+        ctx.status, ctx.error = exc.status, str(exc)
+        if ctx.outcome == "ok":
+            ctx.outcome = "rejected" if isinstance(exc, RequestError) else "upstream_error"
+        ctx.bytes_out += self._reply_error(flight.client, flight.req, exc)
+        self._complete(flight, keep_alive=flight.req.keep_alive)
+
+    def _complete(self, flight: Flight, keep_alive: bool) -> None:
+        """Release the client for its next request, then queue the meter row."""
+        self.flights.discard(flight)
+        self.in_flight -= 1
+        ctx = flight.ctx
+        t_end = self.loop.time()
+        flight.client.cycle_done(keep_alive)
+        if ctx.pending_estimate is not None:
+            self.spawn(self._estimate_then_submit(ctx, t_end))
+        else:
+            self.meter.submit(ctx.to_record(t_end))
+
+    async def _estimate_then_submit(self, ctx: RequestContext, t_end: float) -> None:
+        """Count tokens off the loop (tiktoken releases the GIL), then queue the row.
+
+        Runs after the client's cycle is done, so an estimate never delays a response.
+        """
+        try:
+            await self.loop.run_in_executor(None, self._estimate, ctx)
+        finally:
+            # Even when cancelled at the shutdown deadline, the row goes in.
+            self.meter.submit(ctx.to_record(t_end))
 
     def _finish(self, ctx: RequestContext, ex: Exchange, body: bytes, path: str) -> None:
         ctx.bytes_out = ex.bytes_out
@@ -328,12 +395,18 @@ class Proxy:
         for conn in list(self.connections):
             conn.close_if_idle()
         deadline = self.loop.time() + grace
-        while self.tasks and self.loop.time() < deadline:
-            await asyncio.wait(set(self.tasks), timeout=min(0.05, deadline - self.loop.time()))
+        while (self.flights or self.tasks) and self.loop.time() < deadline:
+            await asyncio.sleep(min(DRAIN_POLL_S, max(0.0, deadline - self.loop.time())))
+        for flight in list(self.flights):
+            flight.cut = True
+            if flight.exchange is not None:
+                flight.exchange.client_gone()  # settles through _landed, as "shutdown"
         for task in list(self.tasks):
             task.cancel()
-        if self.tasks:
-            await asyncio.wait(set(self.tasks), timeout=1.0)
+        # Let the cut exchanges settle and the estimates finish (bounded).
+        settle = self.loop.time() + DRAIN_SETTLE_S
+        while (self.flights or self.tasks) and self.loop.time() < settle:
+            await asyncio.sleep(DRAIN_POLL_S)
         for conn in list(self.connections):
             conn.abort()
         for pool in self.pools.values():

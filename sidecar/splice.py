@@ -62,6 +62,10 @@ class Phase(IntEnum):
 
 # Most forwarded-but-unwalked chunked bytes an exchange keeps before walking them.
 WALK_BYTES = 64 * 1024
+# The last chunk's size line, as it follows the previous chunk's CRLF; and how many
+# bytes of each read's edge are kept to find it (or the final CRLF CRLF) across reads.
+_LAST_CHUNK_MARK = b"\r\n0\r\n"
+_EDGE = 6
 
 # Response headers we never pass back: hop-by-hop plus framing we set ourselves.
 _DROP_RESPONSE = HOP_BY_HOP | {b"content-length", b"x-request-id"}
@@ -75,6 +79,7 @@ class Exchange:
         "_out",
         "_raw",
         "_remaining",
+        "_tail",
         "_timer",
         "bytes_out",
         "client",
@@ -139,8 +144,10 @@ class Exchange:
         self._timer: asyncio.TimerHandle | None = None
         # Bytes for the client from the current provider read, written at once.
         self._out: list[bytes | memoryview] = []
-        # Verbatim chunked bytes forwarded but not yet walked (see _body_verbatim_chunked).
+        # Verbatim chunked bytes forwarded but not yet walked (see _body_verbatim_chunked),
+        # and the last bytes forwarded; a body starts as if after a chunk's CRLF.
         self._raw = bytearray()
+        self._tail = b"\r\n"
         self.bytes_out = 0
         self.t_first_byte: float | None = None
         self.started = 0.0
@@ -343,17 +350,29 @@ class Exchange:
         Reading each frame's size as it passes cost more than forwarding it, so the
         reads are kept (bounded by WALK_BYTES) and walked when a read may hold the
         last chunk: a message ends with ``0\r\n`` + trailers + ``\r\n``, so the
-        read that ends it ends with CRLF CRLF or holds ``\r\n0\r\n``. The walk is
-        the same decoder, fed all kept bytes at once; it also feeds the tap.
+        read that ends it ends with CRLF CRLF, and the last chunk's size line shows
+        as ``\r\n0\r\n`` (even with bytes after it). The walk is the same decoder,
+        fed all kept bytes at once; it also feeds the tap.
         """
         raw = self._raw
         raw += data
         self._out.append(data)
         self._flush_out()
+        # Look at the bytes around this read's edges (with the previous read's tail),
+        # so a terminator split anywhere across reads is still noticed.
+        tail = self._tail
+        if len(data) >= _EDGE:
+            end4 = data[-4:]
+            edge = tail + data[:_EDGE]
+            self._tail = data[-_EDGE:]
+        else:
+            edge = tail + data
+            end4 = edge[-4:]
+            self._tail = edge[-_EDGE:]
         if (
-            data.endswith(b"\r\n\r\n")
-            or b"\r\n0\r\n" in data
-            or data.startswith(b"0\r\n")
+            end4 == b"\r\n\r\n"
+            or _LAST_CHUNK_MARK in edge
+            or _LAST_CHUNK_MARK in data
             or len(raw) > WALK_BYTES
         ):
             self._walk(final=False)

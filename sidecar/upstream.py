@@ -114,7 +114,8 @@ class UpstreamPool:
         self._ssl = make_ssl_context(cfg) if cfg.scheme == "https" else None
         self.connects = 0  # new connections opened (keep-alive reuse is visible as few of these)
 
-    def _take_idle(self) -> UpstreamConnection | None:
+    def take_idle(self) -> UpstreamConnection | None:
+        """A kept-alive connection, most recently used first, or None (never waits)."""
         now = time.monotonic()
         ttl = self.cfg.pool_idle_ttl
         while self._idle:
@@ -127,7 +128,7 @@ class UpstreamPool:
         return None
 
     async def acquire(self) -> UpstreamConnection:
-        conn = self._take_idle()
+        conn = self.take_idle()
         if conn is not None:
             return conn
         return await self.connect()

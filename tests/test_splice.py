@@ -101,7 +101,7 @@ def _split(data: bytes, cuts: list[int]) -> list[bytes]:
                                                   strict=True)) if p]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=60))
 def test_verbatim_relay_ends_exactly_at_the_last_chunk_for_any_split(cuts: list[int]) -> None:
     ex, client, pool = _run(_split(HEAD + BODY, cuts))
@@ -158,3 +158,18 @@ def test_http10_client_gets_payload_without_chunk_framing() -> None:
     out = b"".join(client.writes)
     assert out.split(b"\r\n\r\n", 1)[1] == b"".join(EVENTS)
     assert b"connection: close" in out and b"transfer-encoding" not in out
+
+
+@settings(max_examples=200, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=30))
+def test_trailers_after_the_last_chunk_are_found_for_any_split(cuts: list[int]) -> None:
+    body = b"".join(frame_chunk(e) for e in EVENTS) + b"0\r\nx-trailer: 1\r\n\r\n"
+    ex, client, pool = _run(_split(HEAD + body, cuts))
+    assert ex.done.done() and ex.outcome == "ok" and pool.released == [True]
+    out = b"".join(client.writes)
+    assert out[out.index(b"\r\n\r\n") + 4 :] == body
+
+
+def test_empty_chunked_body_ends_at_once() -> None:
+    ex, _client, pool = _run([HEAD + LAST_CHUNK])
+    assert ex.done.done() and pool.released == [True]
