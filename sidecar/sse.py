@@ -343,6 +343,10 @@ _BODY_KEYS: Mapping[EndpointKind, tuple[bytes, ...]] = {
     "unknown": _CHAT_KEYS + _COMPLETIONS_KEYS,
 }
 _RESPONSES_TERMINAL = (b"response.completed", b"response.incomplete", b"response.failed")
+_RESPONSES_TERMINAL_LINES = tuple(b"event: " + t for t in _RESPONSES_TERMINAL)
+_AUDIO_DELTA = b"event: response.audio.delta\n"
+_AUDIO_DELTA_DATA = b'data: {"type":"response.audio.delta"'
+
 
 
 class _Text:
@@ -716,13 +720,15 @@ class _ResponsesTap(_SseTap):
         if not ev.startswith(b"data:") and b"data:" not in ev:
             return
         self._events += 1
-        if b'"delta":' in ev:
-            # response.audio.delta carries base64 audio, not text; its name sits in
-            # the first bytes (event line or the JSON "type" that leads the data).
-            if ev.find(b"response.audio.delta", 0, 100) < 0:
-                self._text.grab(ev, b'"delta":')
+        # response.audio.delta carries base64 audio, not text; its name leads the
+        # event (the event line, or the JSON "type" that opens the data).
+        if ev.startswith(_AUDIO_DELTA) or ev.startswith(_AUDIO_DELTA_DATA):
             return
-        if any(t in ev for t in _RESPONSES_TERMINAL):
+        if self._grab(ev, b'"delta":'):
+            return
+        if ev.startswith(_RESPONSES_TERMINAL_LINES) or (
+            not ev.startswith(b"event:") and any(t in ev for t in _RESPONSES_TERMINAL)
+        ):
             obj = _decode(ev)
             kind = obj.get("type") if obj is not None else None
             if isinstance(kind, str) and kind.encode() in _RESPONSES_TERMINAL:
@@ -759,8 +765,12 @@ class _AnthropicTap(_SseTap):
         if not ev.startswith(b"data:") and b"data:" not in ev:
             return
         self._events += 1
-        if b"content_block_delta" in ev:
-            grab = self._text.grab
+        # Anthropic names every event on its first line: an O(1) test for the
+        # frequent one; a stream without event lines gets the scan.
+        if ev.startswith(b"event: content_block_delta") or (
+            not ev.startswith(b"event:") and b"content_block_delta" in ev
+        ):
+            grab = self._grab
             for key in _ANTHROPIC_KEYS:
                 if grab(ev, key):
                     break

@@ -420,6 +420,16 @@ def test_result_can_be_called_mid_stream_and_again() -> None:
     assert tap.result().done
 
 
+@pytest.mark.parametrize("name", ["anthropic", "responses"])
+def test_streams_without_event_lines_parse_the_same(name: str) -> None:
+    # Some compatible servers send only data: lines; the JSON "type" says it all.
+    stream = STREAMS[name][2]
+    data_only = b"\n".join(
+        line for line in stream.split(b"\n") if not line.startswith(b"event:")
+    )
+    assert tap_whole(name, data_only) == tap_whole(name, stream)
+
+
 def test_comments_keepalives_and_blank_runs_are_not_events() -> None:
     stream = (
         b": OPENROUTER PROCESSING\n\n"
