@@ -79,6 +79,12 @@ COUNT_FLUSH_BYTES = 64 * KiB
 OVERSIZE_HEAD_BYTES = 512
 OVERSIZE_TAIL_BYTES = 64 * KiB
 
+# orjson parses fast but takes ~13x its input in scratch memory while it runs
+# (measured with tracemalloc: a 1 MiB JSON string peaks at 14 MB). Inputs up to
+# this size get orjson; bigger ones either the stdlib parser (2x, half the
+# speed) for kept text, or no full parse at all for bodies (see _BodyTap).
+ORJSON_PARSE_MAX = 256 * KiB
+
 # A "usage" object bigger than this is not one; stops the brace scan early.
 USAGE_OBJECT_MAX = 16 * KiB
 
@@ -182,19 +188,23 @@ def _unescape(escaped: Buf) -> str:
     if not escaped:
         return ""
     quoted = b'"' + escaped + b'"'
-    try:
-        text: str = orjson.loads(quoted)
-        return text
-    except orjson.JSONDecodeError:
-        pass
-    # orjson rejects lone surrogates (a \ud83d at the end of one delta, its pair
-    # in the next is fine once joined, but a truly lone one is not); the stdlib
-    # accepts them, and the round trip through UTF-16 re-pairs or replaces them.
+    if len(quoted) <= ORJSON_PARSE_MAX:
+        try:
+            text: str = orjson.loads(quoted)
+            return text
+        except orjson.JSONDecodeError:
+            pass
+    # The stdlib parser: for big texts (see ORJSON_PARSE_MAX), and for lone
+    # surrogates, which orjson rejects (a \ud83d closing one delta is fine once
+    # its pair from the next is joined on, a truly lone one is not) while the
+    # stdlib keeps them, for the UTF-16 round trip below to re-pair or replace.
     try:
         loose: str = json.loads(quoted)
     except ValueError:
         return bytes(escaped).decode("utf-8", "replace")
-    return loose.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if b"\\ud" in escaped or b"\\uD" in escaped:
+        loose = loose.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return loose
 
 
 def _payload(ev: Buf) -> bytes:
@@ -802,7 +812,15 @@ class _AnthropicTap(_SseTap):
 
 
 class _BodyTap(Tap):
-    """A JSON body: copied up to body_cap, parsed at result()."""
+    """A JSON body: copied up to body_cap, looked at when asked.
+
+    Bodies up to ORJSON_PARSE_MAX are parsed whole. Bigger ones (embeddings
+    batches reach megabytes of floats) are not: orjson would need ~13x the body in
+    scratch memory and the stdlib parser tens of ms on the event loop. Their usage
+    is taken from the tail instead, where every provider writes it after the
+    large part (see _salvage_usage), and ``done`` means that usage was found in a
+    body ending in ``}``. Beyond body_cap only that tail is kept at all.
+    """
 
     __slots__ = ("_api_format", "_buf", "_cap", "_counter", "_kind", "_over", "_tail")
 
@@ -827,7 +845,7 @@ class _BodyTap(Tap):
         buf = self._buf
         buf += data
         if len(buf) > self._cap:
-            # Give up on parsing rather than grow: keep a tail to salvage usage from.
+            # Give up on the body rather than grow: keep a tail to salvage usage from.
             self._over = True
             self._tail = bytearray(buf[-OVERSIZE_TAIL_BYTES:])
             self._buf = bytearray()
@@ -839,28 +857,40 @@ class _BodyTap(Tap):
             return usage_from_openai_embeddings(usage)
         return usage_from_openai(usage)
 
+    def _parse(self) -> tuple[Usage | None, bool]:
+        """(usage, done) of what was fed so far."""
+        if not self._over and len(self._buf) <= ORJSON_PARSE_MAX:
+            try:
+                obj = orjson.loads(self._buf)
+            except orjson.JSONDecodeError:
+                return None, False
+            if not isinstance(obj, dict):
+                return None, False
+            embeddings = self._kind == "embeddings"
+            return usage_from_body(self._api_format, obj, embeddings=embeddings), True
+        tail = self._tail if self._over else self._buf[-OVERSIZE_TAIL_BYTES:]
+        salvaged = _salvage_usage(tail)
+        if salvaged is None:
+            return None, False
+        return self._usage_of(salvaged), tail.rstrip().endswith(b"}")
+
+    def usage(self) -> Usage | None:
+        return self._parse()[0]
+
     def result(self) -> TapResult:
+        usage, done = self._parse()
         text = _Text(self._counter)
-        if self._over:
-            salvaged = _salvage_usage(self._tail)
-            usage = self._usage_of(salvaged) if salvaged is not None else None
-            return TapResult(usage, "", 0, usage is not None, truncated=True)
-        try:
-            obj = orjson.loads(self._buf)
-        except orjson.JSONDecodeError:
-            obj = None
-        usage = None
-        if isinstance(obj, dict):
-            usage = usage_from_body(self._api_format, obj, embeddings=self._kind == "embeddings")
-        for key in _BODY_KEYS[self._kind]:
-            text.grab(self._buf, key)
+        if not self._over:
+            for key in _BODY_KEYS[self._kind]:
+                text.grab(self._buf, key)
         return TapResult(
             usage=usage,
             completion_text=text.text(),
             events=0,
-            done=isinstance(obj, dict),
+            done=done,
             completion_tokens_counted=text.counted,
             completion_bytes_dropped=text.dropped,
+            truncated=self._over,
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -562,6 +564,30 @@ def test_held_bytes_stay_bounded_for_a_huge_stream(monkeypatch: pytest.MonkeyPat
     assert r.completion_estimate(len) == 500_000
 
 
+def test_a_50_mb_stream_holds_bounded_memory() -> None:
+    delta = (b'data: {"choices":[{"index":0,"delta":{"content":"'
+             + b"lorem ipsum " * 85 + b'"},"finish_reason":null}],"usage":null}\n\n')
+    n = 50 * 1024 * 1024 // len(delta)
+    usage = (b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":1,'
+             b'"total_tokens":8}}\n\ndata: [DONE]\n\n')
+    tracemalloc.start()
+    try:
+        tap = make_tap("openai", "/v1/chat/completions", True)
+        for _ in range(n):
+            tap.feed(delta)
+        tap.feed(usage)
+        r = tap.result()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert r.usage is not None and r.usage.total_tokens == 8 and r.done
+    assert len(r.completion_text) == sse.COMPLETION_TEXT_CAP // 1020 * 1020
+    assert r.completion_bytes_dropped == n * 1020 - len(r.completion_text)
+    # At result(): the kept escaped text, its quoted copy, the parser's decoded
+    # input and the str it returns, ~1 MiB each; nowhere near the 50 MB fed.
+    assert peak < 5 * sse.COMPLETION_TEXT_CAP
+
+
 def test_counter_counts_and_discards_at_the_flush_size(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sse, "COUNT_FLUSH_BYTES", 100)
     calls: list[str] = []
@@ -690,6 +716,34 @@ def test_non_streaming_body_over_the_cap_salvages_usage_from_the_tail() -> None:
     r = tap.result()
     assert r.truncated
     assert r.usage is not None and r.usage.total_tokens == 29
+
+
+def test_big_non_streaming_body_takes_usage_from_the_tail_without_a_full_parse() -> None:
+    # A 4 MB embeddings batch: parsing it whole would cost ~13x its size (orjson).
+    body = orjson.dumps({
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": [0.0123456789] * 1536}
+                 for i in range(150)],
+        "model": "text-embedding-3-small",
+        "usage": {"prompt_tokens": 1200, "total_tokens": 1200},
+    })
+    assert len(body) > sse.ORJSON_PARSE_MAX
+    tap = make_tap("openai", "/v1/embeddings", False)
+    tap.feed(body)
+    tracemalloc.start()
+    try:
+        u = tap.usage()
+        r = tap.result()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert u is not None and (u.prompt_tokens, u.completion_tokens, u.total_tokens) == (
+        1200, 0, 1200)
+    assert r.usage == u and r.done and not r.truncated
+    assert peak < len(body) // 4
+    cut = make_tap("openai", "/v1/embeddings", False)
+    cut.feed(body[: len(body) // 2])
+    assert cut.usage() is None and not cut.result().done
 
 
 def test_non_streaming_error_body() -> None:
