@@ -224,9 +224,11 @@ def _payload(ev: Buf) -> bytes:
 
 
 def _decode(ev: Buf) -> dict[str, Any] | None:
+    payload = _payload(ev)
     try:
-        obj = orjson.loads(_payload(ev))
-    except orjson.JSONDecodeError:
+        # See ORJSON_PARSE_MAX: big events go to the leaner stdlib parser.
+        obj = orjson.loads(payload) if len(payload) <= ORJSON_PARSE_MAX else json.loads(payload)
+    except ValueError:  # orjson.JSONDecodeError and json.JSONDecodeError both are
         return None
     return obj if isinstance(obj, dict) else None
 
@@ -739,6 +741,10 @@ class _ResponsesTap(_SseTap):
         if ev.startswith(_RESPONSES_TERMINAL_LINES) or (
             not ev.startswith(b"event:") and any(t in ev for t in _RESPONSES_TERMINAL)
         ):
+            if len(ev) > ORJSON_PARSE_MAX:
+                # It echoes the whole output: take its usage from the tail, no full parse.
+                self._oversized(bytes(ev[:OVERSIZE_HEAD_BYTES]), ev[-OVERSIZE_TAIL_BYTES:])
+                return
             obj = _decode(ev)
             kind = obj.get("type") if obj is not None else None
             if isinstance(kind, str) and kind.encode() in _RESPONSES_TERMINAL:

@@ -551,6 +551,29 @@ def test_oversized_event_is_skipped_but_usage_is_salvaged() -> None:
         assert r.events == 3
 
 
+def test_big_responses_completed_event_is_not_parsed_whole() -> None:
+    big = b"y" * (sse.ORJSON_PARSE_MAX + 1000)
+    stream = (
+        b"event: response.output_text.delta\n"
+        b'data: {"type":"response.output_text.delta","delta":"y"}\n\n'
+        b"event: response.completed\n"
+        b'data: {"type":"response.completed","response":{"output":[{"content":'
+        b'[{"type":"output_text","text":"' + big + b'"}]}],"usage":{"input_tokens":5,'
+        b'"output_tokens":70000,"total_tokens":70005},"user":null,"metadata":{}}}\n\n'
+    )
+    tap = make_tap("openai", "/v1/responses", True)
+    tap.feed(stream)
+    tracemalloc.start()
+    try:
+        r = tap.result()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert r.usage is not None and r.usage.total_tokens == 70005 and r.done
+    assert r.completion_text == "y" and not r.truncated
+    assert peak < 2 * len(stream)
+
+
 def test_held_bytes_stay_bounded_for_a_huge_stream(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sse, "COMPLETION_TEXT_CAP", 4096)
     delta = b'data: {"choices":[{"delta":{"content":"0123456789"}}],"usage":null}\n\n'
