@@ -28,7 +28,7 @@ from sidecar.http1 import ResponseHead
 from sidecar.meter import Meter
 from sidecar.responses import error_for, render
 from sidecar.router import RouteTable
-from sidecar.splice import Exchange
+from sidecar.splice import Exchange, Sweeper
 from sidecar.sse import Tap, UsageChunkStripper, make_tap
 from sidecar.tokenizer import Tokenizer
 from sidecar.upstream import UpstreamConnection, UpstreamPool, build_request_head
@@ -113,6 +113,7 @@ class Proxy:
         self.connections: set[DownstreamProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.flights: set[Flight] = set()
+        self.sweeper = Sweeper.for_timeouts(self.loop, config.timeouts)
         self.draining = False
         self.in_flight = 0
         self._rand = random.random
@@ -247,6 +248,7 @@ class Proxy:
             request_id=req.request_id,
             filters=filters,
             max_head=limits.max_header_bytes,
+            sweeper=self.sweeper,
         )
         flight.exchange = ex
         client.exchange = ex
@@ -411,6 +413,7 @@ class Proxy:
             conn.abort()
         for pool in self.pools.values():
             pool.close()
+        self.sweeper.close()
 
 
 __all__ = ["Proxy", "UpstreamError"]

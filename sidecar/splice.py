@@ -22,6 +22,7 @@ from collections.abc import Callable
 from enum import IntEnum
 from typing import TYPE_CHECKING, Protocol
 
+from sidecar.config import TimeoutsConfig
 from sidecar.errors import SidecarError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from sidecar.http1 import HOP_BY_HOP, LAST_CHUNK, ChunkedDecoder, ResponseHead, frame_chunk
 from sidecar.http1 import parse_response_head as _parse_head
@@ -60,6 +61,8 @@ class Phase(IntEnum):
     DONE = 2
 
 
+# Coarsest resolution of the upstream timeouts (the Sweeper's period).
+SWEEP_MAX_INTERVAL = 1.0
 # Most forwarded-but-unwalked chunked bytes an exchange keeps before walking them.
 WALK_BYTES = 64 * 1024
 # The last chunk's size line, as it follows the previous chunk's CRLF; and how many
@@ -71,6 +74,50 @@ _EDGE = 6
 _DROP_RESPONSE = HOP_BY_HOP | {b"content-length", b"x-request-id"}
 
 
+class Sweeper:
+    """Checks every live exchange's deadlines on one periodic timer.
+
+    A timer per exchange cost a TimerHandle (~0.5 KiB) per open stream plus a
+    schedule and a cancel per request; one sweep over the live set does the same
+    work with a resolution of ``interval`` seconds.
+    """
+
+    __slots__ = ("_handle", "_loop", "interval", "live")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
+        self._loop = loop
+        self.interval = interval
+        self.live: set[Exchange] = set()
+        self._handle: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def for_timeouts(cls, loop: asyncio.AbstractEventLoop, t: TimeoutsConfig) -> Sweeper:
+        # Fine enough that no timeout fires later than a quarter of itself past due.
+        shortest = min(t.first_byte, t.idle, t.total)
+        return cls(loop, min(SWEEP_MAX_INTERVAL, shortest / 4))
+
+    def add(self, ex: Exchange) -> None:
+        self.live.add(ex)
+        if self._handle is None:
+            self._handle = self._loop.call_later(self.interval, self._sweep)
+
+    def discard(self, ex: Exchange) -> None:
+        self.live.discard(ex)
+
+    def _sweep(self) -> None:
+        self._handle = None
+        now = self._loop.time()
+        for ex in list(self.live):
+            ex.check_deadlines(now)
+        if self.live:
+            self._handle = self._loop.call_later(self.interval, self._sweep)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 class Exchange:
     __slots__ = (
         "_buf",
@@ -80,7 +127,6 @@ class Exchange:
         "_raw",
         "_remaining",
         "_tail",
-        "_timer",
         "bytes_out",
         "client",
         "client_http11",
@@ -103,6 +149,7 @@ class Exchange:
         "stale",
         "started",
         "stripper",
+        "sweeper",
         "t_first_byte",
         "tap",
         "timeouts",
@@ -120,6 +167,7 @@ class Exchange:
         request_id: bytes,
         filters: BodyFilters,
         max_head: int,
+        sweeper: Sweeper,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self.pool = pool
@@ -133,6 +181,7 @@ class Exchange:
         self.tap: Tap | None = None
         self.stripper: UsageChunkStripper | None = None
         self.max_head = max_head
+        self.sweeper = sweeper
         self.timeouts = pool.timeouts
         self.phase = Phase.WAIT_HEAD
         self.mode = BodyMode.NONE
@@ -141,7 +190,6 @@ class Exchange:
         self._buf = bytearray()
         self._decoder: ChunkedDecoder | None = None
         self._remaining = 0
-        self._timer: asyncio.TimerHandle | None = None
         # Bytes for the client from the current provider read, written at once.
         self._out: list[bytes | memoryview] = []
         # Verbatim chunked bytes forwarded but not yet walked (see _body_verbatim_chunked),
@@ -163,29 +211,22 @@ class Exchange:
         self.conn.sink = self
         self.started = self.last_read = self._loop.time()
         self.conn.write(request)
-        self._arm(self.timeouts.first_byte)
+        self.sweeper.add(self)
 
-    # -- timers: one handle, re-armed lazily so a chunk only stores a timestamp
-    def _arm(self, delay: float) -> None:
-        self._timer = self._loop.call_later(delay, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
+    # -- deadlines: checked by the shared Sweeper, so a chunk only stores a timestamp
+    def check_deadlines(self, now: float) -> None:
         if self.phase is Phase.DONE:
             return
-        now = self._loop.time()
         t = self.timeouts
-        total_left = self.started + t.total - now
-        if self.phase is Phase.WAIT_HEAD:
-            left = min(self.started + t.first_byte - now, total_left)
-            what = "first byte"
-        else:
-            left = min(self.last_read + t.idle - now, total_left)
-            what = "idle"
-        if total_left <= 0:
+        if now - self.started >= t.total:
             what = "total"
-        if left > 0:
-            self._arm(left)
+        elif self.phase is Phase.WAIT_HEAD:
+            if now - self.started < t.first_byte:
+                return
+            what = "first byte"
+        elif now - self.last_read >= t.idle:
+            what = "idle"
+        else:
             return
         self._fail(UpstreamTimeout(f"upstream {what} timeout"), "upstream_timeout")
 
@@ -476,9 +517,7 @@ class Exchange:
     def _end(self, reusable: bool) -> None:
         self.phase = Phase.DONE
         self._walk(final=True)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.sweeper.discard(self)
         conn = self.conn
         if conn.sink is self:
             conn.sink = None

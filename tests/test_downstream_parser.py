@@ -137,7 +137,7 @@ def test_pipelined_requests_queue_in_order_and_pending_bytes_shrinks() -> None:
     assert [q.target for q in r.ready] == [b"/0", b"/1", b"/2", b"/3"]
     held = r.pending_bytes
     assert sum(map(len, raws)) - 20 <= held <= sum(map(len, raws)) + 20
-    r.ready.popleft()
+    r.ready.pop(0)
     assert r.pending_bytes < held
 
 

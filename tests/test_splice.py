@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from sidecar.config import TimeoutsConfig
 from sidecar.http1 import LAST_CHUNK, ResponseHead, frame_chunk
-from sidecar.splice import Exchange
+from sidecar.splice import Exchange, Sweeper
 from sidecar.sse import make_tap
 
 EVENTS = [
@@ -85,7 +85,8 @@ def _run(pieces: list[bytes], client_http11: bool = True) -> tuple[Exchange, Fak
         ex = Exchange(pool=pool, conn=conn, client=client,  # type: ignore[arg-type]
                       client_http11=client_http11, client_keep_alive=True,
                       is_head_request=False, request_id=b"rid", filters=filters,
-                      max_head=65536)
+                      max_head=65536,
+                      sweeper=Sweeper(asyncio.get_running_loop(), 1.0))
         ex.start(b"REQUEST")
         for p in pieces:
             if not ex.done.done():
@@ -133,6 +134,7 @@ def test_stream_cut_mid_way_leaves_tap_with_everything_forwarded() -> None:
         ex = Exchange(pool=pool, conn=conn, client=client,  # type: ignore[arg-type]
                       client_http11=True, client_keep_alive=True, is_head_request=False,
                       request_id=b"r", max_head=65536,
+                      sweeper=Sweeper(asyncio.get_running_loop(), 1.0),
                       filters=lambda h: (make_tap("openai", "/v1/chat/completions", True), None))
         ex.start(b"REQUEST")
         for r in reads:
