@@ -21,9 +21,10 @@ cache directory as a side effect; tiktoken ignores a failure to write it unless
 ``TIKTOKEN_CACHE_DIR`` is set explicitly.)
 
 Nothing happens at import time. Encodings load lazily on first use, once per
-process (shared by every ``Tokenizer``), or eagerly with ``Tokenizer.preload()``,
-which a server should call at start-up: building o200k_base takes a fraction of
-a second that should not land on the first request.
+process (shared by every ``Tokenizer``), or eagerly with ``Tokenizer.preload()``.
+Building o200k_base takes most of a second and ~100 MB, so the first use must
+not land on the event loop: either preload at start-up, or (as the server does)
+count only off the loop and check ``available()`` at start-up instead.
 
 When no encoding can be loaded at all the tokenizer keeps working on an
 approximation (``ceil(utf8_bytes / 4)``), logs one warning on the
