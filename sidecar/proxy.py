@@ -22,7 +22,6 @@ from sidecar.errors import (
     NotFound,
     RequestError,
     SidecarError,
-    UpstreamError,
 )
 from sidecar.http1 import ResponseHead
 from sidecar.meter import Meter
@@ -115,7 +114,6 @@ class Proxy:
         self.flights: set[Flight] = set()
         self.sweeper = Sweeper.for_timeouts(self.loop, config.timeouts)
         self.draining = False
-        self.in_flight = 0
         self._rand = random.random
 
     # -- task tracking: every task is kept until done, none orphaned ---------------
@@ -155,7 +153,6 @@ class Proxy:
             route=table.route.path,
             bytes_in=len(req.body),
         )
-        self.in_flight += 1
         try:
             flight = self._prepare(req, client, table, ctx)
         except SidecarError as exc:
@@ -287,7 +284,6 @@ class Proxy:
     def _complete(self, flight: Flight, keep_alive: bool) -> None:
         """Release the client for its next request, then queue the meter row."""
         self.flights.discard(flight)
-        self.in_flight -= 1
         ctx = flight.ctx
         t_end = self.loop.time()
         flight.client.cycle_done(keep_alive)
@@ -415,5 +411,3 @@ class Proxy:
             pool.close()
         self.sweeper.close()
 
-
-__all__ = ["Proxy", "UpstreamError"]

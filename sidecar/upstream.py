@@ -127,12 +127,6 @@ class UpstreamPool:
             conn.close()
         return None
 
-    async def acquire(self) -> UpstreamConnection:
-        conn = self.take_idle()
-        if conn is not None:
-            return conn
-        return await self.connect()
-
     async def connect(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         cfg = self.cfg
