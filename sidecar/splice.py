@@ -397,8 +397,12 @@ class Exchange:
         """
         raw = self._raw
         raw += data
-        self._out.append(data)
-        self._flush_out()
+        if self._out:  # the client head is waiting: one write for both
+            self._out.append(data)
+            self._flush_out()
+        else:
+            self.bytes_out += len(data)
+            self.client.write(data)
         # Look at the bytes around this read's edges (with the previous read's tail),
         # so a terminator split anywhere across reads is still noticed.
         tail = self._tail
