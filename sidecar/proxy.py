@@ -1,7 +1,9 @@
 """The request handler: route, inspect the JSON body, run the exchange, meter.
 
-One task per request covers the parts that may wait (connecting to a provider);
-the body relay itself runs on protocol callbacks inside ``splice.Exchange``.
+A request with a kept-alive provider connection free starts synchronously in the
+client's read callback; only opening a new provider connection takes a task.
+The body relay itself runs on protocol callbacks inside ``splice.Exchange``, and
+the end of an exchange settles the request through a done-callback (``_landed``).
 """
 
 from __future__ import annotations
