@@ -1123,9 +1123,16 @@ class DeferredTap(Tap):
     def __init__(self, make: Callable[[], Tap], kind: EndpointKind) -> None:
         self._make = make
         self._kind = kind
-        self._inner = make()
+        # The parsing tap is built only when first needed: most streams never need it,
+        # and building one per request cost CPU and ~1 KiB per open stream.
+        self._inner: Tap | None = None
         self._buf = bytearray()
         self._spilled = False  # the parsing tap has seen bytes: usage() must ask it
+
+    def _parser(self) -> Tap:
+        if self._inner is None:
+            self._inner = self._make()
+        return self._inner
 
     def feed(self, data: bytes | memoryview) -> None:
         buf = self._buf
@@ -1138,12 +1145,12 @@ class DeferredTap(Tap):
             # From here on the parsing tap holds bytes _buf no longer has, so
             # usage() must ask it (a result() taken mid-stream drains too).
             self._spilled = True
-            self._inner.feed(bytes(self._buf))
+            self._parser().feed(bytes(self._buf))
             self._buf.clear()
 
     def result(self) -> TapResult:
         self._drain()
-        return self._inner.result()
+        return self._parser().result()
 
     def usage(self) -> Usage | None:
         if not self._spilled and _CR not in self._buf:
