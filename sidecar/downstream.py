@@ -312,6 +312,23 @@ class RequestReader:
 # ---------------------------------------------------------------------------- protocol
 
 class DownstreamProtocol(asyncio.Protocol):
+    # Slots: one of these lives per open client connection (thousands of idle streams).
+    __slots__ = (
+        "_driving",
+        "_idle_timer",
+        "busy",
+        "closed",
+        "exchange",
+        "limits",
+        "paused_reading",
+        "paused_writing",
+        "proxy",
+        "reader",
+        "request",
+        "task",
+        "transport",
+    )
+
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
         self.limits = proxy.config.limits
