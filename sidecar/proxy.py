@@ -85,7 +85,7 @@ def _is_event_stream(head: ResponseHead) -> bool:
 class Flight:
     """One request between dispatch and its meter row: what the callbacks share."""
 
-    __slots__ = ("client", "ctx", "cut", "exchange", "pool", "req", "request_bytes", "strip")
+    __slots__ = ("client", "ctx", "cut", "exchange", "payload", "pool", "req", "strip")
 
     def __init__(self, req: IncomingRequest, client: DownstreamProtocol,
                  ctx: RequestContext) -> None:
@@ -93,7 +93,9 @@ class Flight:
         self.client = client
         self.ctx = ctx
         self.pool: UpstreamPool
-        self.request_bytes = b""
+        # The body sent upstream: req.body itself unless include_usage was injected.
+        # The head is rebuilt per attempt rather than kept for the life of the stream.
+        self.payload = b""
         self.strip = False  # hide the usage chunk we asked for from the client
         self.exchange: Exchange | None = None
         self.cut = False  # shutdown's deadline passed while it was in flight
@@ -196,11 +198,9 @@ class Proxy:
                                           "include_usage": True}
                 payload = orjson.dumps(body)
                 strip = True
-        head = build_request_head(upstream, req.method, req.target, req.headers, len(payload),
-                                  req.request_id)
         flight = Flight(req, client, ctx)
         flight.pool = self.pools[upstream.name]
-        flight.request_bytes = head + payload  # only the raw request is kept from here on
+        flight.payload = payload
         flight.strip = strip
         return flight
 
@@ -254,7 +254,9 @@ class Proxy:
         if client.paused_writing:
             ex.pause()
         ex.done.add_done_callback(lambda _: self._landed(flight, ex))
-        ex.start(flight.request_bytes)
+        head = build_request_head(flight.pool.cfg, req.method, req.target, req.headers,
+                                  len(flight.payload), req.request_id)
+        ex.start(head + flight.payload)
 
     def _landed(self, flight: Flight, ex: Exchange) -> None:
         """The exchange ended (completed, failed, cut): retry a stale connection or settle."""

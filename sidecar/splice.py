@@ -125,6 +125,7 @@ class Exchange:
         "_loop",
         "_out",
         "_raw",
+        "_raw_len",
         "_remaining",
         "_tail",
         "bytes_out",
@@ -194,7 +195,8 @@ class Exchange:
         self._out: list[bytes | memoryview] = []
         # Verbatim chunked bytes forwarded but not yet walked (see _body_verbatim_chunked),
         # and the last bytes forwarded; a body starts as if after a chunk's CRLF.
-        self._raw = bytearray()
+        self._raw: list[bytes] = []
+        self._raw_len = 0
         self._tail = b"\r\n"
         self.bytes_out = 0
         self.t_first_byte: float | None = None
@@ -396,7 +398,8 @@ class Exchange:
         fed all kept bytes at once; it also feeds the tap.
         """
         raw = self._raw
-        raw += data
+        raw.append(data)  # a reference, not a copy: the read's bytes object is kept as is
+        self._raw_len += len(data)
         if self._out:  # the client head is waiting: one write for both
             self._out.append(data)
             self._flush_out()
@@ -418,7 +421,7 @@ class Exchange:
             end4 == b"\r\n\r\n"
             or _LAST_CHUNK_MARK in edge
             or _LAST_CHUNK_MARK in data
-            or len(raw) > WALK_BYTES
+            or self._raw_len > WALK_BYTES
         ):
             self._walk(final=False)
 
@@ -432,8 +435,9 @@ class Exchange:
         raw = self._raw
         if dec is None or not raw:
             return
-        data = bytes(raw)
+        data = raw[0] if len(raw) == 1 else b"".join(raw)
         raw.clear()
+        self._raw_len = 0
         try:
             pieces, used = dec.feed(data)
         except UpstreamProtocolError:
