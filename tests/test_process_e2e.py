@@ -15,8 +15,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import orjson
 import pytest
+from e2e_helpers import request_bytes
 
 from sidecar.http1 import ChunkedDecoder, parse_response_head
 
@@ -29,7 +29,7 @@ STOP_TIMEOUT = 40.0
 class Proc:
     def __init__(self, args: list[str], log: pathlib.Path) -> None:
         self.log = log
-        self.fh = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.fh = open(log, "wb")  # closed in stop()
         self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.fh,
                                   env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
@@ -100,12 +100,11 @@ def rss_kb(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def request_bytes(body: dict[str, Any], extra: bytes = b"") -> bytes:
-    payload = orjson.dumps(body)
-    return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
-            b"%bcontent-length: %d\r\n\r\n%b" % (extra, len(payload), payload))
+def chat_request(body: dict[str, Any], *headers: tuple[bytes, bytes]) -> bytes:
+    return request_bytes("POST", "/v1/chat/completions", body, headers=headers)
 
 
+CLOSE = (b"connection", b"close")
 CHAT = {"model": "gpt-4o-mini", "stream": True,
         "messages": [{"role": "user", "content": "hello"}]}
 
@@ -140,7 +139,7 @@ def test_slow_client_on_50mb_stream_keeps_sidecar_rss_bounded(
     pid = side.p.pid
     # Warm up: first request loads the tokenizer, the tap, the pool.
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(request_bytes(CHAT, b"connection: close\r\n"))
+        s.sendall(chat_request(CHAT, CLOSE))
         while s.recv(65536):
             pass
     time.sleep(0.2)
@@ -167,7 +166,7 @@ def test_slow_client_on_50mb_stream_keeps_sidecar_rss_bounded(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         sock.settimeout(20)
         sock.connect(("127.0.0.1", port))
-        sock.sendall(request_bytes(body, b"x-mock-bytes: %d\r\nconnection: close\r\n" % total))
+        sock.sendall(chat_request(body, (b"x-mock-bytes", b"%d" % total), CLOSE))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             data = sock.recv(64 * 1024)
@@ -194,7 +193,7 @@ async def _client_worker(port: int, n: int, in_last: asyncio.Event, results: lis
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         for i in range(n):
-            writer.write(request_bytes(CHAT))
+            writer.write(chat_request(CHAT))
             buf = bytearray()
             parsed = None
             while parsed is None:
@@ -250,7 +249,7 @@ def _children(pid: int) -> set[int]:
 
 def _one_request(port: int) -> int:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(request_bytes(CHAT, b"connection: close\r\n"))
+        s.sendall(chat_request(CHAT, CLOSE))
         data = b""
         while chunk := s.recv(65536):
             data += chunk
