@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import socket
 import time
@@ -10,16 +11,15 @@ from typing import Any
 import openai
 import orjson
 import pytest
+from e2e_helpers import request_bytes
 
 from sidecar.http1 import ChunkedDecoder, parse_response_head
 from sidecar.mock_shapes import count_tokens, expected_text
 
 
-def _post(port: int, path: str, body: dict[str, Any], extra: bytes = b"") -> socket.socket:
+def _post(port: int, path: str, body: dict[str, Any]) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    payload = orjson.dumps(body)
-    sock.sendall(b"POST %b HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n%b"
-                 b"content-length: %d\r\n\r\n%b" % (path.encode(), extra, len(payload), payload))
+    sock.sendall(request_bytes("POST", path, body))
     return sock
 
 
@@ -132,7 +132,7 @@ def test_each_event_reaches_the_client_before_the_next_is_generated(stack_factor
     rs.read_all()
     content_times = [t for t, ev in rs.events if b'"content":"' in ev and b'"content":""' not in ev]
     assert len(content_times) >= 3
-    gaps = [b - a for a, b in zip(content_times, content_times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(content_times)]
     # Each event arrived on its own, about one provider delay after the previous one:
     # a buffering proxy would deliver several together (gap ~0).
     assert min(gaps) > 0.12, gaps
@@ -167,12 +167,14 @@ def test_client_disconnect_cancels_upstream_and_meters_estimate(stack_factory: A
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_anthropic_sdk_through_sidecar_meters_merged_usage(stack_factory: Any, stream: bool) -> None:
+def test_anthropic_sdk_through_sidecar_meters_merged_usage(
+        stack_factory: Any, stream: bool) -> None:
     import anthropic
 
     stack = stack_factory(chunks=6, cache_read_tokens=2, cache_write_tokens=1)
     client = anthropic.Anthropic(base_url=stack.url, api_key="sk-ant-client", max_retries=0)
-    msgs = [{"role": "user", "content": "hello there, please tell me about the weather in the hills"}]
+    text_in = "hello there, please tell me about the weather in the hills"
+    msgs = [{"role": "user", "content": text_in}]
     if stream:
         with client.messages.stream(model="claude-mock-1", max_tokens=100,
                                     messages=msgs) as s:  # type: ignore[arg-type]
