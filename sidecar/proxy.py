@@ -243,7 +243,6 @@ class Proxy:
             client=client,
             client_http11=req.http11,
             client_keep_alive=req.keep_alive and not self.draining,
-            is_head_request=False,
             request_id=req.request_id,
             filters=filters,
             max_head=limits.max_header_bytes,

@@ -48,7 +48,7 @@ class ClientSide(Protocol):
 class BodyMode(IntEnum):
     """How provider body bytes become client body bytes."""
 
-    NONE = 0  # no body (HEAD, 204, 304)
+    NONE = 0  # no body (1xx, 204, 304; HEAD never reaches a provider: API routes are POST)
     VERBATIM_CHUNKED = 1  # chunk frames forwarded untouched (the fast path)
     VERBATIM_LENGTH = 2  # content-length body forwarded untouched
     REFRAME_CHUNKED = 3  # payload changed (usage chunk hidden) or unframed: re-chunk
@@ -139,7 +139,6 @@ class Exchange:
         "filters",
         "head",
         "head_sent",
-        "is_head_request",
         "last_read",
         "max_head",
         "mode",
@@ -164,7 +163,6 @@ class Exchange:
         client: ClientSide,
         client_http11: bool,
         client_keep_alive: bool,
-        is_head_request: bool,
         request_id: bytes,
         filters: BodyFilters,
         max_head: int,
@@ -176,7 +174,6 @@ class Exchange:
         self.client = client
         self.client_http11 = client_http11
         self.client_keep_alive = client_keep_alive
-        self.is_head_request = is_head_request
         self.request_id = request_id
         self.filters = filters
         self.tap: Tap | None = None
@@ -295,7 +292,7 @@ class Exchange:
         self._write_head_and(rest)
 
     def _choose_mode(self, head: ResponseHead) -> None:
-        if self.is_head_request or not head.has_body:
+        if not head.has_body:
             self.mode = BodyMode.NONE
             return
         self.tap, self.stripper = self.filters(head)

@@ -84,7 +84,7 @@ def _run(pieces: list[bytes], client_http11: bool = True) -> tuple[Exchange, Fak
 
         ex = Exchange(pool=pool, conn=conn, client=client,  # type: ignore[arg-type]
                       client_http11=client_http11, client_keep_alive=True,
-                      is_head_request=False, request_id=b"rid", filters=filters,
+                      request_id=b"rid", filters=filters,
                       max_head=65536,
                       sweeper=Sweeper(asyncio.get_running_loop(), 1.0))
         ex.start(b"REQUEST")
@@ -132,7 +132,7 @@ def test_stream_cut_mid_way_leaves_tap_with_everything_forwarded() -> None:
         conn = FakeConn(pool)
         client = FakeClient()
         ex = Exchange(pool=pool, conn=conn, client=client,  # type: ignore[arg-type]
-                      client_http11=True, client_keep_alive=True, is_head_request=False,
+                      client_http11=True, client_keep_alive=True,
                       request_id=b"r", max_head=65536,
                       sweeper=Sweeper(asyncio.get_running_loop(), 1.0),
                       filters=lambda h: (make_tap("openai", "/v1/chat/completions", True), None))
