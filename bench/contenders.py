@@ -275,6 +275,27 @@ class Sidecar(Contender):
         return run
 
 
+class Floor(Contender):
+    """A uvloop byte pump with no HTTP (bench/floor_proxy.py): the Python floor."""
+
+    name = "uvloop-floor"
+
+    def start(self, mock_port: int, workdir: Path, cpus: set[int] | None) -> Running:
+        port = free_port()
+        cmd = [sys.executable, "-m", "bench.floor_proxy", str(port), str(mock_port)]
+        proc = spawn(cmd, workdir / f"{self.name}.log", cpus, sidecar_env(), cwd=REPO)
+        return Running(
+            self.name,
+            port,
+            proc.popen.pid,
+            [proc],
+            workdir,
+            config={"(code)": "bench/floor_proxy.py: one provider connection per client "
+                    "connection, bytes copied as they arrive, no parsing or metering"},
+            cmdline=cmd,
+        )
+
+
 class SidecarRunning(Running):
     db: Path
 
@@ -647,6 +668,7 @@ ALL: dict[str, Contender] = {
         Direct(),
         Sidecar(1),
         Sidecar(2),
+        Floor(),
         Nginx(1),
         Nginx(2),
         Nginx(1, lua=True),

@@ -19,7 +19,7 @@ import click
 import orjson
 
 from sidecar.config import Config, MeterConfig, RouteConfig, RouteUpstream, UpstreamConfig
-from sidecar.http1 import ChunkedDecoder, parse_response_head
+from sidecar.http1 import ResponseParser
 
 DEMO_PROMPTS = [
     "Explain what an LLM gateway sidecar does.",
@@ -51,23 +51,18 @@ async def _stream(port: int, path: str, body: dict[str, Any], *, cut_after: int 
     payload = orjson.dumps(body)
     writer.write(b"POST %b HTTP/1.1\r\nhost: demo\r\ncontent-type: application/json\r\n"
                  b"content-length: %d\r\n\r\n%b" % (path.encode(), len(payload), payload))
-    buf = bytearray()
-    parsed = None
-    while parsed is None:
+    parser = ResponseParser(65536)
+    while parser.head is None:
         data = await reader.read(65536)
         if not data:
             raise ConnectionError("sidecar closed the connection")
-        buf += data
-        parsed = parse_response_head(buf, 65536)
-    head, n = parsed
-    decoder = ChunkedDecoder() if head.chunked else None
-    rest = bytes(buf[n:])
+        parser.feed(data)
+    head = parser.head
     text: list[str] = []
     events = 0
     sse = bytearray()
     while True:
-        pieces = [memoryview(rest)] if decoder is None else decoder.feed(rest)[0]
-        for piece in pieces:
+        for piece in parser.take():
             sse += piece
         while (end := sse.find(b"\n\n")) >= 0:
             event, sse[:] = bytes(sse[:end]), sse[end + 2:]
@@ -82,8 +77,9 @@ async def _stream(port: int, path: str, body: dict[str, Any], *, cut_after: int 
                 if show:
                     click.echo(click.style("  [client hung up]", fg="yellow"))
                 return head.status, "".join(text)
-        if (decoder is not None and decoder.done) or not (rest := await reader.read(65536)):
+        if parser.done or not (data := await reader.read(65536)):
             break
+        parser.feed(data)
     writer.close()
     if show:
         click.echo()

@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from sidecar.config import TimeoutsConfig
 from sidecar.errors import SidecarError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
-from sidecar.http1 import HOP_BY_HOP, LAST_CHUNK, ChunkedDecoder, ResponseHead, frame_chunk
-from sidecar.http1 import parse_response_head as _parse_head
+from sidecar.http1 import HOP_BY_HOP, LAST_CHUNK, ResponseHead, ResponseParser, frame_chunk
 
 if TYPE_CHECKING:
     from sidecar.sse import Tap, UsageChunkStripper
@@ -63,12 +62,6 @@ class Phase(IntEnum):
 
 # Coarsest resolution of the upstream timeouts (the Sweeper's period).
 SWEEP_MAX_INTERVAL = 1.0
-# Most forwarded-but-unwalked chunked bytes an exchange keeps before walking them.
-WALK_BYTES = 64 * 1024
-# The last chunk's size line, as it follows the previous chunk's CRLF; and how many
-# bytes of each read's edge are kept to find it (or the final CRLF CRLF) across reads.
-_LAST_CHUNK_MARK = b"\r\n0\r\n"
-_EDGE = 6
 
 # Response headers we never pass back: hop-by-hop plus framing we set ourselves.
 _DROP_RESPONSE = HOP_BY_HOP | {b"content-length", b"x-request-id"}
@@ -120,14 +113,10 @@ class Sweeper:
 
 class Exchange:
     __slots__ = (
-        "_buf",
-        "_decoder",
         "_loop",
         "_out",
-        "_raw",
-        "_raw_len",
+        "_parser",
         "_remaining",
-        "_tail",
         "bytes_out",
         "client",
         "client_http11",
@@ -185,16 +174,10 @@ class Exchange:
         self.mode = BodyMode.NONE
         self.head: ResponseHead | None = None
         self.head_sent = False
-        self._buf = bytearray()
-        self._decoder: ChunkedDecoder | None = None
-        self._remaining = 0
+        self._parser = ResponseParser(max_head)
+        self._remaining = 0  # content-length bytes still to come (-1: until close)
         # Bytes for the client from the current provider read, written at once.
         self._out: list[bytes | memoryview] = []
-        # Verbatim chunked bytes forwarded but not yet walked (see _body_verbatim_chunked),
-        # and the last bytes forwarded; a body starts as if after a chunk's CRLF.
-        self._raw: list[bytes] = []
-        self._raw_len = 0
-        self._tail = b"\r\n"
         self.bytes_out = 0
         self.t_first_byte: float | None = None
         self.started = 0.0
@@ -253,7 +236,7 @@ class Exchange:
             self._finish_body()
             self._flush_out()
             return
-        if self.phase is Phase.WAIT_HEAD and not self._buf and self.conn.reused:
+        if self.phase is Phase.WAIT_HEAD and not self._parser.seen and self.conn.reused:
             self.stale = True
         self._fail(UpstreamError("upstream closed the connection mid-response"), "upstream_error")
 
@@ -272,33 +255,22 @@ class Exchange:
 
     # -- head -------------------------------------------------------------------
     def _head_data(self, data: bytes) -> None:
-        buf = self._buf
-        buf += data
-        while True:
-            parsed = _parse_head(buf, self.max_head)
-            if parsed is None:
-                return
-            head, n = parsed
-            if 100 <= head.status < 200:
-                # Interim response (100 Continue, 103 Early Hints): skip, wait for the real one.
-                del buf[:n]
-                continue
-            break
+        parser = self._parser
+        parser.feed(data)
+        head = parser.head
+        if head is None:
+            return
         self.head = head
         self.phase = Phase.BODY
-        rest = bytes(buf[n:])  # bytes, not a view: the decoder's fast path wants whole reads
-        buf.clear()
         self._choose_mode(head)
-        self._write_head_and(rest)
+        self._write_head_and(data[parser.body_start:] if parser.body_start else data)
 
     def _choose_mode(self, head: ResponseHead) -> None:
         if not head.has_body:
             self.mode = BodyMode.NONE
             return
         self.tap, self.stripper = self.filters(head)
-        if head.chunked:
-            self._decoder = ChunkedDecoder()
-        else:
+        if not head.chunked:
             self._remaining = head.content_length if head.content_length is not None else -1
         if not self.client_http11:
             self.mode = BodyMode.RAW_UNTIL_CLOSE
@@ -333,127 +305,102 @@ class Exchange:
         return b"".join(parts)
 
     def _write_head_and(self, rest: bytes) -> None:
+        """The head just completed, with ``rest`` the body bytes of the same read.
+
+        For a chunked body the parser has already taken that read's payload apart.
+        """
         head = self.head
         assert head is not None
         self.head_sent = True
         # Queued, not written: it shares one write with the first body bytes.
         self._out.append(self._client_head(head))
         if self.mode is BodyMode.NONE:
-            self._finish_body(reusable_hint=not rest and head.content_length in (None, 0))
+            self._finish_body(reusable_hint=not rest and not self._parser.extra
+                              and head.content_length in (None, 0))
             self._flush_out()
             return
-        if rest:
-            self._body(rest)
+        if head.chunked:
+            if self.mode is BodyMode.VERBATIM_CHUNKED:
+                if rest:
+                    self._out.append(rest)
+                self._flush_out()
+                self._chunked_read_done()
+            else:
+                self._reframe_pieces()
         else:
-            self._flush_out()
+            self._parser.pieces.clear()  # a length-framed body is counted here, not there
+            if rest:
+                self._body(rest)
+            else:
+                self._flush_out()
 
     # -- body -------------------------------------------------------------------
     def _body(self, data: bytes) -> None:
         """One provider read: relay it, write once, and only then let the tap look at it."""
         if self.mode is BodyMode.VERBATIM_CHUNKED:
-            self._body_verbatim_chunked(data)
+            # The fast path: the read goes out untouched, then llhttp walks its frames.
+            self.bytes_out += len(data)
+            self.client.write(data)
+            self._parser.feed(data)
+            self._chunked_read_done()
             return
-        dec = self._decoder
-        if dec is not None:
-            pieces, used = dec.feed(data)
-            self._emit_payload(pieces)
-            done = dec.done
-            if done and used != len(data):
-                self.extra_after_body = True
-            tap_pieces: list[memoryview] | list[bytes] = pieces
+        if self.head is not None and self.head.chunked:
+            self._parser.feed(data)
+            self._reframe_pieces()
+            return
+        # content-length or read-until-close body: the read is all payload
+        remaining = self._remaining
+        if 0 <= remaining < len(data):
+            self.extra_after_body = True
+            data = data[:remaining]
+        if self.mode is BodyMode.VERBATIM_LENGTH:
+            self._out.append(data)
         else:
-            # content-length or read-until-close body
-            remaining = self._remaining
-            if 0 <= remaining < len(data):
-                self.extra_after_body = True
-                data = data[:remaining]
-            if self.mode is BodyMode.VERBATIM_LENGTH:
-                self._out.append(data)
-            else:
-                self._emit_payload([data])
-            done = False
-            if remaining >= 0:
-                self._remaining = remaining - len(data)
-                done = self._remaining == 0
-            tap_pieces = [data]
+            self._emit_payload([data])
+        done = False
+        if remaining >= 0:
+            self._remaining = remaining - len(data)
+            done = self._remaining == 0
         if done:
             self._finish_body()
         self._flush_out()
         tap = self.tap
         if tap is not None:
-            for piece in tap_pieces:
-                tap.feed(piece)
+            tap.feed(data)
 
-    def _body_verbatim_chunked(self, data: bytes) -> None:
-        """The fast path: chunk frames go out untouched and are only walked in batches.
-
-        Reading each frame's size as it passes cost more than forwarding it, so the
-        reads are kept (bounded by WALK_BYTES) and walked when a read may hold the
-        last chunk: a message ends with ``0\r\n`` + trailers + ``\r\n``, so the
-        read that ends it ends with CRLF CRLF, and the last chunk's size line shows
-        as ``\r\n0\r\n`` (even with bytes after it). The walk is the same decoder,
-        fed all kept bytes at once; it also feeds the tap.
-        """
-        raw = self._raw
-        raw.append(data)  # a reference, not a copy: the read's bytes object is kept as is
-        self._raw_len += len(data)
-        if self._out:  # the client head is waiting: one write for both
-            self._out.append(data)
-            self._flush_out()
-        else:
-            self.bytes_out += len(data)
-            self.client.write(data)
-        # Look at the bytes around this read's edges (with the previous read's tail),
-        # so a terminator split anywhere across reads is still noticed.
-        tail = self._tail
-        if len(data) >= _EDGE:
-            end4 = data[-4:]
-            edge = tail + data[:_EDGE]
-            self._tail = data[-_EDGE:]
-        else:
-            edge = tail + data
-            end4 = edge[-4:]
-            self._tail = edge[-_EDGE:]
-        if (
-            end4 == b"\r\n\r\n"
-            or _LAST_CHUNK_MARK in edge
-            or _LAST_CHUNK_MARK in data
-            or self._raw_len > WALK_BYTES
-        ):
-            self._walk(final=False)
-
-    def _walk(self, final: bool) -> None:
-        """Decode the kept raw bytes into the tap; finish the body at the last chunk.
-
-        ``final`` (the exchange is ending for another reason): only feed the tap, so
-        its answer covers every byte the client was sent.
-        """
-        dec = self._decoder
-        raw = self._raw
-        if dec is None or not raw:
-            return
-        data = raw[0] if len(raw) == 1 else b"".join(raw)
-        raw.clear()
-        self._raw_len = 0
-        try:
-            pieces, used = dec.feed(data)
-        except UpstreamProtocolError:
-            if final:
-                return
-            raise
+    def _chunked_read_done(self) -> None:
+        """After a verbatim chunked read: hand its payload to the tap; end at the last chunk."""
+        parser = self._parser
+        pieces = parser.pieces
         tap = self.tap
         if tap is not None:
             for piece in pieces:
                 tap.feed(piece)
-        if dec.done and not final:
-            if used != len(data):
+        pieces.clear()
+        if parser.done:
+            if parser.extra:
                 # Bytes after the last chunk already went to the client: it must not
                 # read them as the start of its next response.
                 self.extra_after_body = True
                 self.client_keep_alive = False
             self._finish_body()
 
-    def _emit_payload(self, pieces: list[memoryview] | list[bytes]) -> None:
+    def _reframe_pieces(self) -> None:
+        """A chunked body whose framing or content changes on the way: one frame per read."""
+        parser = self._parser
+        pieces = parser.take()
+        self._emit_payload(pieces)
+        if parser.done:
+            if parser.extra:
+                self.extra_after_body = True
+            self._finish_body()
+        self._flush_out()
+        tap = self.tap
+        if tap is not None:
+            for piece in pieces:
+                tap.feed(piece)
+
+    def _emit_payload(self, pieces: list[bytes]) -> None:
         """Queue payload for the modes that change framing or content: one frame per read."""
         stripper = self.stripper
         payload: bytes | memoryview
@@ -521,7 +468,6 @@ class Exchange:
 
     def _end(self, reusable: bool) -> None:
         self.phase = Phase.DONE
-        self._walk(final=True)
         self.sweeper.discard(self)
         conn = self.conn
         if conn.sink is self:

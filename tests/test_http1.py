@@ -7,104 +7,146 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.errors import UpstreamProtocolError
-from sidecar.http1 import LAST_CHUNK, ChunkedDecoder, frame_chunk, parse_response_head
+from sidecar.http1 import LAST_CHUNK, MAX_TRAILER_BYTES, ResponseParser, frame_chunk
+
+
+def _parse(*reads: bytes, max_head: int = 65536) -> tuple[ResponseParser, bytes]:
+    """Feed the reads in order; return the parser and all payload it found."""
+    p = ResponseParser(max_head)
+    payload = bytearray()
+    for r in reads:
+        p.feed(r)
+        for piece in p.take():
+            payload += piece
+    return p, bytes(payload)
 
 
 def test_head_parsed_with_lowercased_names_and_framing() -> None:
     raw = (
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-        b"Transfer-Encoding: chunked\r\nX-Thing:  v \r\n\r\nbody"
+        b"Transfer-Encoding: chunked\r\nX-Thing:  v \r\n\r\n5\r\nhello\r\n"
     )
-    got = parse_response_head(raw, 65536)
-    assert got is not None
-    head, n = got
-    assert raw[n:] == b"body"
+    p, payload = _parse(raw)
+    head = p.head
+    assert head is not None
+    assert raw[p.body_start:] == b"5\r\nhello\r\n" and payload == b"hello"
     assert head.status == 200 and head.reason == b"OK" and head.http11
     assert head.chunked and head.content_length is None and head.keep_alive
-    assert head.get(b"x-thing") == b"v"
+    assert head.get(b"x-thing") == b"v" and head.get(b"content-type") == b"text/event-stream"
+    assert not p.done
 
 
-def test_head_incomplete_returns_none_until_blank_line() -> None:
-    assert parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n", 65536) is None
+def test_head_split_across_reads_gives_body_start_in_the_last_read() -> None:
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"
+    for cut in range(1, len(raw) - 3):
+        p = ResponseParser(65536)
+        p.feed(raw[:cut])
+        assert p.head is None and p.seen
+        p.feed(raw[cut:])
+        assert p.head is not None
+        assert raw[cut:][p.body_start:] == b"abc"
+        assert p.done and p.take() == [b"abc"]
+
+
+def test_head_incomplete_leaves_head_none() -> None:
+    p, _ = _parse(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n")
+    assert p.head is None and not p.done
 
 
 def test_content_length_and_connection_close() -> None:
-    got = parse_response_head(b"HTTP/1.1 429 Too Many\r\nContent-Length: 12\r\n"
-                              b"Connection: close\r\n\r\n", 65536)
-    assert got is not None
-    head = got[0]
-    assert head.status == 429 and head.content_length == 12 and not head.keep_alive
+    p, payload = _parse(b"HTTP/1.1 429 Too Many\r\nContent-Length: 12\r\n"
+                        b"Connection: close\r\n\r\n{\"e\":\"slow\"}")
+    assert p.head is not None
+    assert p.head.status == 429 and p.head.content_length == 12 and not p.head.keep_alive
+    assert payload == b'{"e":"slow"}' and p.done
 
 
-def test_read_until_close_body_is_not_reusable() -> None:
-    got = parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Type: x\r\n\r\n", 65536)
-    assert got is not None and not got[0].keep_alive
+def test_read_until_close_body_is_not_reusable_and_never_done() -> None:
+    p, payload = _parse(b"HTTP/1.1 200 OK\r\nContent-Type: x\r\n\r\nsome", b" more")
+    assert p.head is not None and not p.head.keep_alive
+    assert payload == b"some more" and not p.done  # the close is its end
+
+
+def test_interim_responses_are_skipped() -> None:
+    raw = (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+           b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    p, payload = _parse(raw)
+    assert p.head is not None and p.head.status == 200 and p.head.get(b"link") is None
+    assert raw[p.body_start:] == b"ok" and payload == b"ok" and p.done
+
+
+def test_http10_response_without_keep_alive() -> None:
+    p, _ = _parse(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert p.head is not None and not p.head.http11 and not p.head.keep_alive and p.done
 
 
 @pytest.mark.parametrize(
     "raw",
     [
         b"HTTP/2 200 OK\r\n\r\n",
+        b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n",
         b"HTTP/1.1 2000 OK\r\n\r\n",
         b"HTTP/1.1 abc OK\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nno-colon\r\n\r\n",
         b"HTTP/1.1 200 OK\r\n folded: x\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\n\r\n",
+        b"HTTP/1.1 200 OK\nContent-Length: 0\n\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n",
         b"garbage\r\n\r\n",
     ],
 )
 def test_malformed_heads_raise_protocol_error(raw: bytes) -> None:
     with pytest.raises(UpstreamProtocolError):
-        parse_response_head(raw, 65536)
+        _parse(raw)
 
 
-def test_oversized_head_raises() -> None:
-    with pytest.raises(UpstreamProtocolError):
-        parse_response_head(b"HTTP/1.1 200 OK\r\nX: " + b"a" * 200, 100)
+def test_oversized_head_raises_even_when_it_never_ends() -> None:
+    with pytest.raises(UpstreamProtocolError, match="exceeds 100"):
+        _parse(b"HTTP/1.1 200 OK\r\nX: " + b"a" * 200, max_head=100)
+    with pytest.raises(UpstreamProtocolError, match="exceeds 100"):
+        _parse(b"HTTP/1.1 200 OK\r\nX: " + b"a" * 200 + b"\r\n\r\n", max_head=100)
 
 
-def _decode_all(pieces: list[bytes]) -> tuple[bytes, int, bool]:
-    dec = ChunkedDecoder()
-    payload = bytearray()
-    consumed = 0
-    for p in pieces:
-        out, used = dec.feed(p)
-        for mv in out:
-            payload += mv
-        consumed += used
-        if dec.done:
-            break
-    return bytes(payload), consumed, dec.done
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
-def test_chunked_decoder_whole_message() -> None:
-    body = frame_chunk(b"hello ") + frame_chunk(b"world") + LAST_CHUNK
-    payload, consumed, done = _decode_all([body])
-    assert payload == b"hello world" and consumed == len(body) and done
+def test_chunked_whole_message() -> None:
+    p, payload = _parse(CHUNKED_HEAD + frame_chunk(b"hello ") + frame_chunk(b"world") + LAST_CHUNK)
+    assert payload == b"hello world" and p.done and not p.extra
 
 
-def test_chunked_decoder_stops_at_terminator_and_reports_consumed() -> None:
-    body = frame_chunk(b"x") + LAST_CHUNK
-    payload, consumed, done = _decode_all([body + b"EXTRA"])
-    assert done and consumed == len(body) and payload == b"x"
+def test_bytes_after_the_last_chunk_are_flagged_not_parsed() -> None:
+    for junk in (b"EXTRA", b"HTTP/1.1 200 OK\r\n"):
+        p, payload = _parse(CHUNKED_HEAD + frame_chunk(b"x") + LAST_CHUNK + junk)
+        assert p.done and p.extra and payload == b"x"
+        p2, _ = _parse(CHUNKED_HEAD + frame_chunk(b"x") + LAST_CHUNK, junk)
+        assert p2.done and p2.extra
 
 
-def test_chunked_decoder_extensions_and_trailers() -> None:
-    body = b"5;name=v\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n"
-    payload, consumed, done = _decode_all([body])
-    assert payload == b"hello" and done and consumed == len(body)
+def test_chunk_extensions_and_trailers() -> None:
+    p, payload = _parse(CHUNKED_HEAD + b"5;name=v\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n")
+    assert payload == b"hello" and p.done and not p.extra
+    assert p.head is not None and p.head.get(b"x-trailer") is None
+
+
+def test_oversized_trailers_raise() -> None:
+    trailers = b"".join(b"X-T%d: %b\r\n" % (i, b"v" * 100) for i in range(MAX_TRAILER_BYTES // 100))
+    with pytest.raises(UpstreamProtocolError, match="trailer"):
+        _parse(CHUNKED_HEAD + b"0\r\n" + trailers + b"\r\n")
 
 
 @pytest.mark.parametrize(
     "raw",
     [b"zz\r\nab\r\n", b"2\r\nabXY", b"-2\r\nab\r\n", b"+2\r\nab\r\n", b"1_0\r\n",
-     b"F" * 40 + b"\r\n", b"a" * 2000],
+     b"F" * 40 + b"\r\n"],
 )
-def test_chunked_decoder_rejects_garbage(raw: bytes) -> None:
+def test_malformed_chunks_raise(raw: bytes) -> None:
     with pytest.raises(UpstreamProtocolError):
-        ChunkedDecoder().feed(raw)
+        _parse(CHUNKED_HEAD, raw)
 
 
 @settings(max_examples=300, deadline=None)
@@ -112,10 +154,22 @@ def test_chunked_decoder_rejects_garbage(raw: bytes) -> None:
     chunks=st.lists(st.binary(min_size=1, max_size=300), min_size=0, max_size=12),
     cuts=st.lists(st.integers(min_value=0, max_value=5000), max_size=30),
 )
-def test_chunked_decoder_any_split_gives_same_payload(chunks: list[bytes], cuts: list[int]) -> None:
-    wire = b"".join(frame_chunk(c) for c in chunks) + LAST_CHUNK
+def test_any_split_gives_same_head_payload_and_end(chunks: list[bytes], cuts: list[int]) -> None:
+    wire = CHUNKED_HEAD + b"".join(frame_chunk(c) for c in chunks) + LAST_CHUNK
     points = sorted({c % (len(wire) + 1) for c in cuts})
     pieces = [wire[a:b] for a, b in zip([0, *points], [*points, len(wire)], strict=True)]
-    payload, consumed, done = _decode_all([p for p in pieces if p])
+    p = ResponseParser(65536)
+    payload = bytearray()
+    raw_body = bytearray()
+    for piece in (x for x in pieces if x):
+        waiting = p.head is None
+        p.feed(piece)
+        if waiting and p.head is not None:
+            raw_body += piece[p.body_start:]
+        elif not waiting:
+            raw_body += piece
+        for out in p.take():
+            payload += out
+    assert p.head is not None and p.done and not p.extra
     assert payload == b"".join(chunks)
-    assert done and consumed == len(wire)
+    assert bytes(raw_body) == wire[len(CHUNKED_HEAD):]  # what the relay forwards verbatim

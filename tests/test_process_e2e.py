@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from e2e_helpers import request_bytes
 
-from sidecar.http1 import ChunkedDecoder, parse_response_head
+from sidecar.http1 import ResponseParser
 
 PY = sys.executable
 # Hard bounds so a broken sidecar cannot hang the suite.
@@ -194,23 +194,18 @@ async def _client_worker(port: int, n: int, in_last: asyncio.Event, results: lis
     try:
         for i in range(n):
             writer.write(chat_request(CHAT))
-            buf = bytearray()
-            parsed = None
-            while parsed is None:
+            parser = ResponseParser(65536)
+            while parser.head is None:
                 data = await reader.read(65536)
                 assert data, "sidecar closed the connection before the head"
-                buf += data
-                parsed = parse_response_head(buf, 65536)
-            head, used = parsed
+                parser.feed(data)
             if i == n - 1:
                 in_last.set()  # our final request is being streamed: safe to SIGTERM now
-            dec = ChunkedDecoder()
-            dec.feed(bytes(buf[used:]))
-            while not dec.done:
+            while not parser.done:
                 data = await reader.read(65536)
                 assert data, "stream cut before its end"
-                dec.feed(data)
-            results.append(head.status)
+                parser.feed(data)
+            results.append(parser.head.status)
     finally:
         writer.close()
 
@@ -253,9 +248,10 @@ def _one_request(port: int) -> int:
         data = b""
         while chunk := s.recv(65536):
             data += chunk
-    parsed = parse_response_head(data, 65536)
-    assert parsed is not None
-    return parsed[0].status
+    parser = ResponseParser(65536)
+    parser.feed(data)
+    assert parser.head is not None
+    return parser.head.status
 
 
 def test_two_workers_share_the_port_and_a_crashed_worker_is_replaced(

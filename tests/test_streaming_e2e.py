@@ -13,7 +13,7 @@ import orjson
 import pytest
 from e2e_helpers import request_bytes
 
-from sidecar.http1 import ChunkedDecoder, parse_response_head
+from sidecar.http1 import ResponseParser
 from sidecar.mock_shapes import count_tokens, expected_text
 
 
@@ -28,28 +28,26 @@ class RawStream:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.buf = bytearray()
-        self.head = None
-        self.decoder = ChunkedDecoder()
+        self.parser = ResponseParser(65536)
         self.sse = bytearray()
         self.events: list[tuple[float, bytes]] = []
         self.eof = False
 
+    @property
+    def head(self) -> Any:
+        return self.parser.head
+
     def read_head(self) -> Any:
-        while self.head is None:
+        while self.parser.head is None:
             data = self.sock.recv(65536)
             assert data, "connection closed before the response head"
-            self.buf += data
-            parsed = parse_response_head(self.buf, 65536)
-            if parsed is not None:
-                self.head, n = parsed
-                self._body(bytes(self.buf[n:]))
-        return self.head
+            self._body(data)
+        return self.parser.head
 
     def _body(self, data: bytes) -> None:
         now = time.monotonic()
-        pieces, _ = self.decoder.feed(data)
-        for p in pieces:
+        self.parser.feed(data)
+        for p in self.parser.take():
             self.sse += p
         while (end := self.sse.find(b"\n\n")) >= 0:
             self.events.append((now, bytes(self.sse[:end])))
@@ -57,7 +55,7 @@ class RawStream:
 
     def read_events(self, n: int) -> None:
         self.read_head()
-        while len(self.events) < n and not self.decoder.done:
+        while len(self.events) < n and not self.parser.done:
             data = self.sock.recv(65536)
             if not data:
                 self.eof = True
