@@ -12,6 +12,7 @@ whole point), never by the reader.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 from dataclasses import dataclass
@@ -55,8 +56,23 @@ def _request_id(headers: list[tuple[bytes, bytes]]) -> bytes:
     return _new_id()
 
 
+# Request ids: a random per-process prefix and a counter. Unique without a
+# getrandom() system call per request, and still unguessable across processes.
+_ID_PREFIX = os.urandom(8).hex().encode()
+_id_counter = itertools.count(1)
+
+
+def _reseed_ids() -> None:
+    global _ID_PREFIX, _id_counter
+    _ID_PREFIX = os.urandom(8).hex().encode()
+    _id_counter = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_reseed_ids)  # a forked child must not repeat ids
+
+
 def _new_id() -> bytes:
-    return os.urandom(12).hex().encode()
+    return b"%b%08x" % (_ID_PREFIX, next(_id_counter))
 
 
 # ------------------------------------------------------------------------------ reader
@@ -315,10 +331,10 @@ class DownstreamProtocol(asyncio.Protocol):
     # Slots: one of these lives per open client connection (thousands of idle streams).
     __slots__ = (
         "_driving",
-        "_idle_timer",
         "busy",
         "closed",
         "exchange",
+        "idle_since",
         "limits",
         "paused_reading",
         "paused_writing",
@@ -344,7 +360,9 @@ class DownstreamProtocol(asyncio.Protocol):
         self.paused_writing = False
         self.paused_reading = False
         self.closed = False
-        self._idle_timer: asyncio.TimerHandle | None = None
+        # loop.time() when the connection last became idle, -1 while a request is
+        # being read or answered; the proxy's idle sweep closes the long-idle ones.
+        self.idle_since = -1.0
 
     # -- asyncio.Protocol ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -501,15 +519,17 @@ class DownstreamProtocol(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _arm_idle(self) -> None:
-        self._cancel_idle()
-        self._idle_timer = self.proxy.loop.call_later(
-            self.proxy.config.timeouts.client_idle, self._close
-        )
+        # A timestamp, not a timer: a TimerHandle per request cost an allocation, a
+        # heap push and a cancel; the proxy sweeps all connections once a period.
+        self.idle_since = self.proxy.loop.time()
 
     def _cancel_idle(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self.idle_since = -1.0
+
+    def close_if_idle_since(self, deadline: float) -> None:
+        """The idle sweep: close when idle since before ``deadline``."""
+        if 0.0 <= self.idle_since < deadline:
+            self._close()
 
     def close_if_idle(self) -> None:
         """Drain: an idle keep-alive connection is closed; a busy one closes after its response."""

@@ -41,7 +41,7 @@ HOP_BY_HOP = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen init pays object.__setattr__ per field
 class ResponseHead:
     status: int
     reason: bytes

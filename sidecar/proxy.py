@@ -12,7 +12,8 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -32,7 +33,7 @@ from sidecar.router import RouteTable
 from sidecar.splice import Exchange, Sweeper
 from sidecar.sse import Tap, UsageChunkStripper, make_tap
 from sidecar.tokenizer import Tokenizer
-from sidecar.upstream import UpstreamConnection, UpstreamPool, build_request_head
+from sidecar.upstream import UpstreamConnection, UpstreamPool
 from sidecar.usage import Usage
 
 if TYPE_CHECKING:
@@ -47,6 +48,8 @@ LOCAL_PATHS = frozenset({"/healthz", "/readyz"})
 # long cut ones get to settle (meter rows, estimates) before connections are aborted.
 DRAIN_POLL_S = 0.05
 DRAIN_SETTLE_S = 2.0
+# Coarsest resolution of the client idle timeout (the idle sweep's period).
+IDLE_SWEEP_MAX_INTERVAL = 1.0
 # A reused keep-alive connection that the provider closed while idle fails before
 # any byte comes back; one retry on a fresh connection is safe and invisible.
 MAX_STALE_RETRIES = 1
@@ -85,10 +88,10 @@ def _is_event_stream(head: ResponseHead) -> bool:
 class Flight:
     """One request between dispatch and its meter row: what the callbacks share."""
 
-    __slots__ = ("client", "ctx", "cut", "exchange", "payload", "pool", "req", "strip")
+    __slots__ = ("client", "ctx", "cut", "exchange", "landed", "payload", "pool", "req", "strip")
 
     def __init__(self, req: IncomingRequest, client: DownstreamProtocol,
-                 ctx: RequestContext) -> None:
+                 ctx: RequestContext, landed: Callable[[Flight, Exchange], None]) -> None:
         self.req = req
         self.client = client
         self.ctx = ctx
@@ -99,6 +102,7 @@ class Flight:
         self.strip = False  # hide the usage chunk we asked for from the client
         self.exchange: Exchange | None = None
         self.cut = False  # shutdown's deadline passed while it was in flight
+        self.landed = partial(landed, self)  # the exchange's on_end
 
 
 class Proxy:
@@ -119,6 +123,16 @@ class Proxy:
         self.sweeper = Sweeper.for_timeouts(self.loop, config.timeouts)
         self.draining = False
         self._rand = random.random
+        # Idle keep-alive clients are closed by one periodic sweep, not a timer each.
+        self._idle_period = min(IDLE_SWEEP_MAX_INTERVAL, config.timeouts.client_idle / 4)
+        self._idle_handle: asyncio.TimerHandle | None = self.loop.call_later(
+            self._idle_period, self._sweep_idle)
+
+    def _sweep_idle(self) -> None:
+        deadline = self.loop.time() - self.config.timeouts.client_idle
+        for conn in list(self.connections):
+            conn.close_if_idle_since(deadline)
+        self._idle_handle = self.loop.call_later(self._idle_period, self._sweep_idle)
 
     # -- task tracking: every task is kept until done, none orphaned ---------------
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -160,7 +174,7 @@ class Proxy:
         try:
             flight = self._prepare(req, client, table, ctx)
         except SidecarError as exc:
-            self._refuse(Flight(req, client, ctx), exc)
+            self._refuse(Flight(req, client, ctx, self._landed), exc)
             return
         self.flights.add(flight)
         conn = flight.pool.take_idle()
@@ -198,7 +212,7 @@ class Proxy:
                                           "include_usage": True}
                 payload = orjson.dumps(body)
                 strip = True
-        flight = Flight(req, client, ctx)
+        flight = Flight(req, client, ctx, self._landed)
         flight.pool = self.pools[upstream.name]
         flight.payload = payload
         flight.strip = strip
@@ -252,9 +266,9 @@ class Proxy:
         client.exchange = ex
         if client.paused_writing:
             ex.pause()
-        ex.done.add_done_callback(lambda _: self._landed(flight, ex))
-        head = build_request_head(flight.pool.cfg, req.method, req.target, req.headers,
-                                  len(flight.payload), req.request_id)
+        ex.on_end = flight.landed
+        head = flight.pool.head.build(req.method, req.target, req.headers,
+                                      len(flight.payload), req.request_id)
         ex.start(head + flight.payload)
 
     def _landed(self, flight: Flight, ex: Exchange) -> None:
@@ -413,4 +427,7 @@ class Proxy:
         for pool in self.pools.values():
             pool.close()
         self.sweeper.close()
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
 

@@ -122,7 +122,6 @@ class Exchange:
         "client_http11",
         "client_keep_alive",
         "conn",
-        "done",
         "error",
         "extra_after_body",
         "filters",
@@ -131,6 +130,7 @@ class Exchange:
         "last_read",
         "max_head",
         "mode",
+        "on_end",
         "outcome",
         "phase",
         "pool",
@@ -186,7 +186,9 @@ class Exchange:
         self.error: SidecarError | None = None
         self.stale = False  # a reused connection died before any byte: safe to retry
         self.extra_after_body = False
-        self.done: asyncio.Future[None] = self._loop.create_future()
+        # Called once, on the next loop turn, when the exchange has ended; a plain
+        # callback rather than a Future (one allocation and one hop less per request).
+        self.on_end: Callable[[Exchange], None] | None = None
 
     # -- start --------------------------------------------------------------
     def start(self, request: bytes) -> None:
@@ -241,6 +243,10 @@ class Exchange:
         self._fail(UpstreamError("upstream closed the connection mid-response"), "upstream_error")
 
     # -- client callbacks -----------------------------------------------------
+    @property
+    def ended(self) -> bool:
+        return self.phase is Phase.DONE
+
     def client_gone(self) -> None:
         if self.phase is Phase.DONE:
             return
@@ -476,5 +482,9 @@ class Exchange:
             self.pool.release(conn, True)
         else:
             conn.close()
-        if not self.done.done():
-            self.done.set_result(None)
+        on_end = self.on_end
+        if on_end is not None:
+            self.on_end = None
+            # Not called inline: _end can run mid-callback (inside a read, before that
+            # read's last bytes are flushed), and what it starts next must come after.
+            self._loop.call_soon(on_end, self)

@@ -171,3 +171,23 @@ def test_anthropic_client_disconnect_mid_stream_meters_estimated_output(
     truth = count_tokens(text, "o200k_base")
     # What the sidecar forwarded may be a delta or two ahead of what this client parsed.
     assert truth - 2 <= row["completion_tokens"] <= truth + 12, (row["completion_tokens"], truth)
+
+
+def _short_client_idle(config: Config) -> Config:
+    return dataclasses.replace(config, timeouts=dataclasses.replace(config.timeouts,
+                                                                     client_idle=0.4))
+
+
+def test_idle_keep_alive_client_is_closed_but_a_long_stream_is_not(stack_factory: Any) -> None:
+    # The stream lasts ~1 s, longer than client_idle: only idle time counts.
+    stack = stack_factory(config_edit=_short_client_idle, chunks=10, delay_ms=100)
+    with ClientConn(stack.port) as c:
+        c.send(request_bytes("POST", "/v1/chat/completions", chat_body(stream=True)))
+        r = c.read_response()
+        assert r.status == 200 and r.complete, r
+        idle_from = time.monotonic()
+        c.sock.settimeout(5)
+        assert c.sock.recv(1) == b""  # the sidecar closed the idle connection
+        waited = time.monotonic() - idle_from
+    # client_idle 0.4 s, swept every 0.1 s: closed after 0.4-0.5 s (plus scheduling slack).
+    assert 0.35 <= waited < 2.0, waited

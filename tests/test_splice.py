@@ -89,7 +89,7 @@ def _run(pieces: list[bytes], client_http11: bool = True) -> tuple[Exchange, Fak
                       sweeper=Sweeper(asyncio.get_running_loop(), 1.0))
         ex.start(b"REQUEST")
         for p in pieces:
-            if not ex.done.done():
+            if not ex.ended:
                 ex.upstream_data(p)
         return ex, client, pool
 
@@ -106,7 +106,7 @@ def _split(data: bytes, cuts: list[int]) -> list[bytes]:
 @given(cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=60))
 def test_verbatim_relay_ends_exactly_at_the_last_chunk_for_any_split(cuts: list[int]) -> None:
     ex, client, pool = _run(_split(HEAD + BODY, cuts))
-    assert ex.done.done() and ex.outcome == "ok"
+    assert ex.ended and ex.outcome == "ok"
     out = b"".join(client.writes)
     head_end = out.index(b"\r\n\r\n") + 4
     assert out[head_end:] == BODY  # chunk frames forwarded untouched
@@ -151,7 +151,7 @@ def test_stream_cut_mid_way_leaves_tap_with_everything_forwarded() -> None:
 
 def test_bytes_after_the_last_chunk_end_client_keep_alive() -> None:
     ex, _client, pool = _run([HEAD + BODY + b"GARBAGE"])
-    assert ex.done.done() and ex.extra_after_body
+    assert ex.ended and ex.extra_after_body
     assert not ex.client_keep_alive and pool.released == []  # closed, not pooled
 
 
@@ -167,11 +167,11 @@ def test_http10_client_gets_payload_without_chunk_framing() -> None:
 def test_trailers_after_the_last_chunk_are_found_for_any_split(cuts: list[int]) -> None:
     body = b"".join(frame_chunk(e) for e in EVENTS) + b"0\r\nx-trailer: 1\r\n\r\n"
     ex, client, pool = _run(_split(HEAD + body, cuts))
-    assert ex.done.done() and ex.outcome == "ok" and pool.released == [True]
+    assert ex.ended and ex.outcome == "ok" and pool.released == [True]
     out = b"".join(client.writes)
     assert out[out.index(b"\r\n\r\n") + 4 :] == body
 
 
 def test_empty_chunked_body_ends_at_once() -> None:
     ex, _client, pool = _run([HEAD + LAST_CHUNK])
-    assert ex.done.done() and pool.released == [True]
+    assert ex.ended and pool.released == [True]
