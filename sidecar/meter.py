@@ -48,7 +48,7 @@ from sidecar.errors import SidecarError
 log = logging.getLogger("sidecar.meter")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen init pays object.__setattr__ per field (26)
 class MeterRecord:
     """One proxied request, built once at its end and never mutated."""
 

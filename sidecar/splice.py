@@ -62,6 +62,9 @@ class Phase(IntEnum):
 
 # Coarsest resolution of the upstream timeouts (the Sweeper's period).
 SWEEP_MAX_INTERVAL = 1.0
+# Payload pieces (about one SSE event each) held before they go to the tap in one
+# call. Bounds what a stream holds outside the tap to a few tens of KiB.
+TAP_BATCH = 64
 
 # Response headers we never pass back: hop-by-hop plus framing we set ourselves.
 _DROP_RESPONSE = HOP_BY_HOP | {b"content-length", b"x-request-id"}
@@ -375,21 +378,32 @@ class Exchange:
             tap.feed(data)
 
     def _chunked_read_done(self) -> None:
-        """After a verbatim chunked read: hand its payload to the tap; end at the last chunk."""
+        """After a verbatim chunked read: end at the last chunk; feed the tap in batches.
+
+        The payload pieces stay in the parser's list (llhttp appends them without any
+        Python code) and go to the tap as one join every TAP_BATCH pieces and at the
+        end, so a read costs no tap call at all.
+        """
         parser = self._parser
-        pieces = parser.pieces
-        tap = self.tap
-        if tap is not None:
-            for piece in pieces:
-                tap.feed(piece)
-        pieces.clear()
         if parser.done:
+            self._tap_pieces()
             if parser.extra:
                 # Bytes after the last chunk already went to the client: it must not
                 # read them as the start of its next response.
                 self.extra_after_body = True
                 self.client_keep_alive = False
             self._finish_body()
+        elif len(parser.pieces) >= TAP_BATCH:
+            self._tap_pieces()
+
+    def _tap_pieces(self) -> None:
+        pieces = self._parser.pieces
+        if not pieces:
+            return
+        tap = self.tap
+        if tap is not None:
+            tap.feed(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        pieces.clear()
 
     def _reframe_pieces(self) -> None:
         """A chunked body whose framing or content changes on the way: one frame per read."""
@@ -474,6 +488,8 @@ class Exchange:
 
     def _end(self, reusable: bool) -> None:
         self.phase = Phase.DONE
+        if self.mode is BodyMode.VERBATIM_CHUNKED:
+            self._tap_pieces()  # cut short: the tap must see every byte the client got
         self.sweeper.discard(self)
         conn = self.conn
         if conn.sink is self:

@@ -1158,6 +1158,15 @@ class DeferredTap(Tap):
             if events is not None:
                 if not events:
                     return None
+                if self._kind not in ("messages", "responses"):
+                    # One chat/completions event carrying the usage object: decode it
+                    # directly, as _ChatTap would, without building a parsing tap.
+                    obj = _decode(events)
+                    usage = _dict(obj, "usage")
+                    if usage is None:  # Groq nests it: {"x_groq": {"usage": {...}}}
+                        usage = _dict(_dict(obj, "x_groq"), "usage")
+                    if usage is not None:
+                        return usage_from_openai(usage)
                 probe = self._make()
                 probe.feed(events)
                 return probe.result().usage
