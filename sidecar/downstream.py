@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -417,6 +418,11 @@ class DownstreamProtocol(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+    @property
+    def raw_write(self) -> Callable[[bytes], object]:
+        assert self.transport is not None
+        return self.transport.write
 
     # -- request cycle --------------------------------------------------------------
     def _drive(self) -> None:

@@ -41,6 +41,11 @@ class ClientSide(Protocol):
 
     def write(self, data: bytes | memoryview) -> None: ...
 
+    # The transport's own write, for the verbatim fast path (no Python frame between);
+    # the exchange uses it only while it is live, which the client connection outlives.
+    @property
+    def raw_write(self) -> Callable[[bytes], object]: ...
+
     def abort(self) -> None: ...
 
 
@@ -116,9 +121,11 @@ class Sweeper:
 
 class Exchange:
     __slots__ = (
+        "_fast",
         "_loop",
         "_out",
         "_parser",
+        "_raw_write",
         "_remaining",
         "bytes_out",
         "client",
@@ -178,6 +185,10 @@ class Exchange:
         self.head: ResponseHead | None = None
         self.head_sent = False
         self._parser = ResponseParser(max_head)
+        # Set while the body is relayed verbatim chunked: upstream_data's inline path,
+        # which writes with the client transport's own write.
+        self._fast = False
+        self._raw_write: Callable[[bytes], object] | None = None
         self._remaining = 0  # content-length bytes still to come (-1: until close)
         # Bytes for the client from the current provider read, written at once.
         self._out: list[bytes | memoryview] = []
@@ -220,6 +231,20 @@ class Exchange:
     # -- upstream callbacks ---------------------------------------------------
     def upstream_data(self, data: bytes) -> None:
         self.last_read = self._loop.time()
+        if self._fast:
+            # Most reads of a stream: written to the client as they are, then llhttp
+            # walks the frames (C code, appending payload to the parser's list).
+            self.bytes_out += len(data)
+            self._raw_write(data)  # type: ignore[misc]  # set with _fast
+            parser = self._parser
+            try:
+                parser.feed(data)
+            except UpstreamProtocolError as exc:
+                self._fail(exc, "upstream_error")
+                return
+            if parser.done or len(parser.pieces) >= TAP_BATCH:
+                self._chunked_read_done()
+            return
         try:
             if self.phase is Phase.BODY:
                 self._body(data)
@@ -333,6 +358,8 @@ class Exchange:
                 if rest:
                     self._out.append(rest)
                 self._flush_out()
+                self._raw_write = self.client.raw_write
+                self._fast = True
                 self._chunked_read_done()
             else:
                 self._reframe_pieces()
@@ -346,13 +373,6 @@ class Exchange:
     # -- body -------------------------------------------------------------------
     def _body(self, data: bytes) -> None:
         """One provider read: relay it, write once, and only then let the tap look at it."""
-        if self.mode is BodyMode.VERBATIM_CHUNKED:
-            # The fast path: the read goes out untouched, then llhttp walks its frames.
-            self.bytes_out += len(data)
-            self.client.write(data)
-            self._parser.feed(data)
-            self._chunked_read_done()
-            return
         if self.head is not None and self.head.chunked:
             self._parser.feed(data)
             self._reframe_pieces()
@@ -488,6 +508,8 @@ class Exchange:
 
     def _end(self, reusable: bool) -> None:
         self.phase = Phase.DONE
+        self._fast = False
+        self._raw_write = None
         if self.mode is BodyMode.VERBATIM_CHUNKED:
             self._tap_pieces()  # cut short: the tap must see every byte the client got
         self.sweeper.discard(self)

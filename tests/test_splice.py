@@ -69,6 +69,8 @@ class FakeClient:
     def write(self, data: bytes) -> None:
         self.writes.append(bytes(data))
 
+    raw_write = write
+
     def abort(self) -> None:
         self.aborted = True
 
