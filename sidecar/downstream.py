@@ -151,7 +151,9 @@ class RequestReader:
         self.error: RequestError | None = None
         self.error_head: ParsedRequest | None = None
         self.done = False  # an error or a last request: nothing more is read
-        self._parser = httptools.HttpRequestParser(self)
+        # Made when bytes arrive and dropped between requests: an idle keep-alive
+        # connection, or one whose response is streaming, holds no parser (~0.9 KiB).
+        self._parser: httptools.HttpRequestParser | None = None
         self._msg: ParsedRequest | None = None  # head read, body not complete yet
         self._msgs = 0  # messages begun, to tell one head from the next
         self._in_head = False
@@ -184,8 +186,11 @@ class RequestReader:
         if self.done:
             return
         msgs, in_head, idle = self._msgs, self._in_head, self._msg is None and not self._in_head
+        parser = self._parser
+        if parser is None:
+            parser = self._parser = httptools.HttpRequestParser(self)
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as up:
             self._after_upgrade(data[up.args[0]:])
             return
@@ -196,6 +201,14 @@ class RequestReader:
             if isinstance(cause, Exception) and not isinstance(cause, httptools.HttpParserError):
                 raise cause from exc  # a bug in a callback, not the client's fault
             self._fail(RequestError(f"malformed HTTP request: {exc}"), self._msg)
+            return
+        if self._msg is None and not self._in_head and self._upgrade_framing is None:
+            # Between requests, with every byte taken: nothing the next request needs is
+            # in the parser, so let it go (and what the last message's parse left).
+            self._parser = None
+            self._headers = []
+            self._special = []
+            self._body = []
             return
         if self._in_head:
             # A head still open: the parser keeps its unfinished header line to itself, so
@@ -260,6 +273,7 @@ class RequestReader:
             return
         self._in_head = False
         parser = self._parser
+        assert parser is not None  # a callback runs inside feed, which made it
         http11 = parser.get_http_version() == "1.1"
         hosts = 0
         length = -1

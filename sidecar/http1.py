@@ -14,6 +14,7 @@ socket: feed bytes in, read results out, and every malformed input raises
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import httptools
@@ -46,7 +47,8 @@ class ResponseHead:
     status: int
     reason: bytes
     http11: bool
-    headers: tuple[tuple[bytes, bytes], ...]  # names lower-cased, values stripped
+    # Names lower-cased, values stripped; emptied once the head has been relayed.
+    headers: Sequence[tuple[bytes, bytes]]
     content_length: int | None
     chunked: bool
     keep_alive: bool  # the upstream connection may be reused after this body
@@ -196,6 +198,7 @@ class ResponseParser:
         if version not in ("1.1", "1.0"):
             raise UpstreamProtocolError(f"unsupported response version HTTP/{version}")
         self.head = _make_head(status, self._reason, version == "1.1", self._headers)
+        self._headers = []  # the head has them now
 
     def on_message_complete(self) -> None:
         if self.head is not None:
@@ -227,7 +230,7 @@ def _make_head(status: int, reason: bytes, http11: bool,
         status=status,
         reason=reason,
         http11=http11,
-        headers=tuple(headers),
+        headers=headers,
         content_length=content_length,
         chunked=chunked,
         keep_alive=not conn_close and (chunked or content_length is not None),

@@ -12,8 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine
-from functools import partial
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -88,10 +87,11 @@ def _is_event_stream(head: ResponseHead) -> bool:
 class Flight:
     """One request between dispatch and its meter row: what the callbacks share."""
 
-    __slots__ = ("client", "ctx", "cut", "exchange", "landed", "payload", "pool", "req", "strip")
+    __slots__ = ("client", "ctx", "cut", "exchange", "payload", "pool", "proxy", "req", "strip")
 
     def __init__(self, req: IncomingRequest, client: DownstreamProtocol,
-                 ctx: RequestContext, landed: Callable[[Flight, Exchange], None]) -> None:
+                 ctx: RequestContext, proxy: Proxy) -> None:
+        self.proxy = proxy
         self.req = req
         self.client = client
         self.ctx = ctx
@@ -102,7 +102,21 @@ class Flight:
         self.strip = False  # hide the usage chunk we asked for from the client
         self.exchange: Exchange | None = None
         self.cut = False  # shutdown's deadline passed while it was in flight
-        self.landed = partial(landed, self)  # the exchange's on_end
+
+    def __call__(self, ex: Exchange) -> None:
+        """The exchange's on_end (the flight itself, not a closure per request)."""
+        self.proxy._landed(self, ex)
+
+    def filters(self, head: ResponseHead) -> tuple[Tap, UsageChunkStripper | None]:
+        """The exchange's body filters, chosen once the provider's head is in."""
+        # The provider answered: no retry will need the request head again, so let the
+        # client's headers go for the rest of the stream.
+        self.req.headers = []
+        sse = _is_event_stream(head)
+        tap = make_tap(self.ctx.api_format, self.req.path, sse,
+                       body_cap=self.proxy.config.limits.tap_body_bytes)
+        strip = self.strip and sse and head.status < 300
+        return tap, (UsageChunkStripper() if strip else None)
 
 
 class Proxy:
@@ -174,7 +188,7 @@ class Proxy:
         try:
             flight = self._prepare(req, client, table, ctx)
         except SidecarError as exc:
-            self._refuse(Flight(req, client, ctx, self._landed), exc)
+            self._refuse(Flight(req, client, ctx, self), exc)
             return
         self.flights.add(flight)
         conn = flight.pool.take_idle()
@@ -212,7 +226,7 @@ class Proxy:
                                           "include_usage": True}
                 payload = orjson.dumps(body)
                 strip = True
-        flight = Flight(req, client, ctx, self._landed)
+        flight = Flight(req, client, ctx, self)
         flight.pool = self.pools[upstream.name]
         flight.payload = payload
         flight.strip = strip
@@ -244,13 +258,6 @@ class Proxy:
         req, client, ctx = flight.req, flight.client, flight.ctx
         ctx.attempts += 1
         limits = self.config.limits
-        fmt, path, strip = ctx.api_format, req.path, flight.strip
-
-        def filters(head: ResponseHead) -> tuple[Tap, UsageChunkStripper | None]:
-            sse = _is_event_stream(head)
-            tap = make_tap(fmt, path, sse, body_cap=limits.tap_body_bytes)
-            return tap, (UsageChunkStripper() if strip and sse and head.status < 300 else None)
-
         ex = Exchange(
             pool=flight.pool,
             conn=conn,
@@ -258,7 +265,7 @@ class Proxy:
             client_http11=req.http11,
             client_keep_alive=req.keep_alive and not self.draining,
             request_id=req.request_id,
-            filters=filters,
+            filters=flight.filters,
             max_head=limits.max_header_bytes,
             sweeper=self.sweeper,
         )
@@ -266,7 +273,7 @@ class Proxy:
         client.exchange = ex
         if client.paused_writing:
             ex.pause()
-        ex.on_end = flight.landed
+        ex.on_end = flight
         head = flight.pool.head.build(req.method, req.target, req.headers,
                                       len(flight.payload), req.request_id)
         ex.start(head + flight.payload)

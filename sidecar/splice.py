@@ -174,7 +174,7 @@ class Exchange:
         self.client_http11 = client_http11
         self.client_keep_alive = client_keep_alive
         self.request_id = request_id
-        self.filters = filters
+        self.filters: BodyFilters | None = filters
         self.tap: Tap | None = None
         self.stripper: UsageChunkStripper | None = None
         self.max_head = max_head
@@ -303,7 +303,9 @@ class Exchange:
         if not head.has_body:
             self.mode = BodyMode.NONE
             return
-        self.tap, self.stripper = self.filters(head)
+        filters, self.filters = self.filters, None  # used once; let it go
+        assert filters is not None
+        self.tap, self.stripper = filters(head)
         if not head.chunked:
             self._remaining = head.content_length if head.content_length is not None else -1
         if not self.client_http11:
@@ -348,6 +350,8 @@ class Exchange:
         self.head_sent = True
         # Queued, not written: it shares one write with the first body bytes.
         self._out.append(self._client_head(head))
+        # Relayed: the headers are not needed for the rest of the stream (~0.4 KiB).
+        head.headers = ()
         if self.mode is BodyMode.NONE:
             self._finish_body(reusable_hint=not rest and not self._parser.extra
                               and head.content_length in (None, 0))
