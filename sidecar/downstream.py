@@ -34,20 +34,6 @@ MAX_REQUEST_ID = 128
 _ID_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 
 
-@dataclass(slots=True)
-class IncomingRequest:
-    method: bytes
-    target: bytes  # path + query, as received
-    path: str  # without the query
-    headers: list[tuple[bytes, bytes]]  # names lower-cased
-    body: bytes
-    http11: bool
-    keep_alive: bool
-    request_id: bytes
-    t_received: float  # loop.time() when the request was complete
-    ts_ms: int  # wall clock, for the meter
-
-
 def _request_id(headers: list[tuple[bytes, bytes]]) -> bytes:
     for name, value in headers:
         if name == b"x-request-id":
@@ -99,6 +85,12 @@ class ParsedRequest:
     body: bytes = b""
     size: int = 0  # head and body bytes held, for the pipelining bound
     continued: bool = False  # the protocol has written "100 Continue" for it
+    # Set when its turn comes and it is handed to the proxy (one object per request,
+    # not a second one for the proxy's view):
+    path: str = ""  # the target without the query
+    request_id: bytes = b""  # the client's sane x-request-id, or ours
+    t_received: float = 0.0  # loop.time() when the request was complete
+    ts_ms: int = 0  # wall clock, for the meter
 
 
 class _Stop(Exception):
@@ -480,21 +472,13 @@ class DownstreamProtocol(asyncio.Protocol):
     def _dispatch(self, req: ParsedRequest) -> None:
         target = req.target
         q = target.find(b"?")
-        headers = req.headers
-        incoming = IncomingRequest(
-            method=req.method,
-            target=target,
-            path=(target if q < 0 else target[:q]).decode("latin-1"),
-            headers=headers,
-            body=req.body,
-            http11=req.http11,
-            keep_alive=req.keep_alive and not self.proxy.draining,
-            request_id=_request_id(headers),
-            t_received=self.proxy.loop.time(),
-            ts_ms=int(time.time() * 1000),
-        )
+        req.path = (target if q < 0 else target[:q]).decode("latin-1")
+        req.keep_alive = req.keep_alive and not self.proxy.draining
+        req.request_id = _request_id(req.headers)
+        req.t_received = self.proxy.loop.time()
+        req.ts_ms = int(time.time() * 1000)
         self.busy = True
-        self.proxy.dispatch(incoming, self)
+        self.proxy.dispatch(req, self)
 
     def cycle_done(self, keep_alive: bool) -> None:
         """Called by the proxy when the response to the current request is complete."""

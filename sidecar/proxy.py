@@ -36,7 +36,7 @@ from sidecar.upstream import UpstreamConnection, UpstreamPool
 from sidecar.usage import Usage
 
 if TYPE_CHECKING:
-    from sidecar.downstream import DownstreamProtocol, IncomingRequest, ParsedRequest
+    from sidecar.downstream import DownstreamProtocol, ParsedRequest
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -89,7 +89,7 @@ class Flight:
 
     __slots__ = ("client", "ctx", "cut", "exchange", "payload", "pool", "proxy", "req", "strip")
 
-    def __init__(self, req: IncomingRequest, client: DownstreamProtocol,
+    def __init__(self, req: ParsedRequest, client: DownstreamProtocol,
                  ctx: RequestContext, proxy: Proxy) -> None:
         self.proxy = proxy
         self.req = req
@@ -161,7 +161,7 @@ class Proxy:
             log.error("request handler crashed", exc_info=task.exception())
 
     # -- the request --------------------------------------------------------------
-    def dispatch(self, req: IncomingRequest, client: DownstreamProtocol) -> None:
+    def dispatch(self, req: ParsedRequest, client: DownstreamProtocol) -> None:
         """Answer one complete request, synchronously when it can be.
 
         With a kept-alive provider connection free (the steady state), the request
@@ -198,7 +198,7 @@ class Proxy:
             client.task = self.spawn(self._connect_and_launch(flight))
 
     def _prepare(
-        self, req: IncomingRequest, client: DownstreamProtocol, table: RouteTable,
+        self, req: ParsedRequest, client: DownstreamProtocol, table: RouteTable,
         ctx: RequestContext,
     ) -> Flight:
         """Validate and inspect the request; choose the upstream; build its bytes."""
@@ -376,7 +376,7 @@ class Proxy:
         ctx.usage_approx = approx_p or approx_c
 
     # -- local answers ----------------------------------------------------------------
-    def _local(self, req: IncomingRequest, client: DownstreamProtocol) -> None:
+    def _local(self, req: ParsedRequest, client: DownstreamProtocol) -> None:
         if req.path == "/readyz" and self.draining:
             status, body = 503, b'{"status":"draining"}'
         else:
@@ -385,7 +385,7 @@ class Proxy:
                             head_only=req.method == b"HEAD"))
         client.cycle_done(req.keep_alive)
 
-    def _reply_error(self, client: DownstreamProtocol, req: IncomingRequest,
+    def _reply_error(self, client: DownstreamProtocol, req: ParsedRequest,
                      exc: SidecarError) -> int:
         status, body = error_for(exc)
         extra: tuple[tuple[bytes, bytes], ...] = ()

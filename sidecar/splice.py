@@ -184,7 +184,12 @@ class Exchange:
         self.mode = BodyMode.NONE
         self.head: ResponseHead | None = None
         self.head_sent = False
-        self._parser = ResponseParser(max_head)
+        parser = conn.parser
+        if parser is None:
+            parser = conn.parser = ResponseParser(max_head)
+        else:
+            parser.reset(max_head)  # a kept-alive connection: its last response ended clean
+        self._parser = parser
         # Set while the body is relayed verbatim chunked: upstream_data's inline path,
         # which writes with the client transport's own write.
         self._fast = False

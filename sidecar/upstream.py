@@ -16,7 +16,7 @@ from typing import Protocol, cast
 
 from sidecar.config import TimeoutsConfig, UpstreamConfig
 from sidecar.errors import UpstreamError, UpstreamTimeout
-from sidecar.http1 import HOP_BY_HOP
+from sidecar.http1 import HOP_BY_HOP, ResponseParser
 
 log = logging.getLogger("sidecar.upstream")
 
@@ -39,10 +39,12 @@ class ResponseSink(Protocol):
 
 
 class UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("idle_since", "pool", "reused", "sink", "state", "transport")
+    __slots__ = ("idle_since", "parser", "pool", "reused", "sink", "state", "transport")
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
+        # Made by the first exchange and reset by the next ones (see ResponseParser.reset).
+        self.parser: ResponseParser | None = None
         self.state = ConnState.CONNECTING
         self.transport: asyncio.Transport | None = None
         self.sink: ResponseSink | None = None

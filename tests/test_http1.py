@@ -173,3 +173,24 @@ def test_any_split_gives_same_head_payload_and_end(chunks: list[bytes], cuts: li
     assert p.head is not None and p.done and not p.extra
     assert payload == b"".join(chunks)
     assert bytes(raw_body) == wire[len(CHUNKED_HEAD):]  # what the relay forwards verbatim
+
+
+def test_one_parser_serves_consecutive_responses_on_a_connection() -> None:
+    p = ResponseParser(65536)
+    p.feed(CHUNKED_HEAD + frame_chunk(b"a") + LAST_CHUNK)
+    assert p.done and p.take() == [b"a"]
+    p.reset(65536)
+    assert p.head is None and not p.done and not p.seen
+    p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert p.head is not None and p.head.content_length == 2
+    assert p.done and p.take() == [b"ok"] and not p.extra
+
+
+def test_reset_after_a_body_the_parser_did_not_finish_starts_clean() -> None:
+    p = ResponseParser(65536)
+    p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")  # the relay counts the rest
+    assert not p.done
+    p.reset(65536)
+    p.feed(CHUNKED_HEAD + frame_chunk(b"x") + LAST_CHUNK)
+    assert p.head is not None and p.head.chunked
+    assert p.done and p.take() == [b"x"]

@@ -41,6 +41,7 @@ class FakePool:
 
 class FakeConn:
     reused = False
+    parser = None
 
     def __init__(self, pool: FakePool) -> None:
         self.pool = pool
