@@ -209,6 +209,9 @@ def _unescape(escaped: Buf) -> str:
 
 def _payload(ev: Buf) -> bytes:
     """The event's data: its ``data:`` lines joined by \\n (SSE field parsing)."""
+    body = bytes(ev).rstrip(b"\n")
+    if body.startswith(b"data: ") and b"\n" not in body and b"\r" not in body:
+        return body[6:]  # the usual event: one "data: " line, nothing else
     parts: list[bytes] = []
     for line in bytes(ev).splitlines():
         if line.startswith(b"data"):

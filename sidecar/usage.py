@@ -70,7 +70,7 @@ def endpoint_kind(
     return "unknown"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per request, and a frozen init is slow
 class Usage:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
