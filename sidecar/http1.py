@@ -14,7 +14,7 @@ socket: feed bytes in, read results out, and every malformed input raises
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import httptools
@@ -144,17 +144,35 @@ class ResponseParser:
         except httptools.HttpParserUpgrade:
             raise UpstreamProtocolError("provider switched protocols (101/upgrade)") from None
         except httptools.HttpParserError as exc:
-            if self.done:
-                self.extra = True  # bytes after the end that are not even a response
-                return
-            cause = exc.__context__
-            if isinstance(cause, UpstreamProtocolError):
-                raise cause from None
-            if isinstance(cause, Exception) and not isinstance(cause, httptools.HttpParserError):
-                raise cause from exc  # a bug in a callback, not the provider's fault
-            raise UpstreamProtocolError(f"malformed response: {exc}") from None
+            error = self.body_error(exc)
+            if error is not None:
+                raise error from None
+            return
         if waiting:
             self._locate_body(data)
+
+    @property
+    def feed_body(self) -> Callable[[bytes], None]:
+        """llhttp's own feed, for the relay's per-read fast path once the head is in.
+
+        Equivalent to :meth:`feed` after the head (minus a Python frame per read);
+        an ``httptools.HttpParserError`` it raises goes to :meth:`body_error`.
+        """
+        feed: Callable[[bytes], None] = self._parser.feed_data
+        return feed
+
+    def body_error(self, exc: httptools.HttpParserError) -> UpstreamProtocolError | None:
+        """What an error from ``feed_body`` means: None when the message had ended
+        and only bytes after it were bad (``extra`` is then set)."""
+        if self.done:
+            self.extra = True
+            return None
+        cause = exc.__context__
+        if isinstance(cause, UpstreamProtocolError):
+            return cause
+        if isinstance(cause, Exception) and not isinstance(cause, httptools.HttpParserError):
+            raise cause from exc  # a bug in a callback, not the provider's fault
+        return UpstreamProtocolError(f"malformed response: {exc}")
 
     def _locate_body(self, data: bytes) -> None:
         buf = self._buf

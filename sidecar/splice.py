@@ -22,6 +22,8 @@ from collections.abc import Callable
 from enum import IntEnum
 from typing import TYPE_CHECKING, Protocol
 
+import httptools
+
 from sidecar.config import TimeoutsConfig
 from sidecar.errors import SidecarError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from sidecar.http1 import HOP_BY_HOP, LAST_CHUNK, ResponseHead, ResponseParser, frame_chunk
@@ -122,6 +124,7 @@ class Sweeper:
 class Exchange:
     __slots__ = (
         "_fast",
+        "_feed_body",
         "_loop",
         "_out",
         "_parser",
@@ -144,6 +147,8 @@ class Exchange:
         "outcome",
         "phase",
         "pool",
+        "reads",
+        "reads_seen",
         "request_id",
         "stale",
         "started",
@@ -194,13 +199,18 @@ class Exchange:
         # which writes with the client transport's own write.
         self._fast = False
         self._raw_write: Callable[[bytes], object] | None = None
+        self._feed_body: Callable[[bytes], None] | None = None
         self._remaining = 0  # content-length bytes still to come (-1: until close)
         # Bytes for the client from the current provider read, written at once.
         self._out: list[bytes | memoryview] = []
         self.bytes_out = 0
         self.t_first_byte: float | None = None
         self.started = 0.0
+        # Reads so far, and as the last sweep saw them: progress is noticed by the
+        # sweeper (last_read = when it saw the count move), not stamped per read.
         self.last_read = 0.0
+        self.reads = 0
+        self.reads_seen = 0
         self.outcome = "ok"
         self.error: SidecarError | None = None
         self.stale = False  # a reused connection died before any byte: safe to retry
@@ -211,10 +221,28 @@ class Exchange:
 
     # -- start --------------------------------------------------------------
     def start(self, request: bytes) -> None:
-        self.conn.sink = self
+        conn = self.conn
+        conn.sink = self
+        conn.attach(self)
         self.started = self.last_read = self._loop.time()
-        self.conn.write(request)
+        conn.write(request)
         self.sweeper.add(self)
+
+    # -- the provider transport's protocol while the exchange runs (see attach) ------
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.connection_lost(exc)  # the pool's bookkeeping, then upstream_lost
+
+    def eof_received(self) -> bool:
+        return False  # close; a half-closed provider connection is useless to us
+
+    def connection_made(self, transport: object) -> None:
+        pass  # never called: the exchange is attached to a connected transport
+
+    def pause_writing(self) -> None:
+        pass  # request bodies are written once; the kernel buffer takes them
+
+    def resume_writing(self) -> None:
+        pass
 
     # -- deadlines: checked by the shared Sweeper, so a chunk only stores a timestamp
     def check_deadlines(self, now: float) -> None:
@@ -227,6 +255,10 @@ class Exchange:
             if now - self.started < t.first_byte:
                 return
             what = "first byte"
+        elif self.reads != self.reads_seen:
+            self.reads_seen = self.reads
+            self.last_read = now
+            return
         elif now - self.last_read >= t.idle:
             what = "idle"
         else:
@@ -235,7 +267,7 @@ class Exchange:
 
     # -- upstream callbacks ---------------------------------------------------
     def upstream_data(self, data: bytes) -> None:
-        self.last_read = self._loop.time()
+        self.reads += 1
         if self._fast:
             # Most reads of a stream: written to the client as they are, then llhttp
             # walks the frames (C code, appending payload to the parser's list).
@@ -243,10 +275,12 @@ class Exchange:
             self._raw_write(data)  # type: ignore[misc]  # set with _fast
             parser = self._parser
             try:
-                parser.feed(data)
-            except UpstreamProtocolError as exc:
-                self._fail(exc, "upstream_error")
-                return
+                self._feed_body(data)  # type: ignore[misc]  # set with _fast
+            except httptools.HttpParserError as exc:
+                error = parser.body_error(exc)
+                if error is not None:
+                    self._fail(error, "upstream_error")
+                    return
             if parser.done or len(parser.pieces) >= TAP_BATCH:
                 self._chunked_read_done()
             return
@@ -260,6 +294,8 @@ class Exchange:
                 self.extra_after_body = True
         except UpstreamProtocolError as exc:
             self._fail(exc, "upstream_error")
+
+    data_received = upstream_data  # uvloop calls it directly (see start/attach)
 
     def upstream_lost(self, exc: Exception | None) -> None:
         if self.phase is Phase.DONE:
@@ -368,6 +404,7 @@ class Exchange:
                     self._out.append(rest)
                 self._flush_out()
                 self._raw_write = self.client.raw_write
+                self._feed_body = self._parser.feed_body
                 self._fast = True
                 self._chunked_read_done()
             else:
@@ -517,8 +554,9 @@ class Exchange:
 
     def _end(self, reusable: bool) -> None:
         self.phase = Phase.DONE
+        self.conn.detach()
         self._fast = False
-        self._raw_write = None
+        self._raw_write = self._feed_body = None
         if self.mode is BodyMode.VERBATIM_CHUNKED:
             self._tap_pieces()  # cut short: the tap must see every byte the client got
         self.sweeper.discard(self)
