@@ -29,7 +29,9 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import glob
+import itertools
 import logging
 import operator
 import os
@@ -168,11 +170,27 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 COLUMNS: Final[tuple[str, ...]] = tuple(f.name for f in dataclasses.fields(MeterRecord))
-_INSERT_SQL: Final = (
-    f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
-)
 # A record's values in column order; attrgetter is the cheapest way to do it.
 _record_row: Final[Callable[[MeterRecord], tuple[Any, ...]]] = operator.attrgetter(*COLUMNS)
+# Rows per INSERT statement. executemany steps once per row, and sqlite3 releases
+# and retakes the GIL around every step: from the writer thread, each retake had to
+# wait for the event loop to yield (a forced switch per row, ~2 futex calls per
+# request). One multi-row statement steps once; it also costs ~40% less CPU a row.
+# 26 columns x 200 rows stays far below SQLite's 32,766 bound parameters.
+ROWS_PER_INSERT: Final = 200
+
+
+@functools.lru_cache(maxsize=8)
+def _insert_sql(rows: int) -> str:
+    one = "(" + ", ".join("?" * len(COLUMNS)) + ")"
+    return f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES " + ", ".join([one] * rows)
+
+
+async def _insert_rows(db: aiosqlite.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Insert rows (in COLUMNS order) with as few statements as possible."""
+    for i in range(0, len(rows), ROWS_PER_INSERT):
+        chunk = rows[i : i + ROWS_PER_INSERT]
+        await db.execute(_insert_sql(len(chunk)), list(itertools.chain.from_iterable(chunk)))
 _SQL_SCALARS: Final = (str, int, float, type(None))  # bool is an int
 
 
@@ -560,7 +578,7 @@ class Meter:
             # IMMEDIATE: take the write lock up front (waiting busy_timeout for
             # other workers) instead of failing on a read->write upgrade.
             await db.execute("BEGIN IMMEDIATE")
-            await db.executemany(_INSERT_SQL, [_record_row(r) for r in batch])
+            await _insert_rows(db, [_record_row(r) for r in batch])
             committing = True
             await db.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -664,7 +682,7 @@ class Meter:
                         rows, bad, eof = await asyncio.to_thread(_read_chunk, f, REPLAY_CHUNK_ROWS)
                         rejected.extend(bad)
                         if rows:
-                            await db.executemany(_INSERT_SQL, rows)
+                            await _insert_rows(db, rows)
                             rows_in += len(rows)
             if rejected:
                 # Kept before COMMIT: if this fails, nothing is committed and

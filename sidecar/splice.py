@@ -85,10 +85,10 @@ class Sweeper:
     work with a resolution of ``interval`` seconds.
     """
 
-    __slots__ = ("_handle", "_loop", "interval", "live")
+    __slots__ = ("_handle", "interval", "live", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
-        self._loop = loop
+        self.loop = loop
         self.interval = interval
         self.live: set[Exchange] = set()
         self._handle: asyncio.TimerHandle | None = None
@@ -102,18 +102,18 @@ class Sweeper:
     def add(self, ex: Exchange) -> None:
         self.live.add(ex)
         if self._handle is None:
-            self._handle = self._loop.call_later(self.interval, self._sweep)
+            self._handle = self.loop.call_later(self.interval, self._sweep)
 
     def discard(self, ex: Exchange) -> None:
         self.live.discard(ex)
 
     def _sweep(self) -> None:
         self._handle = None
-        now = self._loop.time()
+        now = self.loop.time()
         for ex in list(self.live):
             ex.check_deadlines(now)
         if self.live:
-            self._handle = self._loop.call_later(self.interval, self._sweep)
+            self._handle = self.loop.call_later(self.interval, self._sweep)
 
     def close(self) -> None:
         if self._handle is not None:
@@ -172,7 +172,8 @@ class Exchange:
         max_head: int,
         sweeper: Sweeper,
     ) -> None:
-        self._loop = asyncio.get_running_loop()
+        # The sweeper's loop: asyncio.get_running_loop() costs a getpid() system call.
+        self._loop = sweeper.loop
         self.pool = pool
         self.conn = conn
         self.client = client
@@ -223,26 +224,9 @@ class Exchange:
     def start(self, request: bytes) -> None:
         conn = self.conn
         conn.sink = self
-        conn.attach(self)
         self.started = self.last_read = self._loop.time()
         conn.write(request)
         self.sweeper.add(self)
-
-    # -- the provider transport's protocol while the exchange runs (see attach) ------
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.conn.connection_lost(exc)  # the pool's bookkeeping, then upstream_lost
-
-    def eof_received(self) -> bool:
-        return False  # close; a half-closed provider connection is useless to us
-
-    def connection_made(self, transport: object) -> None:
-        pass  # never called: the exchange is attached to a connected transport
-
-    def pause_writing(self) -> None:
-        pass  # request bodies are written once; the kernel buffer takes them
-
-    def resume_writing(self) -> None:
-        pass
 
     # -- deadlines: checked by the shared Sweeper, so a chunk only stores a timestamp
     def check_deadlines(self, now: float) -> None:
@@ -294,8 +278,6 @@ class Exchange:
                 self.extra_after_body = True
         except UpstreamProtocolError as exc:
             self._fail(exc, "upstream_error")
-
-    data_received = upstream_data  # uvloop calls it directly (see start/attach)
 
     def upstream_lost(self, exc: Exception | None) -> None:
         if self.phase is Phase.DONE:
@@ -554,7 +536,6 @@ class Exchange:
 
     def _end(self, reusable: bool) -> None:
         self.phase = Phase.DONE
-        self.conn.detach()
         self._fast = False
         self._raw_write = self._feed_body = None
         if self.mode is BodyMode.VERBATIM_CHUNKED:

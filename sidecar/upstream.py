@@ -75,18 +75,6 @@ class UpstreamConnection(asyncio.Protocol):
             sink.upstream_lost(exc)
 
     # -- used by the exchange --------------------------------------------
-    def attach(self, exchange: object) -> None:
-        """Let the exchange take the transport's callbacks directly while it runs:
-        uvloop then calls its data_received with no hop through this object. (It
-        has the Protocol methods without subclassing asyncio.Protocol.)"""
-        if self.transport is not None:
-            self.transport.set_protocol(cast(asyncio.BaseProtocol, exchange))
-
-    def detach(self) -> None:
-        """Take the callbacks back (the exchange has ended)."""
-        if self.transport is not None and self.state is not ConnState.CLOSED:
-            self.transport.set_protocol(self)
-
     def write(self, data: bytes) -> None:
         assert self.transport is not None
         self.transport.write(data)

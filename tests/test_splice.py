@@ -55,12 +55,6 @@ class FakeConn:
     def close(self) -> None:
         self.closed = True
 
-    def attach(self, exchange: Any) -> None:
-        pass
-
-    def detach(self) -> None:
-        pass
-
     def pause_reading(self) -> None:
         pass
 
