@@ -1,8 +1,8 @@
 """Meter record, bounded queue and the aiosqlite batch writer.
 
-The hot path calls :meth:`Meter.submit`, which only does ``put_nowait`` on a
-bounded queue; one writer task per process drains the queue into SQLite (WAL)
-in batches. Nothing is dropped silently: a record that finds the queue full, or
+The hot path calls :meth:`Meter.submit`, which only appends to a bounded
+queue; one writer task per process drains the queue into SQLite (WAL) in
+batches, as multi-row INSERTs. Nothing is dropped silently: a record that finds the queue full, or
 a batch the database refuses, is appended as one JSON line to a spill file, and
 the next :meth:`Meter.start` (of any worker sharing the database) replays that
 file into the table.
@@ -25,6 +25,7 @@ else a record is written exactly once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -381,7 +382,9 @@ class Meter:
             raise ValueError(f"meter: queue_size and batch_rows must be >= 1, flush_ms >= 0: {cfg}")
         self._cfg = cfg
         self.spill_path = cfg.spill_path
-        self._queue: asyncio.Queue[MeterRecord] = asyncio.Queue(cfg.queue_size)
+        # A plain deque bounded by hand: asyncio.Queue's put_nowait is several Python
+        # calls per record, and nothing here awaits the queue itself (see _wake).
+        self._queue: collections.deque[MeterRecord] = collections.deque()
         self._spill_file = _SpillFile(self.spill_path)
         self._db: aiosqlite.Connection | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -408,7 +411,7 @@ class Meter:
         return MeterStats(
             written=self._written,
             spilled=self._spilled,
-            queued=self._queue.qsize(),
+            queued=len(self._queue),
             batches=self._batches,
             errors=self._errors,
             overflowed=self._overflowed,
@@ -459,9 +462,8 @@ class Meter:
         if self._spill_only:
             self._spill([rec], "meter is closed")
             return
-        try:
-            self._queue.put_nowait(rec)
-        except asyncio.QueueFull:
+        queue = self._queue
+        if len(queue) >= self._cfg.queue_size:
             self._overflowed += 1
             now = time.monotonic()
             if now - self._last_overflow_log >= OVERFLOW_LOG_INTERVAL_S:
@@ -474,7 +476,8 @@ class Meter:
                 )
             self._spill([rec], None)
             return
-        if self._queue.qsize() >= self._wake_at:
+        queue.append(rec)
+        if len(queue) >= self._wake_at:
             self._wake.set()
 
     async def close(self, timeout: float | None = None) -> None:
@@ -503,7 +506,7 @@ class Meter:
                 log.warning(
                     "meter: queue not drained within %ss; spilling %d queued records to %s",
                     timeout,
-                    self._queue.qsize(),
+                    len(self._queue),
                     self.spill_path,
                 )
                 self._abandon = True
@@ -514,7 +517,7 @@ class Meter:
         # Records submitted after the writer's last look (or with no writer at
         # all) go to the spill file; from here on submit() spills directly.
         # No await between these two steps, so none can slip in between.
-        self._spill(self._drain(self._queue.qsize()), "meter is closing")
+        self._spill(self._drain(len(self._queue)), "meter is closing")
         self._spill_only = True
         self._spill_file.close()
         db, self._db = self._db, None
@@ -535,13 +538,13 @@ class Meter:
         flush_s = self._cfg.flush_ms / 1000
         queue = self._queue
         while not self._abandon:
-            if queue.empty():
+            if not queue:
                 if self._closing:
                     return
                 await self._wait(1, None)
                 continue
             # First record is here: give the batch until flush_ms to fill.
-            if queue.qsize() < batch_rows:
+            if len(queue) < batch_rows:
                 await self._wait(batch_rows, flush_s)
             if self._abandon:
                 return
@@ -551,7 +554,7 @@ class Meter:
         """Sleep until ``threshold`` records are queued, close(), or ``timeout``."""
         self._wake_at = threshold
         self._wake.clear()
-        if self._queue.qsize() >= threshold or self._closing:
+        if len(self._queue) >= threshold or self._closing:
             return
         timer = None
         if timeout is not None:
@@ -563,13 +566,8 @@ class Meter:
                 timer.cancel()
 
     def _drain(self, limit: int) -> list[MeterRecord]:
-        out: list[MeterRecord] = []
-        while len(out) < limit:
-            try:
-                out.append(self._queue.get_nowait())
-            except asyncio.QueueEmpty:
-                break
-        return out
+        queue = self._queue
+        return [queue.popleft() for _ in range(min(limit, len(queue)))]
 
     async def _write(self, db: aiosqlite.Connection, batch: Sequence[MeterRecord]) -> None:
         """Insert one batch in one transaction; on a DB error spill it instead."""
@@ -607,7 +605,7 @@ class Meter:
             # Someone cancelled the writer (e.g. the loop shut down without
             # close()): what is still queued would vanish with the process.
             self._spill_only = True
-            self._spill(self._drain(self._queue.qsize()), "writer cancelled")
+            self._spill(self._drain(len(self._queue)), "writer cancelled")
             return
         exc = task.exception()
         if exc is None:
@@ -616,7 +614,7 @@ class Meter:
         # queueing records nobody will write.
         log.error("meter writer died; spilling from now on", exc_info=exc)
         self._spill_only = True
-        self._spill(self._drain(self._queue.qsize()), "writer died")
+        self._spill(self._drain(len(self._queue)), "writer died")
 
     # -- spill and replay ------------------------------------------------------
 
