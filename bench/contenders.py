@@ -679,6 +679,7 @@ ALL: dict[str, Contender] = {
 }
 DEFAULT_FULL = [
     "direct",
+    "uvloop-floor",
     "sidecar",
     "sidecar-w2",
     "nginx",
