@@ -111,9 +111,14 @@ def spawn(
     return Proc(p, log)
 
 
-def sidecar_env() -> dict[str, str]:
+# A second checkout to measure against this one in the same run (contender
+# `sidecar-ref`), e.g. `git worktree add /tmp/ref <commit>`: an A/B of two commits.
+ENV_REF = "BENCH_SIDECAR_REF"
+
+
+def sidecar_env(src: Path = REPO) -> dict[str, str]:
     """Import path for the checkout and the offline tokenizer files (no network here)."""
-    env = {"PYTHONPATH": str(REPO)}
+    env = {"PYTHONPATH": str(src)}
     tok = REPO.parent / "shared" / "tiktoken"
     if tok.is_dir() and "SIDECAR_TOKENIZER_DIR" not in os.environ:
         env["SIDECAR_TOKENIZER_DIR"] = str(tok)
@@ -232,13 +237,22 @@ class Direct(Contender):
 class Sidecar(Contender):
     meters = True
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, ref: bool = False) -> None:
         self.workers = workers
+        self.ref = ref  # run the checkout named by $BENCH_SIDECAR_REF instead of this one
         self.name = "sidecar" if workers == 1 else f"sidecar-w{workers}"
+        if ref:
+            self.name += "-ref"
+
+    @property
+    def src(self) -> Path:
+        return Path(os.environ.get(ENV_REF, "")) if self.ref else REPO
 
     def available(self) -> str | None:
-        if not (REPO / "sidecar" / "server.py").exists():
-            return "sidecar/server.py not present in this checkout"
+        if self.ref and not os.environ.get(ENV_REF):
+            return f"set {ENV_REF} to another checkout (e.g. a git worktree) to compare with"
+        if not (self.src / "sidecar" / "server.py").exists():
+            return f"sidecar/server.py not present in {self.src}"
         return None
 
     def start(self, mock_port: int, workdir: Path, cpus: set[int] | None) -> Running:
@@ -260,14 +274,14 @@ class Sidecar(Contender):
         path = workdir / f"{self.name}.yaml"
         path.write_text(cfg)
         cmd = [sys.executable, "-m", "sidecar", "run", "-c", str(path), "--log-level", "warning"]
-        proc = spawn(cmd, workdir / f"{self.name}.log", cpus, sidecar_env(), cwd=workdir)
+        proc = spawn(cmd, workdir / f"{self.name}.log", cpus, sidecar_env(self.src), cwd=workdir)
         run = SidecarRunning(
             self.name,
             port,
             proc.popen.pid,
             [proc],
             workdir,
-            config={path.name: cfg},
+            config={path.name: cfg, "(source)": str(self.src)},
             cmdline=cmd,
             meters=True,
         )
@@ -668,6 +682,7 @@ ALL: dict[str, Contender] = {
         Direct(),
         Sidecar(1),
         Sidecar(2),
+        Sidecar(1, ref=True),
         Floor(),
         Nginx(1),
         Nginx(2),
