@@ -481,3 +481,23 @@ def test_known_differences_from_h11(raw: bytes, refused: bool) -> None:
     reqs, err = _new_read(raw)
     assert err is refused
     assert bool(reqs) is (not refused)
+
+
+def test_generated_request_ids_are_unique_plain_and_differ_after_fork() -> None:
+    import os
+
+    from sidecar.downstream import _ID_CHARS, _new_id
+
+    ids = [_new_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 24 and _ID_CHARS.issuperset(i) for i in ids)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its ids must not repeat the parent's prefix
+        os.write(w, _new_id())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(r, 64)
+    os.close(r)
+    os.close(w)
+    assert child[:16] != ids[0][:16] and child not in ids

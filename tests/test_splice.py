@@ -178,3 +178,24 @@ def test_trailers_after_the_last_chunk_are_found_for_any_split(cuts: list[int]) 
 def test_empty_chunked_body_ends_at_once() -> None:
     ex, _client, pool = _run([HEAD + LAST_CHUNK])
     assert ex.ended and pool.released == [True]
+
+
+def test_malformed_chunk_mid_stream_cuts_the_client_after_what_was_valid() -> None:
+    good = frame_chunk(EVENTS[0])
+    ex, client, pool = _run([HEAD, good, b"zz\r\nnot a chunk size\r\n"])
+    assert ex.ended and ex.outcome == "upstream_error" and ex.error is not None
+    assert client.aborted and not ex.client_keep_alive  # a cut body, never a complete one
+    assert pool.released == []  # the provider connection is closed, never pooled
+    # What was valid went out; the bad read itself went out too (reads are forwarded
+    # before llhttp walks them), and the abort tells the client the body is broken.
+    out = b"".join(client.writes)
+    assert out[out.index(b"\r\n\r\n") + 4 :].startswith(good)
+    # The tap saw the event that reached the client (an estimate counts it).
+    assert ex.tap is not None and ex.tap.result().completion_text == "w0 "
+
+
+def test_malformed_chunk_in_the_head_read_sends_nothing() -> None:
+    # Nothing is committed yet: the proxy can still answer with a clean 502.
+    ex, client, pool = _run([HEAD + frame_chunk(EVENTS[0]) + b"zz\r\nnot a chunk size\r\n"])
+    assert ex.ended and ex.outcome == "upstream_error" and not ex.head_sent
+    assert client.writes == [] and not client.aborted and pool.released == []
