@@ -302,6 +302,27 @@ def edit_upstreams(fn: Callable[[UpstreamConfig], UpstreamConfig]) -> Callable[[
     return edit
 
 
+def edit_limits(**changes: Any) -> Callable[[Config], Config]:
+    """A config_edit that sets fields of ``limits`` (e.g. max_body_bytes=2048)."""
+    return lambda config: dataclasses.replace(
+        config, limits=dataclasses.replace(config.limits, **changes))
+
+
+def edit_timeouts(**changes: Any) -> Callable[[Config], Config]:
+    """A config_edit that sets fields of ``timeouts`` (e.g. first_byte=0.3)."""
+    return lambda config: dataclasses.replace(
+        config, timeouts=dataclasses.replace(config.timeouts, **changes))
+
+
+def only_row(stack: Any) -> dict[str, Any]:
+    """Stop the stack (flushing its meter) and return its one and only row."""
+    stack.stop()
+    rows = stack.rows()
+    assert len(rows) == 1, rows
+    row: dict[str, Any] = rows[0]
+    return row
+
+
 def rows_by_id(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Meter rows keyed by request_id. Row order is not a contract (estimated rows are
     queued after their token count runs off the loop), so tests match rows by id."""

@@ -4,7 +4,6 @@ and cut Anthropic streams estimated rather than half-reported."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any
 
@@ -13,12 +12,14 @@ import pytest
 from e2e_helpers import (
     ClientConn,
     chat_body,
+    edit_limits,
+    edit_timeouts,
+    only_row,
     request_bytes,
     roundtrip,
     rows_by_id,
 )
 
-from sidecar.config import Config
 from sidecar.mock_shapes import count_tokens, expected_text
 
 
@@ -26,21 +27,8 @@ def _rid(name: str) -> tuple[bytes, bytes]:
     return (b"x-request-id", name.encode())
 
 
-def _small_body_limit(config: Config) -> Config:
-    return dataclasses.replace(config, limits=dataclasses.replace(config.limits,
-                                                                   max_body_bytes=2048))
-
-
-def _short_first_byte(config: Config) -> Config:
-    return dataclasses.replace(config, timeouts=dataclasses.replace(config.timeouts,
-                                                                     first_byte=0.3))
-
-
-def _only_row(stack: Any) -> dict[str, Any]:
-    stack.stop()
-    rows = stack.rows()
-    assert len(rows) == 1, rows
-    return rows[0]
+_small_body_limit = edit_limits(max_body_bytes=2048)
+_short_first_byte = edit_timeouts(first_byte=0.3)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -50,7 +38,7 @@ def test_first_byte_timeout_bills_nothing(stack_factory: Any, stream: bool) -> N
         "POST", "/v1/chat/completions", chat_body(stream=stream),
         headers=[(b"x-mock-fault", b"hang")]))
     assert r.status == 504
-    row = _only_row(stack)
+    row = only_row(stack)
     assert row["status"] == 504 and row["outcome"] == "upstream_timeout"
     assert row["usage_source"] == "none", (row["usage_source"], row["prompt_tokens"])
     assert row["prompt_tokens"] in (0, None) and row["completion_tokens"] in (0, None)
@@ -106,7 +94,7 @@ def test_provider_error_status_is_not_metered_as_ok(
         "POST", "/v1/chat/completions", chat_body(),
         headers=[(b"x-mock-fault", b"status:%d" % status)]))
     assert r.status == status
-    row = _only_row(stack)
+    row = only_row(stack)
     assert row["status"] == status
     assert row["outcome"] == outcome, row["outcome"]
 
@@ -131,7 +119,7 @@ def test_anthropic_stream_cut_mid_way_meters_forwarded_output_not_placeholder(
     assert text and expected_text(12).startswith(text) and text != expected_text(12)
     sent = stack.mock.requests[0]
     assert sent.chunks_sent == 4
-    row = _only_row(stack)
+    row = only_row(stack)
     assert row["outcome"] == "upstream_error"
     assert row["usage_source"] == "estimated", row["usage_source"]
     # message_start's output_tokens is a placeholder; the row counts what was generated.
@@ -165,7 +153,7 @@ def test_anthropic_client_disconnect_mid_stream_meters_estimated_output(
     while sent.connection.closed_at is None and time.monotonic() < deadline:
         time.sleep(0.005)
     assert not sent.completed
-    row = _only_row(stack)
+    row = only_row(stack)
     assert row["outcome"] == "client_disconnect"
     assert row["usage_source"] == "estimated", (row["usage_source"], row["completion_tokens"])
     truth = count_tokens(text, "o200k_base")
@@ -173,14 +161,9 @@ def test_anthropic_client_disconnect_mid_stream_meters_estimated_output(
     assert truth - 2 <= row["completion_tokens"] <= truth + 12, (row["completion_tokens"], truth)
 
 
-def _short_client_idle(config: Config) -> Config:
-    return dataclasses.replace(config, timeouts=dataclasses.replace(config.timeouts,
-                                                                     client_idle=0.4))
-
-
 def test_idle_keep_alive_client_is_closed_but_a_long_stream_is_not(stack_factory: Any) -> None:
     # The stream lasts ~1 s, longer than client_idle: only idle time counts.
-    stack = stack_factory(config_edit=_short_client_idle, chunks=10, delay_ms=100)
+    stack = stack_factory(config_edit=edit_timeouts(client_idle=0.4), chunks=10, delay_ms=100)
     with ClientConn(stack.port) as c:
         c.send(request_bytes("POST", "/v1/chat/completions", chat_body(stream=True)))
         r = c.read_response()

@@ -22,7 +22,10 @@ from e2e_helpers import (
     chat_body,
     chat_text,
     closed_port,
+    edit_limits,
+    edit_timeouts,
     edit_upstreams,
+    only_row,
     request_bytes,
     roundtrip,
     rows_by_id,
@@ -45,14 +48,6 @@ def _assert_no_secret_on_disk(tmp_path: pathlib.Path) -> None:
     for p in files:
         assert SECRET.encode() not in p.read_bytes(), p
         assert SECRET[-16:].encode() not in p.read_bytes(), p
-
-
-def _only_row(stack: Any) -> dict[str, Any]:
-    stack.stop()
-    rows = stack.rows()
-    assert len(rows) == 1, rows
-    row: dict[str, Any] = rows[0]
-    return row
 
 
 def _assert_bills_nothing(row: dict[str, Any]) -> None:
@@ -129,7 +124,7 @@ def test_wrong_method_on_api_path_is_405_with_allow(stack_factory: Any, method: 
     assert method in err["message"]
     assert r.header("allow") == "POST"
     assert stack.mock.requests_total == 0
-    row = _only_row(stack)
+    row = only_row(stack)
     assert row["status"] == 405 and row["outcome"] == "rejected"
     assert row["route"] == "/v1/chat/completions"
     _assert_bills_nothing(row)
@@ -138,9 +133,7 @@ def test_wrong_method_on_api_path_is_405_with_allow(stack_factory: Any, method: 
 # ---------------------------------------------------------------------------- too large
 
 
-def _small_body_limit(config: Config) -> Config:
-    return dataclasses.replace(config, limits=dataclasses.replace(config.limits,
-                                                                   max_body_bytes=2048))
+_small_body_limit = edit_limits(max_body_bytes=2048)
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
@@ -159,7 +152,7 @@ def test_body_over_limit_is_413_connection_closed_and_metered(
         assert (r.header("connection") or "").lower() == "close"
         assert c.closed_by_peer(2.0)
     assert stack.mock.requests_total == 0
-    row = _only_row(stack)
+    row = only_row(stack)
     assert row["status"] == 413 and row["outcome"] == "rejected"
     assert row["route"] == "/v1/chat/completions"
     _assert_bills_nothing(row)
@@ -235,7 +228,7 @@ def test_unreachable_upstream_is_502_with_upstream_error_row(
     assert err["type"] == "upstream_error"
     assert r.header("x-request-id") == "unreach-1"
     assert SECRET.encode() not in r.raw_body
-    row = _only_row(stack)
+    row = only_row(stack)
     assert row["request_id"] == "unreach-1"
     assert row["status"] == 502 and row["outcome"] == "upstream_error"
     assert row["stream"] == int(stream) and row["upstream"] == "mock-openai"
@@ -245,9 +238,7 @@ def test_unreachable_upstream_is_502_with_upstream_error_row(
 
 
 def _short_first_byte(config: Config) -> Config:
-    config = _keyed(config)
-    return dataclasses.replace(config, timeouts=dataclasses.replace(config.timeouts,
-                                                                     first_byte=0.3))
+    return edit_timeouts(first_byte=0.3)(_keyed(config))
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -292,7 +283,7 @@ def test_malformed_upstream_response_is_502(stack_factory: Any) -> None:
     err = assert_openai_error(r, 502)
     assert err["type"] == "upstream_error"
     assert SECRET.encode() not in r.raw_body
-    row = _only_row(stack)
+    row = only_row(stack)
     assert row["status"] == 502 and row["outcome"] == "upstream_error"
     _assert_bills_nothing(row)
 
@@ -366,7 +357,7 @@ def test_upstream_cut_mid_stream_truncates_client_and_meters_estimate(
     assert sent.chunks_sent == 3 and not sent.completed
     assert received and expected_text(10).startswith(received)
     assert not any(b'"usage":{' in d for d in r.sse_data())
-    row = _only_row(stack)
+    row = only_row(stack)
     assert row["outcome"] == "upstream_error"
     assert row["status"] == 200
     assert row["usage_source"] == "estimated"
@@ -386,7 +377,7 @@ def test_upstream_cut_in_non_streaming_body_is_truncated_and_not_ok(stack_factor
         assert c.closed_by_peer(2.0)
     assert r.status == 200 and r.framing == "length"
     assert not r.complete  # fewer bytes than content-length announced
-    row = _only_row(stack)
+    row = only_row(stack)
     assert row["outcome"] == "upstream_error"
     assert row["usage_source"] != "reported"
 
@@ -446,7 +437,7 @@ def test_other_openai_streams_cut_mid_way_meter_estimates(stack_factory: Any, pa
             text += ev["delta"]
     assert text and expected_text(10).startswith(text) and text != expected_text(10)
     sent = stack.mock.requests[0]
-    row = _only_row(stack)
+    row = only_row(stack)
     assert row["outcome"] == "upstream_error" and row["usage_source"] == "estimated"
     truth = count_tokens(text, "o200k_base")
     assert abs(row["completion_tokens"] - truth) <= 2, (row["completion_tokens"], truth)
