@@ -323,6 +323,18 @@ def only_row(stack: Any) -> dict[str, Any]:
     return row
 
 
+def read_cut_response(port: int, path: str, body: Any, after: int) -> Response:
+    """POST with the mock told to drop its connection after ``after`` events/pieces;
+    return what the client got, having checked the sidecar passed the cut on by
+    closing the client connection too."""
+    with ClientConn(port) as c:
+        c.send(request_bytes("POST", path, body,
+                             headers=[(b"x-mock-fault", b"disconnect-after:%d" % after)]))
+        r = c.read_response()
+        assert c.closed_by_peer(2.0)
+    return r
+
+
 def rows_by_id(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Meter rows keyed by request_id. Row order is not a contract (estimated rows are
     queued after their token count runs off the loop), so tests match rows by id."""

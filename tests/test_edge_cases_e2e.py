@@ -15,6 +15,7 @@ from e2e_helpers import (
     edit_limits,
     edit_timeouts,
     only_row,
+    read_cut_response,
     request_bytes,
     roundtrip,
     rows_by_id,
@@ -105,11 +106,7 @@ def test_anthropic_stream_cut_mid_way_meters_forwarded_output_not_placeholder(
     stack = stack_factory(chunks=12)
     body = {"model": "claude-mock-1", "max_tokens": 300, "stream": True,
             "messages": [{"role": "user", "content": "Tell me about the sea, at length."}]}
-    with ClientConn(stack.port) as c:
-        c.send(request_bytes("POST", "/v1/messages", body,
-                             headers=[(b"x-mock-fault", b"disconnect-after:4")]))
-        r = c.read_response()
-        assert c.closed_by_peer(2.0)
+    r = read_cut_response(stack.port, "/v1/messages", body, 4)
     assert r.status == 200 and not r.complete
     text = ""
     for data in r.sse_data():

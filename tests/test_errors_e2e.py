@@ -26,6 +26,7 @@ from e2e_helpers import (
     edit_timeouts,
     edit_upstreams,
     only_row,
+    read_cut_response,
     request_bytes,
     roundtrip,
     rows_by_id,
@@ -342,11 +343,7 @@ def test_upstream_cut_mid_stream_truncates_client_and_meters_estimate(
     stack = stack_factory(chunks=10)
     extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if client_usage else {}
     body = chat_body(stream=True, text="Tell me a story about a lighthouse.", **extra)
-    with ClientConn(stack.port) as c:
-        c.send(request_bytes("POST", "/v1/chat/completions", body,
-                             headers=[(b"x-mock-fault", b"disconnect-after:3")]))
-        r = c.read_response()
-        assert c.closed_by_peer(2.0)
+    r = read_cut_response(stack.port, "/v1/chat/completions", body, 3)
     assert r.status == 200 and r.framing == "chunked"
     # The client can tell the stream is broken: no terminating zero chunk, no [DONE].
     assert not r.complete
@@ -370,11 +367,7 @@ def test_upstream_cut_mid_stream_truncates_client_and_meters_estimate(
 
 def test_upstream_cut_in_non_streaming_body_is_truncated_and_not_ok(stack_factory: Any) -> None:
     stack = stack_factory(chunks=10)
-    with ClientConn(stack.port) as c:
-        c.send(request_bytes("POST", "/v1/chat/completions", chat_body(),
-                             headers=[(b"x-mock-fault", b"disconnect-after:3")]))
-        r = c.read_response()
-        assert c.closed_by_peer(2.0)
+    r = read_cut_response(stack.port, "/v1/chat/completions", chat_body(), 3)
     assert r.status == 200 and r.framing == "length"
     assert not r.complete  # fewer bytes than content-length announced
     row = only_row(stack)
@@ -420,11 +413,7 @@ def test_other_openai_streams_cut_mid_way_meter_estimates(stack_factory: Any, pa
                                 "stream": True}
     else:
         body = {"model": "gpt-4o-mini", "input": "Once upon a time", "stream": True}
-    with ClientConn(stack.port) as c:
-        c.send(request_bytes("POST", path, body,
-                             headers=[(b"x-mock-fault", b"disconnect-after:3")]))
-        r = c.read_response()
-        assert c.closed_by_peer(2.0)
+    r = read_cut_response(stack.port, path, body, 3)
     assert r.status == 200 and not r.complete
     text = ""
     for data in r.sse_data():
