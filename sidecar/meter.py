@@ -600,8 +600,13 @@ class Meter:
         return [queue.popleft() for _ in range(min(limit, len(queue)))]
 
     async def _write(self, db: aiosqlite.Connection, batch: Sequence[MeterRecord]) -> None:
-        """Insert one batch (a power-of-two count) as one atomic multi-row INSERT;
-        on a DB error spill it instead."""
+        """Insert one batch (a size from _statement_rows) as one atomic multi-row
+        INSERT; on a DB error spill it instead.
+
+        A cancellation is not caught: it can only land once the statement is queued
+        to the writer thread, which will most likely commit it, so spilling the batch
+        as well would write it twice.
+        """
         sql, args = _insert_sql(len(batch)), _insert_args(batch)
         try:
             # One statement in autocommit is its own transaction: all rows or none.
@@ -612,11 +617,6 @@ class Meter:
             log.error("meter: writing %d rows failed (%s); spilling them", len(batch), exc)
             self._spill(batch, "write failed")
             return
-        except BaseException:
-            # Cancelled or a bug, with the statement already handed to the writer
-            # thread: SQLite will most likely commit it, so spilling the batch too
-            # would write it twice.
-            raise
         self._written += len(batch)
         self._batches += 1
 

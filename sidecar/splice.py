@@ -320,7 +320,7 @@ class Exchange:
         self.head = head
         self.phase = Phase.BODY
         self._choose_mode(head)
-        self._write_head_and(data[parser.body_start:] if parser.body_start else data)
+        self._write_head_and(data[parser.body_start:])
 
     def _choose_mode(self, head: ResponseHead) -> None:
         if not head.has_body:

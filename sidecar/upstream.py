@@ -242,17 +242,5 @@ class HeadTemplate:
         return b"".join(parts)
 
 
-def build_request_head(
-    cfg: UpstreamConfig,
-    method: bytes,
-    target: bytes,
-    headers: list[tuple[bytes, bytes]],
-    body_len: int,
-    request_id: bytes,
-) -> bytes:
-    """The request head sent to the provider (pure; unit-tested directly)."""
-    return HeadTemplate(cfg).build(method, target, headers, body_len, request_id)
-
-
 def _is_ip(host: str) -> bool:
     return host.replace(".", "").isdigit() or ":" in host
