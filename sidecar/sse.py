@@ -236,6 +236,15 @@ def _decode(ev: Buf) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
+def _chat_usage_dict(ev: Buf) -> dict[str, Any] | None:
+    """The usage object of one chat/completions event, or None."""
+    obj = _decode(ev)
+    usage = _dict(obj, "usage")
+    if usage is None:  # Groq nests it: {"x_groq": {"usage": {...}}}
+        usage = _dict(_dict(obj, "x_groq"), "usage")
+    return usage
+
+
 def _dict(obj: Mapping[str, Any] | None, key: str) -> dict[str, Any] | None:
     if obj is None:
         return None
@@ -713,10 +722,7 @@ class _ChatTap(_SseTap):
         ev = self._usage_ev
         if ev is not None:
             self._usage_ev = None
-            obj = _decode(ev)
-            usage = _dict(obj, "usage")
-            if usage is None:  # Groq nests it: {"x_groq": {"usage": {...}}}
-                usage = _dict(_dict(obj, "x_groq"), "usage")
+            usage = _chat_usage_dict(ev)
             if usage is not None:
                 self._usage_dict = usage
         return usage_from_openai(self._usage_dict) if self._usage_dict is not None else None
@@ -1170,10 +1176,7 @@ class DeferredTap(Tap):
                 if self._kind not in ("messages", "responses"):
                     # One chat/completions event carrying the usage object: decode it
                     # directly, as _ChatTap would, without building a parsing tap.
-                    obj = _decode(events)
-                    usage = _dict(obj, "usage")
-                    if usage is None:  # Groq nests it: {"x_groq": {"usage": {...}}}
-                        usage = _dict(_dict(obj, "x_groq"), "usage")
+                    usage = _chat_usage_dict(events)
                     if usage is not None:
                         return usage_from_openai(usage)
                 probe = self._make()
