@@ -44,8 +44,8 @@ def _request_id(headers: list[tuple[bytes, bytes]]) -> bytes:
 
 
 # Request ids: a random per-process prefix and a counter. Unique without a
-# getrandom() system call per request, and still unguessable across processes.
-_ID_PREFIX = os.urandom(8).hex().encode()
+# getrandom() system call per request, and distinct across processes.
+_ID_PREFIX = b""
 _id_counter = itertools.count(1)
 
 
@@ -55,6 +55,7 @@ def _reseed_ids() -> None:
     _id_counter = itertools.count(1)
 
 
+_reseed_ids()
 os.register_at_fork(after_in_child=_reseed_ids)  # a forked child must not repeat ids
 
 
