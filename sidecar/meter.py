@@ -113,6 +113,10 @@ class MeterError(SidecarError):
 # gives up with SQLITE_BUSY (the batch is then spilled, not lost).
 # Candidate for MeterConfig.busy_timeout_ms.
 BUSY_TIMEOUT_MS: Final = 5_000
+# Two processes switching a fresh file to WAL at once: SQLite answers one of them
+# SQLITE_BUSY at once, without its busy handler (that would deadlock). start()
+# retries the switch this often, for up to BUSY_TIMEOUT_MS.
+WAL_RETRY_S: Final = 0.01
 # Spill lines read and inserted per step when replaying, so a large spill file
 # is never held in memory whole.
 REPLAY_CHUNK_ROWS: Final = 5_000
@@ -224,6 +228,21 @@ _SQL_SCALARS: Final = (str, int, float, type(None))  # bool is an int
 def schema_version() -> int:
     """The user_version a database has once this code has migrated it."""
     return len(MIGRATIONS)
+
+
+async def enable_wal(db: aiosqlite.Connection) -> Any:
+    """``PRAGMA journal_mode = WAL``, retried while another process holds the switch
+    (see WAL_RETRY_S); returns the row SQLite answers with (the mode now in force)."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cur = await db.execute("PRAGMA journal_mode = WAL")
+            return await cur.fetchone()
+        except sqlite3.OperationalError as exc:
+            busy = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY
+            if not busy or time.monotonic() >= deadline:
+                raise
+        await asyncio.sleep(WAL_RETRY_S)
 
 
 async def migrate(db: aiosqlite.Connection) -> int:
@@ -463,8 +482,7 @@ class Meter:
             raise MeterError(f"cannot open meter db {path!r}: {exc}") from exc
         try:
             await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            cur = await db.execute("PRAGMA journal_mode = WAL")
-            row = await cur.fetchone()
+            row = await enable_wal(db)
             if row is None or str(row[0]).lower() != "wal":
                 # e.g. a filesystem without shared memory: still works, but
                 # readers then block the writer.

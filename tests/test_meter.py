@@ -675,3 +675,38 @@ def test_a_cancelled_writer_spills_what_is_queued(tmp_path: pathlib.Path) -> Non
 def test_a_zero_queue_size_is_refused_not_unbounded(tmp_path: pathlib.Path) -> None:
     with pytest.raises(ValueError, match="queue_size"):
         Meter(cfg_for(tmp_path, queue_size=0))
+
+
+def test_wal_switch_is_retried_while_another_process_holds_it() -> None:
+    # SQLite answers a racing journal_mode switch with SQLITE_BUSY at once (no busy
+    # handler); a real race is rare, so a connection that loses it twice stands in.
+    class Racing:
+        def __init__(self, losses: int) -> None:
+            self.losses = losses
+            self.calls = 0
+
+        async def execute(self, sql: str) -> Any:
+            assert sql == "PRAGMA journal_mode = WAL"
+            self.calls += 1
+            if self.losses:
+                self.losses -= 1
+                err = sqlite3.OperationalError("database is locked")
+                err.sqlite_errorcode = sqlite3.SQLITE_BUSY  # type: ignore[attr-defined]
+                raise err
+
+            class Cur:
+                async def fetchone(self) -> tuple[str]:
+                    return ("wal",)
+
+            return Cur()
+
+    racing = Racing(losses=2)
+    assert asyncio.run(meter_mod.enable_wal(racing)) == ("wal",)  # type: ignore[arg-type]
+    assert racing.calls == 3
+
+    class Broken(Racing):
+        async def execute(self, sql: str) -> Any:
+            raise sqlite3.OperationalError("disk I/O error")  # not BUSY: not retried
+
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        asyncio.run(meter_mod.enable_wal(Broken(0)))  # type: ignore[arg-type]
