@@ -132,6 +132,27 @@ def test_thousand_submitted_records_are_exactly_thousand_rows_after_close(
     assert not os.path.exists(m.spill_path)
 
 
+def test_the_writer_connection_caps_its_page_cache(tmp_path: pathlib.Path) -> None:
+    # SQLite's default 2 MiB page cache per connection was half of a worker's growth
+    # under load; the writer only appends, so it runs with PAGE_CACHE_KIB.
+    cfg = cfg_for(tmp_path)
+
+    async def main() -> int:
+        m = Meter(cfg)
+        await m.start()
+        for i in range(300):
+            m.submit(rec(i))
+        assert m._db is not None
+        cur = await m._db.execute("PRAGMA cache_size")
+        row = await cur.fetchone()
+        await m.close()
+        assert row is not None
+        return int(row[0])
+
+    assert asyncio.run(main()) == -meter_mod.PAGE_CACHE_KIB
+    assert count(cfg.db) == 300
+
+
 def test_every_field_round_trips_and_zero_tokens_stay_zero(tmp_path: pathlib.Path) -> None:
     cfg = cfg_for(tmp_path)
     zero = rec(
