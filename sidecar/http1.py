@@ -120,6 +120,17 @@ class ResponseParser:
             self._parser = httptools.HttpResponseParser(self)
         self._clear(max_head)
 
+    def close(self) -> None:
+        """Let go of llhttp once the connection is gone.
+
+        llhttp holds this object's callbacks and this object holds llhttp: a reference
+        cycle that only the cyclic GC frees, and the server runs that rarely
+        (GC_GEN0_THRESHOLD). Provider connections close by the hundred when load
+        drops, so each pair is freed here instead; the parser is unusable afterwards.
+        """
+        if hasattr(self, "_parser"):
+            del self._parser
+
     def _clear(self, max_head: int) -> None:
         self._max_head = max_head
         self.head: ResponseHead | None = None

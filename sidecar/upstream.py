@@ -73,6 +73,9 @@ class UpstreamConnection(asyncio.Protocol):
         sink, self.sink = self.sink, None
         if sink is not None:
             sink.upstream_lost(exc)
+        parser, self.parser = self.parser, None
+        if parser is not None:
+            parser.close()
 
     # -- used by the exchange --------------------------------------------
     def write(self, data: bytes) -> None:
