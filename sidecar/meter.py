@@ -176,6 +176,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         f"CREATE INDEX IF NOT EXISTS {TABLE}_key_ts ON {TABLE}(key_id, ts_ms)",
         f"CREATE INDEX IF NOT EXISTS {TABLE}_model_ts ON {TABLE}(model, ts_ms)",
     ),
+    # 1 -> 2: every report (`sidecar meter ...`) selects by ts_ms or id alone, so the
+    # per-key and per-model indexes served no query, and each cost ~10 us of CPU per
+    # row written (measured: 26 -> 49 us a row with both, 25-row commits, this box).
+    (
+        f"DROP INDEX IF EXISTS {TABLE}_key_ts",
+        f"DROP INDEX IF EXISTS {TABLE}_model_ts",
+    ),
 )
 
 COLUMNS: Final[tuple[str, ...]] = tuple(f.name for f in dataclasses.fields(MeterRecord))
