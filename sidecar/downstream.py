@@ -166,6 +166,12 @@ class RequestReader:
         return self._msg
 
     @property
+    def idle(self) -> bool:
+        """Holding nothing (no request queued or half-read, no error) and open to more:
+        the connection may drop this reader and make a fresh one for the next bytes."""
+        return self._parser is None and not self.ready and self.error is None and not self.done
+
+    @property
     def pending_bytes(self) -> int:
         """Bytes held for requests not taken yet (queued ones and the one being read)."""
         n = sum(r.size for r in self.ready)
@@ -357,7 +363,9 @@ class DownstreamProtocol(asyncio.Protocol):
         self.proxy = proxy
         self.limits = proxy.config.limits
         self.transport: asyncio.Transport | None = None
-        self.reader = RequestReader(self.limits.max_header_bytes, self.limits.max_body_bytes)
+        # Made when bytes arrive and dropped while it holds nothing: a connection whose
+        # response is streaming, or an idle keep-alive one, keeps no reader (~0.4 KiB).
+        self.reader: RequestReader | None = None
         self.request: ParsedRequest | None = None  # the one being read or answered
         self.busy = False  # a request is being answered; later ones wait in the reader
         self.exchange: Exchange | None = None
@@ -386,11 +394,17 @@ class DownstreamProtocol(asyncio.Protocol):
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
+        reader = self.reader
+        if reader is None:
+            limits = self.limits
+            reader = self.reader = RequestReader(limits.max_header_bytes, limits.max_body_bytes)
+        reader.feed(data)
         if self.busy:
             # Pipelined requests wait for the current response; bound how much we hold.
-            if self.reader.pending_bytes > self.limits.max_pipelined_bytes:
+            if reader.pending_bytes > self.limits.max_pipelined_bytes:
                 self._pause_reading()
+            elif reader.idle:
+                self.reader = None
             return
         self._drive()
 
@@ -443,6 +457,8 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def _drive_loop(self) -> None:
         reader = self.reader
+        if reader is None:
+            return  # no bytes since the last request: nothing to take
         while not self.busy and not self.closed:
             if reader.ready:
                 req = reader.ready.pop(0)
@@ -460,7 +476,9 @@ class DownstreamProtocol(asyncio.Protocol):
                 head = reader.current
                 if head is not None and head is not self.request:
                     self._begin(head)  # its body is still coming
-                return
+                break
+        if reader.idle and self.reader is reader:
+            self.reader = None
 
     def _begin(self, req: ParsedRequest) -> None:
         """The request's turn has come (its head is read; its body may still be arriving)."""

@@ -501,3 +501,17 @@ def test_generated_request_ids_are_unique_plain_and_differ_after_fork() -> None:
     os.close(r)
     os.close(w)
     assert child[:16] != ids[0][:16] and child not in ids
+
+
+def test_idle_only_when_the_reader_holds_nothing_and_may_read_more() -> None:
+    whole = request(b"POST", b"/v1/x", b"{}")
+    r = read(whole)
+    assert not r.idle  # a request waits to be taken
+    r.ready.pop(0)
+    assert r.idle
+    assert not read(whole[:10]).idle  # half a head
+    assert not read(whole[:-1]).idle  # the body is still arriving
+    closing = read(request(b"GET", b"/", headers=[(b"Connection", b"close")]))
+    closing.ready.pop(0)
+    assert not closing.idle  # nothing more may be read on this connection
+    assert not read(b"NOT HTTP\r\n\r\n").idle  # an error still to answer

@@ -12,6 +12,7 @@ import pytest
 from e2e_helpers import (
     ClientConn,
     chat_body,
+    chat_text,
     edit_limits,
     edit_timeouts,
     only_row,
@@ -171,3 +172,29 @@ def test_idle_keep_alive_client_is_closed_but_a_long_stream_is_not(stack_factory
         waited = time.monotonic() - idle_from
     # client_idle 0.4 s, swept every 0.1 s: closed after 0.4-0.5 s (plus scheduling slack).
     assert 0.35 <= waited < 2.0, waited
+
+
+def test_a_streaming_connection_holds_no_request_reader_and_still_takes_a_pipelined_one(
+    stack_factory: Any,
+) -> None:
+    # The reader is dropped once the request is taken (~0.4 KiB per open stream) and
+    # made again if the client sends more while its response is still streaming.
+    stack = stack_factory(chunks=6, delay_ms=150)
+
+    def readers() -> list[object]:
+        proxy = stack.server.proxy
+        return [conn.reader for conn in proxy.connections]
+
+    req = request_bytes("POST", "/v1/chat/completions", chat_body(stream=True))
+    with ClientConn(stack.port) as c:
+        c.send(req)
+        c.sock.settimeout(5)
+        first = c.sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200"), first[:60]
+        assert stack.call(readers) == [None]  # mid-stream: nothing held for the client
+        c.send(req)  # pipelined behind the stream
+        c.buf = bytearray(first)  # what was read already belongs to the first response
+        one, two = c.read_response(), c.read_response()
+    assert one.status == 200 and one.complete, one
+    assert two.status == 200 and two.complete, two
+    assert chat_text(one) == chat_text(two) != ""
