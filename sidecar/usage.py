@@ -107,6 +107,8 @@ def _int(obj: Mapping[str, Any] | None, key: str) -> int | None:
 
 def _sub(obj: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
     value = obj.get(key)
+    if value is None or type(value) is dict:  # what orjson gives: skip the ABC check
+        return value
     return value if isinstance(value, Mapping) else None
 
 
