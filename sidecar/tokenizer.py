@@ -34,11 +34,9 @@ approximation (``ceil(utf8_bytes / 4)``), logs one warning on the
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import math
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -195,6 +193,11 @@ _PROCESS_LOCK = threading.Lock()
 
 def _tiktoken_cache_file(spec: _Spec) -> str | None:
     """Where tiktoken's read_file_cached keeps spec.url, mirroring its rules; None = no cache."""
+    # Imported here, not at the top: only a lookup needs them, and at import they
+    # (with what tempfile pulls in: shutil, bz2, lzma, random) add ~1.4 MB to every worker.
+    import hashlib
+    import tempfile
+
     if "TIKTOKEN_CACHE_DIR" in os.environ:
         cache_dir = os.environ["TIKTOKEN_CACHE_DIR"]
     elif "DATA_GYM_CACHE_DIR" in os.environ:
@@ -277,7 +280,7 @@ class Tokenizer:
         for name in ENCODINGS:
             spec = _SPECS[name]
             in_dirs = any(os.path.isfile(os.path.join(d, f"{name}.tiktoken")) for d in self.dirs)
-            cached = self.use_tiktoken_cache and (
+            cached = not in_dirs and self.use_tiktoken_cache and (
                 (path := _tiktoken_cache_file(spec)) is not None and os.path.isfile(path)
             )
             if not (in_dirs or cached):
