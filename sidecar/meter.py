@@ -195,10 +195,12 @@ _record_row: Final[Callable[[MeterRecord], tuple[Any, ...]]] = operator.attrgett
 # row (executemany) + COMMIT let the queue grow to 11,000 records at ~5,500 req/s
 # (15 MB of RSS). One statement also costs ~40% less CPU a row than executemany.
 # Statement sizes are 1..SMALL_INSERT_ROWS, then powers of two up to the bound, so
-# at most 20 distinct statements are ever prepared and cached by sqlite3 (one per
+# at most 19 distinct statements are ever prepared and cached by sqlite3 (one per
 # batch size had grown the process by ~12 MB); the bound keeps parameter binding
-# (which holds the GIL, so the loop waits) near 0.5 ms.
-ROWS_PER_INSERT: Final = 256
+# (which holds the GIL, so the loop waits) near 0.25 ms. 128, not 256: the cached
+# 256-row statement alone held ~0.7 MB, and 128 rows a hop still write 25,000
+# rows/s if every hop waits the whole switch interval (a worker peaks near 6,000).
+ROWS_PER_INSERT: Final = 128
 SMALL_INSERT_ROWS: Final = 16
 
 

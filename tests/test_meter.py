@@ -127,8 +127,8 @@ def test_thousand_submitted_records_are_exactly_thousand_rows_after_close(
     s = m.stats
     assert (s.written, s.spilled, s.queued, s.errors, s.lost) == (1000, 0, 0, 0, 0)
     # All 1,000 were queued before the writer ran: written back to back as
-    # bounded statements (3 x 256, then 128 + 64 + 32 + 8), not row by row.
-    assert s.batches == 7
+    # bounded statements (7 x 128, then 64 + 32 + 8), not row by row.
+    assert s.batches == 10
     assert not os.path.exists(m.spill_path)
 
 
