@@ -37,12 +37,16 @@ class Plan:
     drain: float
 
 
+# The high open-streams level; the harness opens fewer when the fd limit is lower.
+HOLD_TARGET_STREAMS = 10_000
+
+
 def _fd_cap() -> int:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     lim = hard if hard != resource.RLIM_INFINITY else 1 << 20
     # a single-process proxy holds two fds per stream (client + upstream), plus its own
     # (listeners, logs, idle keep-alive connections to the mock: nginx keeps up to 1024)
-    return max(100, min(10_000, (lim - 1000) // 2 // 100 * 100))
+    return max(100, min(HOLD_TARGET_STREAMS, (lim - 1000) // 2 // 100 * 100))
 
 
 FULL = Plan(
@@ -551,13 +555,17 @@ def targets(agg: dict[str, Any]) -> list[dict[str, Any]]:
             "{:.1f} MB",
         )
         v = s.get("rss_hi_mb")
-        row(
-            f"RSS at {int(s.get('streams_hi') or 0)} open streams",
-            v,
-            "<= 100 MB (10k)",
-            le(v, 100),
-            "{:.1f} MB",
-        )
+        hi = int(s.get("streams_hi") or 0)
+        kb = s.get("kb_per_stream")
+        if v is not None and kb is not None and 0 < hi < HOLD_TARGET_STREAMS:
+            # The fd limit capped the level below the target's 10,000: judge the target
+            # on the measured level plus the measured per-stream slope, and say so.
+            row(f"RSS at {hi} open streams (the fd limit's cap)", v, "(info)", None, "{:.1f} MB")
+            v = v + (HOLD_TARGET_STREAMS - hi) * kb / 1024
+            label = f"RSS at 10000 open streams (extrapolated from {hi} at {kb:.1f} KB/stream)"
+        else:
+            label = f"RSS at {hi} open streams"
+        row(label, v, "<= 100 MB (10k)", le(v, 100), "{:.1f} MB")
         v = s.get("kb_per_stream")
         row("RSS per idle stream", v, "<= 6 KB", le(v, 6), "{:.1f} KB")
         v = s.get("meter_accuracy")
