@@ -118,8 +118,9 @@ BUSY_TIMEOUT_MS: Final = 5_000
 # retries the switch this often, for up to BUSY_TIMEOUT_MS.
 WAL_RETRY_S: Final = 0.01
 # SQLite's page cache for the writer's connection, in KiB. The writer only appends
-# (the indexes grow at their right edges), so a small cache costs no measurable CPU
-# per row; SQLite's default (2 MiB) was half of what a worker grew by under load.
+# (the table and its ts index grow at their right edges), so a small cache costs no
+# measurable CPU per row; SQLite's default (2 MiB) was half of what a worker grew by
+# under load.
 PAGE_CACHE_KIB: Final = 256
 # Spill lines read and inserted per step when replaying, so a large spill file
 # is never held in memory whole.
@@ -178,7 +179,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # 1 -> 2: every report (`sidecar meter ...`) selects by ts_ms or id alone, so the
     # per-key and per-model indexes served no query, and each cost ~10 us of CPU per
-    # row written (measured: 26 -> 49 us a row with both, 25-row commits, this box).
+    # row written (measured: 49 us a row with both, 26 without; 25-row commits, this box).
     (
         f"DROP INDEX IF EXISTS {TABLE}_key_ts",
         f"DROP INDEX IF EXISTS {TABLE}_model_ts",
