@@ -141,7 +141,6 @@ class Exchange:
         "head",
         "head_sent",
         "last_read",
-        "max_head",
         "mode",
         "on_end",
         "outcome",
@@ -183,7 +182,6 @@ class Exchange:
         self.filters: BodyFilters | None = filters
         self.tap: Tap | None = None
         self.stripper: UsageChunkStripper | None = None
-        self.max_head = max_head
         self.sweeper = sweeper
         self.timeouts = pool.timeouts
         self.phase = Phase.WAIT_HEAD
