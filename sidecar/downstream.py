@@ -15,7 +15,6 @@ import asyncio
 import itertools
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -441,9 +440,9 @@ class DownstreamProtocol(asyncio.Protocol):
             self.transport.abort()
 
     @property
-    def raw_write(self) -> Callable[[bytes], object]:
+    def raw_transport(self) -> asyncio.Transport:
         assert self.transport is not None
-        return self.transport.write
+        return self.transport
 
     # -- request cycle --------------------------------------------------------------
     def _drive(self) -> None:

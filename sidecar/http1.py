@@ -14,8 +14,9 @@ socket: feed bytes in, read results out, and every malformed input raises
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final, cast
 
 import httptools
 
@@ -138,7 +139,9 @@ class ResponseParser:
         self.done = False
         self.extra = False
         self.pieces.clear()
-        self._buf = bytearray()  # the head's bytes so far, while it is incomplete
+        # The head's bytes so far, while it is incomplete; made only when a head spans
+        # reads (rare), as an empty one on every open stream costs 56 bytes.
+        self._buf: bytearray | None = None
         self._heads = 0  # heads completed (1xx ones included), to find where the last ends
         self._headers: list[tuple[bytes, bytes]] = []
         self._reason = b""
@@ -163,17 +166,17 @@ class ResponseParser:
             self._locate_body(data)
 
     @property
-    def feed_body(self) -> Callable[[bytes], None]:
-        """llhttp's own feed, for the relay's per-read fast path once the head is in.
+    def llhttp(self) -> httptools.HttpResponseParser:
+        """llhttp itself, for the relay's per-read fast path once the head is in.
 
-        Equivalent to :meth:`feed` after the head (minus a Python frame per read);
-        an ``httptools.HttpParserError`` it raises goes to :meth:`body_error`.
+        Its ``feed_data`` is equivalent to :meth:`feed` after the head (minus a Python
+        frame per read); an ``httptools.HttpParserError`` it raises goes to
+        :meth:`body_error`.
         """
-        feed: Callable[[bytes], None] = self._parser.feed_data
-        return feed
+        return self._parser
 
     def body_error(self, exc: httptools.HttpParserError) -> UpstreamProtocolError | None:
-        """What an error from ``feed_body`` means: None when the message had ended
+        """What an error from ``llhttp.feed_data`` means: None when the message had ended
         and only bytes after it were bad (``extra`` is then set)."""
         if self.done:
             self.extra = True
@@ -188,13 +191,15 @@ class ResponseParser:
     def _locate_body(self, data: bytes) -> None:
         buf = self._buf
         if self.head is None:
+            if buf is None:
+                buf = self._buf = bytearray()
             buf += data
             if len(buf) > self._max_head:
                 raise UpstreamProtocolError(f"response head exceeds {self._max_head} bytes")
             return
         # The head ended in this read. llhttp insists on CRLF line ends, so the k-th
         # CRLF CRLF in the bytes so far ends the k-th head (no head contains one).
-        base = len(buf)
+        base = len(buf) if buf else 0
         whole = bytes(buf) + data if buf else data
         end = -4
         for _ in range(self._heads):
@@ -203,7 +208,7 @@ class ResponseParser:
         if end > self._max_head:
             raise UpstreamProtocolError(f"response head exceeds {self._max_head} bytes")
         self.body_start = end - base
-        self._buf = bytearray()
+        self._buf = None
 
     @property
     def seen(self) -> bool:
@@ -243,8 +248,11 @@ class ResponseParser:
         version = parser.get_http_version()
         if version not in ("1.1", "1.0"):
             raise UpstreamProtocolError(f"unsupported response version HTTP/{version}")
-        self.head = _make_head(status, self._reason, version == "1.1", self._headers)
-        self._headers = []  # the head has them now
+        reason = self._reason
+        self.head = _make_head(status, _REASONS.get(reason, reason), version == "1.1",
+                               self._headers)
+        self._reason = b""
+        self._headers = NO_HEADERS  # the head has them now; trailers are only counted
 
     def on_message_complete(self) -> None:
         if self.head is not None:
@@ -289,3 +297,21 @@ def frame_chunk(payload: bytes | bytearray | memoryview) -> bytes:
 
 
 LAST_CHUNK = b"0\r\n\r\n"
+
+# What a header list becomes once it has been used (a parser's once its head is
+# built, a request's once the provider answered): immutable, so a stray append fails
+# loudly instead of filling a list they all share. A fresh empty list in its place
+# cost 56 bytes on every open stream.
+NO_HEADERS: Final = cast("list[tuple[bytes, bytes]]", ())
+
+# The reason phrases providers send, kept once: llhttp hands over a new bytes object
+# per response, which every open stream would otherwise hold for its whole life.
+_REASONS: Final = {
+    r: r
+    for r in (
+        b"OK", b"Created", b"Accepted", b"No Content", b"Bad Request", b"Unauthorized",
+        b"Forbidden", b"Not Found", b"Request Timeout", b"Payload Too Large",
+        b"Too Many Requests", b"Internal Server Error", b"Bad Gateway",
+        b"Service Unavailable", b"Gateway Timeout",
+    )
+}

@@ -25,7 +25,7 @@ from sidecar.errors import (
     RequestError,
     SidecarError,
 )
-from sidecar.http1 import ResponseHead
+from sidecar.http1 import NO_HEADERS, ResponseHead
 from sidecar.meter import Meter
 from sidecar.responses import error_for, render
 from sidecar.router import RouteTable
@@ -111,7 +111,7 @@ class Flight:
         """The exchange's body filters, chosen once the provider's head is in."""
         # The provider answered: no retry will need the request head again, so let the
         # client's headers go for the rest of the stream.
-        self.req.headers = []
+        self.req.headers = NO_HEADERS
         sse = _is_event_stream(head)
         tap = make_tap(self.ctx.api_format, self.req.path, sse,
                        body_cap=self.proxy.config.limits.tap_body_bytes)

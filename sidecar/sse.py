@@ -1138,7 +1138,9 @@ class DeferredTap(Tap):
         # The parsing tap is built only when first needed: most streams never need it,
         # and building one per request cost CPU and ~1 KiB per open stream.
         self._inner: Tap | None = None
-        self._buf = bytearray()
+        # Made on the first feed: an open stream whose payload still waits in the
+        # relay's batch (most of them, between events) holds no empty buffer here.
+        self._buf: bytearray | None = None
         self._spilled = False  # the parsing tap has seen bytes: usage() must ask it
 
     def _make(self) -> Tap:
@@ -1151,7 +1153,10 @@ class DeferredTap(Tap):
 
     def feed(self, data: bytes | memoryview) -> None:
         buf = self._buf
-        buf += data
+        if buf is None:
+            buf = self._buf = bytearray(data)
+        else:
+            buf += data
         if len(buf) > DEFER_BYTES:
             self._drain()
 
@@ -1168,8 +1173,9 @@ class DeferredTap(Tap):
         return self._parser().result()
 
     def usage(self) -> Usage | None:
-        if not self._spilled and _CR not in self._buf:
-            events = self._usage_events(bytes(self._buf))
+        buf = self._buf or b""
+        if not self._spilled and _CR not in buf:
+            events = self._usage_events(bytes(buf))
             if events is not None:
                 if not events:
                     return None

@@ -189,6 +189,22 @@ def test_one_parser_serves_consecutive_responses_on_a_connection() -> None:
     assert p.done and p.take() == [b"ok"] and not p.extra
 
 
+def test_a_parser_mid_body_keeps_no_per_response_leftovers() -> None:
+    # Every open stream holds its parser: once the head is built, the parser keeps no
+    # header list or head buffer of its own, and common reasons are one shared object.
+    a, _ = _parse(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n", b"Transfer-Encoding: chunked\r\n\r\n")
+    b, _ = _parse(CHUNKED_HEAD + frame_chunk(b"x"))
+    assert a.head is not None and b.head is not None
+    assert a.head.reason is b.head.reason == b"OK"
+    for p in (a, b):
+        assert p.seen and not p.done
+        with pytest.raises(AttributeError):
+            p._headers.append((b"x", b"y"))  # immutable: never shared by accident
+    # a trailer after the last chunk is still only counted
+    a.feed(frame_chunk(b"y") + b"0\r\nX-T: v\r\n\r\n")
+    assert a.done and a.take() == [b"y"]
+
+
 def test_reset_after_a_body_the_parser_did_not_finish_starts_clean() -> None:
     p = ResponseParser(65536)
     p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")  # the relay counts the rest

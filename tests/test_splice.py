@@ -70,7 +70,9 @@ class FakeClient:
     def write(self, data: bytes) -> None:
         self.writes.append(bytes(data))
 
-    raw_write = write
+    @property
+    def raw_transport(self) -> FakeClient:
+        return self
 
     def abort(self) -> None:
         self.aborted = True
