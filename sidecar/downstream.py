@@ -16,7 +16,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -91,6 +91,11 @@ class ParsedRequest:
     request_id: bytes = b""  # the client's sane x-request-id, or ours
     t_received: float = 0.0  # loop.time() when the request was complete
     ts_ms: int = 0  # wall clock, for the meter
+
+
+# One shared object per common method: llhttp hands over a new bytes object per
+# request, which every open stream would otherwise keep for its whole life.
+_METHODS: Final = {m: m for m in (b"POST", b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS")}
 
 
 class _Stop(Exception):
@@ -301,6 +306,7 @@ class RequestReader:
             self._fail(RequestError(f"malformed HTTP request: {problem}"), None)
             raise _Stop
         method = parser.get_method()
+        method = _METHODS.get(method, method)
         self._head_bytes += len(method)
         if self._head_bytes > self.max_head:
             self._fail(RequestError(f"request head exceeds {self.max_head} bytes"), None)

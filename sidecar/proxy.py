@@ -177,8 +177,13 @@ class Proxy:
             self._reply_error(client, req, NotFound(f"no route for {req.path}"))
             client.cycle_done(req.keep_alive)
             return
+        # The route's own string (equal to the path, or it would not have matched):
+        # the one decoded from this request would stay alive with the stream.
+        req.path = table.route.path
         ctx = RequestContext(
-            request_id=req.request_id.decode(),
+            # Decoded when the row is complete (_complete): the id's bytes are on the
+            # request already, and a str copy per open stream is ~70 bytes.
+            request_id="",
             ts_ms=req.ts_ms,
             t_received=req.t_received,
             path=req.path,
@@ -309,6 +314,7 @@ class Proxy:
         """Release the client for its next request, then queue the meter row."""
         self.flights.discard(flight)
         ctx = flight.ctx
+        ctx.request_id = flight.req.request_id.decode()
         t_end = self.loop.time()
         flight.client.cycle_done(keep_alive)
         if ctx.pending_estimate is not None:

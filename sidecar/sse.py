@@ -138,6 +138,8 @@ class TapResult:
 class Tap(ABC):
     """Receives response body bytes; reports usage and content seen so far."""
 
+    __slots__ = ()  # so that subclasses with slots carry no __dict__ (one per stream)
+
     @abstractmethod
     def feed(self, data: bytes | memoryview) -> None: ...
 
