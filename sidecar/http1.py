@@ -121,17 +121,6 @@ class ResponseParser:
             self._parser = httptools.HttpResponseParser(self)
         self._clear(max_head)
 
-    def close(self) -> None:
-        """Let go of llhttp once the connection is gone.
-
-        llhttp holds this object's callbacks and this object holds llhttp: a reference
-        cycle that only the cyclic GC frees, and the server runs that rarely
-        (GC_GEN0_THRESHOLD). Provider connections close by the hundred when load
-        drops, so each pair is freed here instead; the parser is unusable afterwards.
-        """
-        if hasattr(self, "_parser"):
-            del self._parser
-
     def _clear(self, max_head: int) -> None:
         self._max_head = max_head
         self.head: ResponseHead | None = None
@@ -153,6 +142,7 @@ class ResponseParser:
                 self.extra = True
             return
         waiting = self.head is None
+        FEEDING.parser = self
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -162,12 +152,16 @@ class ResponseParser:
             if error is not None:
                 raise error from None
             return
+        finally:
+            FEEDING.parser = None
         if waiting:
             self._locate_body(data)
 
     @property
     def llhttp(self) -> httptools.HttpResponseParser:
         """llhttp itself, for the relay's per-read fast path once the head is in.
+
+        Set ``FEEDING.parser`` to this parser around each ``feed_data`` call.
 
         Its ``feed_data`` is equivalent to :meth:`feed` after the head (minus a Python
         frame per read); an ``httptools.HttpParserError`` it raises goes to
@@ -222,16 +216,31 @@ class ResponseParser:
         return out
 
     # -- httptools callbacks ---------------------------------------------------------
-    def on_message_begin(self) -> None:
+    # httptools looks each callback up on the object it is given, once per parser, and
+    # keeps what it finds: bound methods would be five objects (~320 bytes) on every
+    # open stream. These are plain functions that every parser shares; each finds
+    # the parser llhttp is working for in FEEDING, which whoever calls llhttp's
+    # feed_data sets just before (feed() here, the relay's fast path). on_body is
+    # per parser: the list's own append, which costs no Python frame per chunk.
+    @staticmethod
+    def on_message_begin() -> None:
+        self = FEEDING.parser
+        assert self is not None, "llhttp called back outside a feed"
         if self.done:
             self.extra = True
         self._headers = []
         self._reason = b""
 
-    def on_status(self, reason: bytes) -> None:
+    @staticmethod
+    def on_status(reason: bytes) -> None:
+        self = FEEDING.parser
+        assert self is not None, "llhttp called back outside a feed"
         self._reason += reason
 
-    def on_header(self, name: bytes, value: bytes) -> None:
+    @staticmethod
+    def on_header(name: bytes, value: bytes) -> None:
+        self = FEEDING.parser
+        assert self is not None, "llhttp called back outside a feed"
         if self.head is not None:  # a trailer after the last chunk
             self._trailer_bytes += len(name) + len(value) + 4
             if self._trailer_bytes > MAX_TRAILER_BYTES:
@@ -239,7 +248,10 @@ class ResponseParser:
             return
         self._headers.append((name.lower(), value.rstrip(b" \t")))
 
-    def on_headers_complete(self) -> None:
+    @staticmethod
+    def on_headers_complete() -> None:
+        self = FEEDING.parser
+        assert self is not None, "llhttp called back outside a feed"
         self._heads += 1
         parser = self._parser
         status = parser.get_status_code()
@@ -254,9 +266,28 @@ class ResponseParser:
         self._reason = b""
         self._headers = NO_HEADERS  # the head has them now; trailers are only counted
 
-    def on_message_complete(self) -> None:
+    @staticmethod
+    def on_message_complete() -> None:
+        self = FEEDING.parser
+        assert self is not None, "llhttp called back outside a feed"
         if self.head is not None:
             self.done = True
+
+
+class Feeding:
+    """The ResponseParser whose llhttp is being fed right now (one event loop thread).
+
+    Set it just before calling ``feed_data`` and clear it after: the callbacks read
+    it, and a parser left here would outlive its connection.
+    """
+
+    __slots__ = ("parser",)
+
+    def __init__(self) -> None:
+        self.parser: ResponseParser | None = None
+
+
+FEEDING: Final = Feeding()
 
 
 def _make_head(status: int, reason: bytes, http11: bool,

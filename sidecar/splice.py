@@ -26,7 +26,14 @@ import httptools
 
 from sidecar.config import TimeoutsConfig
 from sidecar.errors import SidecarError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
-from sidecar.http1 import HOP_BY_HOP, LAST_CHUNK, ResponseHead, ResponseParser, frame_chunk
+from sidecar.http1 import (
+    FEEDING,
+    HOP_BY_HOP,
+    LAST_CHUNK,
+    ResponseHead,
+    ResponseParser,
+    frame_chunk,
+)
 
 if TYPE_CHECKING:
     from sidecar.sse import Tap, UsageChunkStripper
@@ -265,7 +272,7 @@ class Exchange:
             # walks the frames (C code, appending payload to the parser's list).
             self.bytes_out += len(data)
             self._raw.write(data)  # type: ignore[union-attr]  # set with _fast
-            parser = self._parser
+            parser = FEEDING.parser = self._parser
             try:
                 self._llhttp.feed_data(data)  # type: ignore[union-attr]  # set with _fast
             except httptools.HttpParserError as exc:
@@ -273,6 +280,8 @@ class Exchange:
                 if error is not None:
                     self._fail(error, "upstream_error")
                     return
+            finally:
+                FEEDING.parser = None
             if parser.done or len(parser.pieces) >= TAP_BATCH:
                 self._chunked_read_done()
             return

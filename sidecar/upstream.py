@@ -73,9 +73,7 @@ class UpstreamConnection(asyncio.Protocol):
         sink, self.sink = self.sink, None
         if sink is not None:
             sink.upstream_lost(exc)
-        parser, self.parser = self.parser, None
-        if parser is not None:
-            parser.close()
+        self.parser = None  # freed now (llhttp holds nothing back to it), not at a GC
 
     # -- used by the exchange --------------------------------------------
     def write(self, data: bytes) -> None:

@@ -219,30 +219,36 @@ def _parsers_alive() -> int:
     return sum(1 for o in gc.get_objects() if type(o) is ResponseParser)
 
 
-def test_a_closed_parser_is_freed_without_the_cyclic_gc() -> None:
-    # llhttp holds the parser's callbacks: without close() the pair is a cycle that
-    # lingers until the (rarely run) cyclic GC. Under churn that was ~1 KiB per
-    # closed provider connection.
+def test_a_dropped_parser_is_freed_without_the_cyclic_gc() -> None:
+    # llhttp keeps the callbacks it was given. Bound methods made each parser and its
+    # llhttp a cycle that lingered until the (rarely run) cyclic GC: ~1 KiB per closed
+    # provider connection under churn. The shared callbacks hold no parser.
     gc.collect()
     gc.disable()
     try:
         before = _parsers_alive()
-        kept = ResponseParser(65536)
-        kept.feed(CHUNKED_HEAD + frame_chunk(b"x"))
-        del kept
-        assert _parsers_alive() == before + 1  # the cycle keeps it
-        closed = ResponseParser(65536)
-        closed.feed(CHUNKED_HEAD + frame_chunk(b"x"))
-        closed.close()
-        closed.close()  # twice is harmless
-        del closed
-        assert _parsers_alive() == before + 1
+        whole = CHUNKED_HEAD + frame_chunk(b"x") + LAST_CHUNK
+        for raw in (CHUNKED_HEAD + frame_chunk(b"x"), whole, b"HTTP/1.1 200 OK\r\nContent-"):
+            p = ResponseParser(65536)
+            p.feed(raw)
+            assert _parsers_alive() == before + 1
+            del p
+            assert _parsers_alive() == before
     finally:
         gc.enable()
         gc.collect()
 
 
-def test_a_lost_provider_connection_closes_its_parser() -> None:
+def test_callbacks_outside_a_feed_fail_loudly() -> None:
+    p = ResponseParser(65536)
+    p.feed(CHUNKED_HEAD)
+    with pytest.raises(AssertionError):
+        ResponseParser.on_message_complete()  # FEEDING is clear between feeds
+    with pytest.raises(UpstreamProtocolError):
+        p.feed(b"zz\r\n")  # a bad chunk size still raises after FEEDING was cleared
+
+
+def test_a_lost_provider_connection_drops_its_parser() -> None:
     class Pool:
         def forget(self, conn: object) -> None:
             pass
