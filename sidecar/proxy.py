@@ -110,8 +110,9 @@ class Flight:
     def filters(self, head: ResponseHead) -> tuple[Tap, UsageChunkStripper | None]:
         """The exchange's body filters, chosen once the provider's head is in."""
         # The provider answered: no retry will need the request head again, so let the
-        # client's headers go for the rest of the stream.
+        # client's headers and target go for the rest of the stream.
         self.req.headers = NO_HEADERS
+        self.req.target = b""
         sse = _is_event_stream(head)
         tap = make_tap(self.ctx.api_format, self.req.path, sse,
                        body_cap=self.proxy.config.limits.tap_body_bytes)

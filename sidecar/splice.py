@@ -137,7 +137,6 @@ class Exchange:
     __slots__ = (
         "_fast",
         "_llhttp",
-        "_loop",
         "_out",
         "_parser",
         "_raw",
@@ -167,7 +166,6 @@ class Exchange:
         "sweeper",
         "t_first_byte",
         "tap",
-        "timeouts",
     )
 
     def __init__(
@@ -183,8 +181,6 @@ class Exchange:
         max_head: int,
         sweeper: Sweeper,
     ) -> None:
-        # The sweeper's loop: asyncio.get_running_loop() costs a getpid() system call.
-        self._loop = sweeper.loop
         self.pool = pool
         self.conn = conn
         self.client = client
@@ -195,7 +191,6 @@ class Exchange:
         self.tap: Tap | None = None
         self.stripper: UsageChunkStripper | None = None
         self.sweeper = sweeper
-        self.timeouts = pool.timeouts
         self.phase = Phase.WAIT_HEAD
         self.mode = BodyMode.NONE
         self.head: ResponseHead | None = None
@@ -239,7 +234,8 @@ class Exchange:
     def start(self, request: bytes) -> None:
         conn = self.conn
         conn.sink = self
-        self.started = self.last_read = self._loop.time()
+        # The sweeper's loop: asyncio.get_running_loop() costs a getpid() system call.
+        self.started = self.last_read = self.sweeper.loop.time()
         conn.write(request)
         self.sweeper.add(self)
 
@@ -247,7 +243,7 @@ class Exchange:
     def check_deadlines(self, now: float) -> None:
         if self.phase is Phase.DONE:
             return
-        t = self.timeouts
+        t = self.pool.timeouts
         if now - self.started >= t.total:
             what = "total"
         elif self.phase is Phase.WAIT_HEAD:
@@ -519,7 +515,7 @@ class Exchange:
         if not data:
             return
         if self.t_first_byte is None:
-            self.t_first_byte = self._loop.time()
+            self.t_first_byte = self.sweeper.loop.time()
         self.bytes_out += len(data)
         self.client.write(data)
 
@@ -577,4 +573,4 @@ class Exchange:
             self.on_end = None
             # Not called inline: _end can run mid-callback (inside a read, before that
             # read's last bytes are flushed), and what it starts next must come after.
-            self._loop.call_soon(on_end, self)
+            self.sweeper.loop.call_soon(on_end, self)
