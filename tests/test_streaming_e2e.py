@@ -197,3 +197,35 @@ def test_anthropic_sdk_through_sidecar_meters_merged_usage(
     assert row["prompt_tokens"] == u.input_tokens + 2 + 1 == sent.prompt_tokens
     assert row["completion_tokens"] == u.output_tokens == sent.completion_tokens
     assert row["cache_read_tokens"] == 2 and row["cache_write_tokens"] == 1
+
+
+def test_shutdown_cuts_a_live_stream_meters_it_and_closes_every_provider_connection(
+    stack_factory: Any,
+) -> None:
+    import asyncio
+
+    from e2e_helpers import edit_timeouts
+
+    stack = stack_factory(edit_timeouts(shutdown_grace=0.3), chunks=40, delay_ms=100)
+    body = {"model": "gpt-4o-mini", "stream": True,
+            "messages": [{"role": "user", "content": "Tell me a long story."}]}
+    live = RawStream(_post(stack.port, "/v1/chat/completions", body))
+    live.read_events(3)
+    # One finished meanwhile leaves an idle kept-alive provider connection in the pool.
+    quick = socket.create_connection(("127.0.0.1", stack.port), timeout=10)
+    quick.sendall(request_bytes("POST", "/v1/chat/completions", body,
+                                headers=[(b"x-mock-delay-ms", b"0")]))
+    RawStream(quick).read_all()
+    assert len(stack.mock.connections) == 2  # the idle one and the streaming one
+    assert stack.loop is not None
+    asyncio.run_coroutine_threadsafe(stack.server.stop(), stack.loop).result(10)
+    live.read_all()  # the sidecar cut it: EOF before the last chunk
+    assert live.eof and not live.parser.done
+    for conn in stack.mock.connections:
+        assert conn.closed_at is not None and conn.closed_by_peer, conn
+    quick.close()
+    stack.stop()
+    rows = stack.rows()
+    assert sorted(r["outcome"] for r in rows) == ["ok", "shutdown"]
+    (cut,) = (r for r in rows if r["outcome"] == "shutdown")
+    assert cut["usage_source"] == "estimated" and cut["completion_tokens"] > 0
