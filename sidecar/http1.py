@@ -14,6 +14,7 @@ socket: feed bytes in, read results out, and every malformed input raises
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, cast
@@ -142,7 +143,8 @@ class ResponseParser:
                 self.extra = True
             return
         waiting = self.head is None
-        FEEDING.parser = self
+        f = feeding()
+        f.parser = self
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -153,7 +155,7 @@ class ResponseParser:
                 raise error from None
             return
         finally:
-            FEEDING.parser = None
+            f.parser = None
         if waiting:
             self._locate_body(data)
 
@@ -161,7 +163,7 @@ class ResponseParser:
     def llhttp(self) -> httptools.HttpResponseParser:
         """llhttp itself, for the relay's per-read fast path once the head is in.
 
-        Set ``FEEDING.parser`` to this parser around each ``feed_data`` call.
+        Set ``feeding().parser`` to this parser around each ``feed_data`` call.
 
         Its ``feed_data`` is equivalent to :meth:`feed` after the head (minus a Python
         frame per read); an ``httptools.HttpParserError`` it raises goes to
@@ -219,12 +221,12 @@ class ResponseParser:
     # httptools looks each callback up on the object it is given, once per parser, and
     # keeps what it finds: bound methods would be five objects (~320 bytes) on every
     # open stream. These are plain functions that every parser shares; each finds
-    # the parser llhttp is working for in FEEDING, which whoever calls llhttp's
-    # feed_data sets just before (feed() here, the relay's fast path). on_body is
+    # the parser llhttp is working for in this thread's Feeding, which whoever calls
+    # llhttp's feed_data sets just before (feed() here, the relay's fast path). on_body is
     # per parser: the list's own append, which costs no Python frame per chunk.
     @staticmethod
     def on_message_begin() -> None:
-        self = FEEDING.parser
+        self: ResponseParser | None = _THREAD.feeding.parser
         assert self is not None, "llhttp called back outside a feed"
         if self.done:
             self.extra = True
@@ -233,13 +235,13 @@ class ResponseParser:
 
     @staticmethod
     def on_status(reason: bytes) -> None:
-        self = FEEDING.parser
+        self: ResponseParser | None = _THREAD.feeding.parser
         assert self is not None, "llhttp called back outside a feed"
         self._reason += reason
 
     @staticmethod
     def on_header(name: bytes, value: bytes) -> None:
-        self = FEEDING.parser
+        self: ResponseParser | None = _THREAD.feeding.parser
         assert self is not None, "llhttp called back outside a feed"
         if self.head is not None:  # a trailer after the last chunk
             self._trailer_bytes += len(name) + len(value) + 4
@@ -250,7 +252,7 @@ class ResponseParser:
 
     @staticmethod
     def on_headers_complete() -> None:
-        self = FEEDING.parser
+        self: ResponseParser | None = _THREAD.feeding.parser
         assert self is not None, "llhttp called back outside a feed"
         self._heads += 1
         parser = self._parser
@@ -268,17 +270,20 @@ class ResponseParser:
 
     @staticmethod
     def on_message_complete() -> None:
-        self = FEEDING.parser
+        self: ResponseParser | None = _THREAD.feeding.parser
         assert self is not None, "llhttp called back outside a feed"
         if self.head is not None:
             self.done = True
 
 
 class Feeding:
-    """The ResponseParser whose llhttp is being fed right now (one event loop thread).
+    """Which ResponseParser's llhttp this thread is feeding right now.
 
-    Set it just before calling ``feed_data`` and clear it after: the callbacks read
-    it, and a parser left here would outlive its connection.
+    Set ``parser`` just before calling llhttp's ``feed_data`` and clear it after: the
+    shared callbacks read it, and a parser left here would outlive its connection.
+    There is one per thread (see :func:`feeding`): the sidecar parses on its event
+    loop thread only, but a test or an embedding may parse on two threads at once,
+    and a callback must never reach another thread's parser.
     """
 
     __slots__ = ("parser",)
@@ -287,7 +292,17 @@ class Feeding:
         self.parser: ResponseParser | None = None
 
 
-FEEDING: Final = Feeding()
+_THREAD: Final = threading.local()
+
+
+def feeding() -> Feeding:
+    """This thread's Feeding. A thread-local lookup: callers on a per-read path keep
+    what it returns (a plain object, cheap to set) instead of calling it per read."""
+    try:
+        f: Feeding = _THREAD.feeding
+    except AttributeError:
+        f = _THREAD.feeding = Feeding()
+    return f
 
 
 def _make_head(status: int, reason: bytes, http11: bool,

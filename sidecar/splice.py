@@ -27,11 +27,12 @@ import httptools
 from sidecar.config import TimeoutsConfig
 from sidecar.errors import SidecarError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from sidecar.http1 import (
-    FEEDING,
     HOP_BY_HOP,
     LAST_CHUNK,
+    Feeding,
     ResponseHead,
     ResponseParser,
+    feeding,
     frame_chunk,
 )
 
@@ -136,6 +137,7 @@ class Sweeper:
 class Exchange:
     __slots__ = (
         "_fast",
+        "_feeding",
         "_llhttp",
         "_out",
         "_parser",
@@ -209,6 +211,7 @@ class Exchange:
         # ~64 bytes on every open stream.
         self._raw: RawWriter | None = None
         self._llhttp: httptools.HttpResponseParser | None = None
+        self._feeding: Feeding | None = None
         self._remaining = 0  # content-length bytes still to come (-1: until close)
         # Bytes for the client from the current provider read, written at once.
         # Made when something is queued and dropped when flushed: a verbatim stream
@@ -268,7 +271,9 @@ class Exchange:
             # walks the frames (C code, appending payload to the parser's list).
             self.bytes_out += len(data)
             self._raw.write(data)  # type: ignore[union-attr]  # set with _fast
-            parser = FEEDING.parser = self._parser
+            parser = self._parser
+            feeding = self._feeding
+            feeding.parser = parser  # type: ignore[union-attr]  # set with _fast
             try:
                 self._llhttp.feed_data(data)  # type: ignore[union-attr]  # set with _fast
             except httptools.HttpParserError as exc:
@@ -277,7 +282,7 @@ class Exchange:
                     self._fail(error, "upstream_error")
                     return
             finally:
-                FEEDING.parser = None
+                feeding.parser = None  # type: ignore[union-attr]  # set with _fast
             if parser.done or len(parser.pieces) >= TAP_BATCH:
                 self._chunked_read_done()
             return
@@ -400,6 +405,7 @@ class Exchange:
                 self._flush_out()
                 self._raw = self.client.raw_transport
                 self._llhttp = self._parser.llhttp
+                self._feeding = feeding()
                 self._fast = True
                 self._chunked_read_done()
             else:
@@ -557,7 +563,7 @@ class Exchange:
     def _end(self, reusable: bool) -> None:
         self.phase = Phase.DONE
         self._fast = False
-        self._raw = self._llhttp = None
+        self._raw = self._llhttp = self._feeding = None
         if self.mode is BodyMode.VERBATIM_CHUNKED:
             self._tap_pieces()  # cut short: the tap must see every byte the client got
         self.sweeper.discard(self)

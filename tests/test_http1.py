@@ -239,13 +239,42 @@ def test_a_dropped_parser_is_freed_without_the_cyclic_gc() -> None:
         gc.collect()
 
 
+def test_parsers_on_two_threads_never_see_each_others_callbacks() -> None:
+    # The shared callbacks find their parser per thread: the sidecar parses on one
+    # thread, but the e2e tests parse client-side on another at the same time.
+    import sys
+    import threading
+
+    def work(tag: bytes, out: list[bool]) -> None:
+        raw = (b"HTTP/1.1 200 " + tag + b"\r\nX-Tag: " + tag + b"\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n" + frame_chunk(tag) + LAST_CHUNK)
+        for _ in range(3000):
+            p, payload = _parse(*[raw[i:i + 7] for i in range(0, len(raw), 7)])
+            head = p.head
+            out.append(head is not None and head.reason == tag and payload == tag
+                       and head.get(b"x-tag") == tag and p.done)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        results: dict[bytes, list[bool]] = {b"Alpha": [], b"Omega": []}
+        threads = [threading.Thread(target=work, args=(t, r)) for t, r in results.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        sys.setswitchinterval(old)
+    assert all(len(r) == 3000 and all(r) for r in results.values())
+
+
 def test_callbacks_outside_a_feed_fail_loudly() -> None:
     p = ResponseParser(65536)
     p.feed(CHUNKED_HEAD)
     with pytest.raises(AssertionError):
-        ResponseParser.on_message_complete()  # FEEDING is clear between feeds
+        ResponseParser.on_message_complete()  # this thread's Feeding is clear between feeds
     with pytest.raises(UpstreamProtocolError):
-        p.feed(b"zz\r\n")  # a bad chunk size still raises after FEEDING was cleared
+        p.feed(b"zz\r\n")  # a bad chunk size still raises once Feeding was cleared
 
 
 def test_a_lost_provider_connection_drops_its_parser() -> None:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.config import TimeoutsConfig
-from sidecar.http1 import FEEDING, LAST_CHUNK, ResponseHead, frame_chunk
+from sidecar.http1 import LAST_CHUNK, ResponseHead, feeding, frame_chunk
 from sidecar.splice import Exchange, Sweeper
 from sidecar.sse import make_tap
 
@@ -97,7 +97,7 @@ def _run(pieces: list[bytes], client_http11: bool = True) -> tuple[Exchange, Fak
             if not ex.ended:
                 ex.upstream_data(p)
                 # the parser callbacks' pointer is never left set between reads
-                assert FEEDING.parser is None
+                assert feeding().parser is None
         return ex, client, pool
 
     return asyncio.run(main())
