@@ -279,11 +279,14 @@ class ResponseParser:
 class Feeding:
     """Which ResponseParser's llhttp this thread is feeding right now.
 
-    Set ``parser`` just before calling llhttp's ``feed_data`` and clear it after: the
-    shared callbacks read it, and a parser left here would outlive its connection.
-    There is one per thread (see :func:`feeding`): the sidecar parses on its event
-    loop thread only, but a test or an embedding may parse on two threads at once,
-    and a callback must never reach another thread's parser.
+    Set ``parser`` just before calling llhttp's ``feed_data``: the shared callbacks
+    read it. ``ResponseParser.feed`` clears it after, so that a callback outside a feed
+    fails loudly; the relay's per-read path leaves it set (a store per read less), which
+    at worst keeps its last parser alive until the next feed.
+
+    There is one per thread (see :func:`feeding`): the sidecar parses on its event loop
+    thread only, but a test or an embedding may parse on two threads at once, and a
+    callback must never reach another thread's parser.
     """
 
     __slots__ = ("parser",)

@@ -271,9 +271,9 @@ class Exchange:
             # walks the frames (C code, appending payload to the parser's list).
             self.bytes_out += len(data)
             self._raw.write(data)  # type: ignore[union-attr]  # set with _fast
-            parser = self._parser
-            feeding = self._feeding
-            feeding.parser = parser  # type: ignore[union-attr]  # set with _fast
+            # Left set after the read (one store per read less): every feed on this
+            # thread sets it first, and llhttp calls back only inside a feed.
+            parser = self._feeding.parser = self._parser  # type: ignore[union-attr]
             try:
                 self._llhttp.feed_data(data)  # type: ignore[union-attr]  # set with _fast
             except httptools.HttpParserError as exc:
@@ -281,8 +281,6 @@ class Exchange:
                 if error is not None:
                     self._fail(error, "upstream_error")
                     return
-            finally:
-                feeding.parser = None  # type: ignore[union-attr]  # set with _fast
             if parser.done or len(parser.pieces) >= TAP_BATCH:
                 self._chunked_read_done()
             return
