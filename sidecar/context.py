@@ -19,7 +19,10 @@ from sidecar.usage import Usage
 class RequestContext(MeterRecord):
     """The row being filled in, plus what only the proxy needs on the way."""
 
-    t_received: float  # loop.time()
+    # The row's timings are time.perf_counter() seconds, not loop.time(): uvloop's loop
+    # time is libuv's millisecond clock, cached per loop turn, which made every
+    # ttft_ms below a millisecond read 0.0 or 1.0.
+    t_received: float
     t_first_byte: float | None = None
     usage: Usage | None = None
     # (raw request JSON, the response's tap or None, path) when no usage was reported

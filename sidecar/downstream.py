@@ -89,7 +89,7 @@ class ParsedRequest:
     # not a second one for the proxy's view):
     path: str = ""  # the target without the query
     request_id: bytes = b""  # the client's sane x-request-id, or ours
-    t_received: float = 0.0  # loop.time() when the request was complete
+    t_received: float = 0.0  # time.perf_counter() when the request was complete
     ts_ms: int = 0  # wall clock, for the meter
 
 
@@ -499,7 +499,7 @@ class DownstreamProtocol(asyncio.Protocol):
         req.path = (target if q < 0 else target[:q]).decode("latin-1")
         req.keep_alive = req.keep_alive and not self.proxy.draining
         req.request_id = _request_id(req.headers)
-        req.t_received = self.proxy.loop.time()
+        req.t_received = time.perf_counter()  # the row's clock (see RequestContext)
         req.ts_ms = int(time.time() * 1000)
         self.busy = True
         self.proxy.dispatch(req, self)

@@ -316,7 +316,7 @@ class Proxy:
         self.flights.discard(flight)
         ctx = flight.ctx
         ctx.request_id = flight.req.request_id.decode()
-        t_end = self.loop.time()
+        t_end = time.perf_counter()
         flight.client.cycle_done(keep_alive)
         if ctx.pending_estimate is not None:
             self.spawn(self._estimate_then_submit(ctx, t_end))
@@ -413,9 +413,10 @@ class Proxy:
         if table is None:
             return
         ctx = RequestContext(request_id=request_id.decode(), ts_ms=int(time.time() * 1000),
-                             t_received=self.loop.time(), path=path, route=table.route.path,
-                             status=status, outcome="rejected", error=str(exc))
-        self.meter.submit(ctx.to_record(self.loop.time()))
+                             t_received=time.perf_counter(), path=path,
+                             route=table.route.path, status=status, outcome="rejected",
+                             error=str(exc))
+        self.meter.submit(ctx.to_record(time.perf_counter()))
 
     # -- shutdown -------------------------------------------------------------------
     async def drain(self, grace: float) -> None:

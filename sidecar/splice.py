@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from enum import IntEnum
+from time import perf_counter
 from typing import TYPE_CHECKING, Protocol
 
 import httptools
@@ -519,7 +520,7 @@ class Exchange:
         if not data:
             return
         if self.t_first_byte is None:
-            self.t_first_byte = self.sweeper.loop.time()
+            self.t_first_byte = perf_counter()  # the row's clock (see RequestContext)
         self.bytes_out += len(data)
         self.client.write(data)
 

@@ -229,3 +229,23 @@ def test_shutdown_cuts_a_live_stream_meters_it_and_closes_every_provider_connect
     assert sorted(r["outcome"] for r in rows) == ["ok", "shutdown"]
     (cut,) = (r for r in rows if r["outcome"] == "shutdown")
     assert cut["usage_source"] == "estimated" and cut["completion_tokens"] > 0
+
+
+def test_meter_timings_have_sub_millisecond_resolution(stack_factory: Any) -> None:
+    # loop.time() is libuv's cached millisecond clock: with it every sub-millisecond
+    # time to first byte was metered as 0.0 or 1.0.
+    stack = stack_factory(chunks=3, delay_ms=2)
+    body = {"model": "gpt-4o-mini", "stream": True,
+            "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(5):
+        rs = RawStream(_post(stack.port, "/v1/chat/completions", body))
+        rs.read_all()
+        assert rs.parser.done
+        rs.sock.close()
+    stack.stop()
+    rows = stack.rows()
+    assert len(rows) == 5
+    for r in rows:
+        assert 0 < r["ttft_ms"] < r["duration_ms"]
+    assert any(r["ttft_ms"] != round(r["ttft_ms"]) for r in rows), rows
+    assert any(r["duration_ms"] != round(r["duration_ms"]) for r in rows), rows
