@@ -103,6 +103,12 @@ class Flight:
         self.exchange: Exchange | None = None
         self.cut = False  # shutdown's deadline passed while it was in flight
 
+    def check_deadlines(self, now: float) -> None:
+        """The sweeper's question, passed to the exchange (if one is running)."""
+        ex = self.exchange
+        if ex is not None:
+            ex.check_deadlines(now)
+
     def __call__(self, ex: Exchange) -> None:
         """The exchange's on_end (the flight itself, not a closure per request)."""
         self.proxy._landed(self, ex)
@@ -135,7 +141,8 @@ class Proxy:
         self.connections: set[DownstreamProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.flights: set[Flight] = set()
-        self.sweeper = Sweeper.for_timeouts(self.loop, config.timeouts)
+        # The sweeper walks the requests in flight, each asking its exchange.
+        self.sweeper = Sweeper.for_timeouts(self.loop, config.timeouts, self.flights)
         self.draining = False
         self._rand = random.random
         # Idle keep-alive clients are closed by one periodic sweep, not a timer each.

@@ -203,3 +203,30 @@ def test_malformed_chunk_in_the_head_read_sends_nothing() -> None:
     ex, client, pool = _run([HEAD + frame_chunk(EVENTS[0]) + b"zz\r\nnot a chunk size\r\n"])
     assert ex.ended and ex.outcome == "upstream_error" and not ex.head_sent
     assert client.writes == [] and not client.aborted and pool.released == []
+
+
+def test_sweeper_walks_its_owners_collection_until_it_is_empty() -> None:
+    class Item:
+        def __init__(self) -> None:
+            self.seen: list[float] = []
+
+        def check_deadlines(self, now: float) -> None:
+            self.seen.append(now)
+            if len(self.seen) == 2:
+                live.discard(self)  # the owner lets go of it, as the proxy does
+
+    live: set[Item] = set()
+
+    async def main() -> tuple[int, bool]:
+        sweeper = Sweeper(asyncio.get_running_loop(), 0.01, live)
+        item = Item()
+        live.add(item)
+        sweeper.arm()
+        sweeper.arm()  # arming twice schedules one sweep
+        await asyncio.sleep(0.1)
+        stopped = sweeper._handle is None  # nothing left to sweep: no timer kept
+        sweeper.close()
+        return len(item.seen), stopped
+
+    seen, stopped = asyncio.run(main())
+    assert seen == 2 and stopped
