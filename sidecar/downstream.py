@@ -83,7 +83,7 @@ class ParsedRequest:
     keep_alive: bool  # what the request itself allows: HTTP/1.1 and no "close"
     expect_continue: bool  # HTTP/1.1 with "expect: 100-continue"
     body: bytes = b""
-    size: int = 0  # head and body bytes held, for the pipelining bound
+    size: int = 0  # head and body bytes held while queued, for the pipelining bound
     continued: bool = False  # the protocol has written "100 Continue" for it
     # Set when its turn comes and it is handed to the proxy (one object per request,
     # not a second one for the proxy's view):
@@ -498,6 +498,7 @@ class DownstreamProtocol(asyncio.Protocol):
         q = target.find(b"?")
         req.path = (target if q < 0 else target[:q]).decode("latin-1")
         req.keep_alive = req.keep_alive and not self.proxy.draining
+        req.size = 0  # counted only while queued; an int per open stream otherwise
         req.request_id = _request_id(req.headers)
         req.t_received = time.perf_counter()  # the row's clock (see RequestContext)
         req.ts_ms = int(time.time() * 1000)
