@@ -68,8 +68,9 @@ class UpstreamConnection(asyncio.Protocol):
         return False  # close; a half-closed provider connection is useless to us
 
     def connection_lost(self, exc: Exception | None) -> None:
+        was_idle = self.state is ConnState.IDLE
         self.state = ConnState.CLOSED
-        self.pool.forget(self)
+        self.pool.forget(self, was_idle)
         sink, self.sink = self.sink, None
         if sink is not None:
             sink.upstream_lost(exc)
@@ -91,8 +92,9 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         """Abort at once: used on cancel, so the provider stops generating now."""
         if self.state is not ConnState.CLOSED:
+            was_idle = self.state is ConnState.IDLE
             self.state = ConnState.CLOSED
-            self.pool.forget(self)
+            self.pool.forget(self, was_idle)
             if self.transport is not None:
                 self.transport.abort()
 
@@ -171,9 +173,15 @@ class UpstreamPool:
         else:
             conn.close()
 
-    def forget(self, conn: UpstreamConnection) -> None:
-        if conn in self._idle:
-            self._idle.remove(conn)
+    def forget(self, conn: UpstreamConnection, was_idle: bool) -> None:
+        """A connection closed. Only an idle one can be in the idle list, so the list
+        is searched only then (an active one closing, as on every client disconnect,
+        would otherwise scan up to pool_max_idle entries for nothing)."""
+        if was_idle:
+            try:
+                self._idle.remove(conn)
+            except ValueError:
+                pass  # taken off the list already (take_idle closes expired ones)
 
     def close(self) -> None:
         """Close the idle connections.

@@ -279,7 +279,7 @@ def test_callbacks_outside_a_feed_fail_loudly() -> None:
 
 def test_a_lost_provider_connection_drops_its_parser() -> None:
     class Pool:
-        def forget(self, conn: object) -> None:
+        def forget(self, conn: object, was_idle: bool) -> None:
             pass
 
     gc.collect()

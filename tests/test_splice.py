@@ -35,7 +35,7 @@ class FakePool:
     def release(self, conn: Any, reusable: bool) -> None:
         self.released.append(reusable)
 
-    def forget(self, conn: Any) -> None:
+    def forget(self, conn: Any, was_idle: bool) -> None:
         pass
 
 
