@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--seconds", type=float, default=10.0)
     pr.add_argument("--workers", type=int, default=1)
     pr.add_argument("--concurrency", type=int, default=10)
+    # At 250 Hz a 10 s profile has a few hundred busy samples; a finer comparison of
+    # small functions wants a higher rate over longer (py-spy itself then costs more).
+    pr.add_argument("--rate", type=int, default=250, help="samples per second")
     pr.add_argument("--pattern", default="paced", choices=["paced", "paced10", "burst"])
     pr.add_argument(
         "--no-native",
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "profile":
         from bench.profile import profile
 
-        out = profile(a.seconds, a.out, a.workers, a.concurrency, a.pattern, a.native)
+        out = profile(a.seconds, a.out, a.workers, a.concurrency, a.pattern, a.native, a.rate)
         print((out / "profile.md").read_text())
         return 0
     if a.cmd == "report":

@@ -116,6 +116,7 @@ def profile(
     concurrency: int = 10,
     pattern: str = "paced",
     native: bool = True,
+    rate: int = 250,
 ) -> Path:
     extra = ["--native"] if native else []
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -169,7 +170,7 @@ def profile(
                 "-d",
                 str(int(seconds)),
                 "-r",
-                "250",
+                str(rate),
                 "-f",
                 "raw",
                 "--threads",
@@ -191,7 +192,7 @@ def profile(
     summary = summarize(raw_path.read_text())
     md = [
         f"# py-spy profile of the sidecar (workers: {workers}) under {pattern} load, "
-        f"closed loop c{concurrency}, {seconds:.0f} s at 250 Hz\n",
+        f"closed loop c{concurrency}, {seconds:.0f} s at {rate} Hz\n",
         f"Load during the profile: {result.get('rps', 0):.0f} req/s, TTFT p50 "
         f"{result.get('ttft_ms', {}).get('p50', 0):.3f} ms, CPU "
         f"{result.get('cpu_us_per_req', 0):.0f} µs per streamed request (with py-spy attached; "
