@@ -56,6 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     pr.add_argument("--out", type=Path, default=None)
 
+    ins = sub.add_parser(
+        "instructions", help="user-space instructions per streamed request, under callgrind"
+    )
+    ins.add_argument("--contenders", nargs="+", metavar="NAME",
+                     help="sidecar sidecar-ref uvloop-floor nginx nginx-lua "
+                     "(default: all but sidecar-ref)")
+    ins.add_argument("--seconds", type=float, default=10.0, help="instrumented load window")
+    ins.add_argument("--concurrency", type=int, default=4)
+    ins.add_argument("--out", type=Path, default=None)
     rg = sub.add_parser("report", help="recompute tables and chart from a results folder")
     rg.add_argument("dir", type=Path)
 
@@ -75,6 +84,13 @@ def main(argv: list[str] | None = None) -> int:
 
         out = profile(a.seconds, a.out, a.workers, a.concurrency, a.pattern, a.native, a.rate)
         print((out / "profile.md").read_text())
+        return 0
+    if a.cmd == "instructions":
+        from bench.instructions import instructions
+
+        out = instructions(a.contenders, a.seconds, a.concurrency, a.out,
+                           "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv))
+        print((out / "results.md").read_text())
         return 0
     if a.cmd == "report":
         from bench.compare import regenerate

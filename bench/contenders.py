@@ -8,6 +8,7 @@ A contender that is not installed is *missing* (with the reason), never faked.
 from __future__ import annotations
 
 import compileall
+import contextlib
 import os
 import re
 import secrets
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,20 @@ class Proc:
                 pass
 
 
+# Prepended to every command spawn() runs while set (see command_prefix): how
+# ``bench instructions`` runs a contender under valgrind with its usual start().
+_PREFIX: list[str] = []
+
+
+@contextlib.contextmanager
+def command_prefix(prefix: Sequence[str]) -> Iterator[None]:
+    _PREFIX[:] = prefix
+    try:
+        yield
+    finally:
+        _PREFIX.clear()
+
+
 def spawn(
     cmd: list[str],
     log: Path,
@@ -100,7 +116,7 @@ def spawn(
         else:
             full_env[k] = v
     p = subprocess.Popen(
-        cmd,
+        _PREFIX + cmd,
         stdout=f,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -197,9 +213,9 @@ class Running:
     def meter_tally(self) -> dict[str, Any] | None:
         return None
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 10.0) -> None:
         for p in reversed(self.procs):
-            p.stop()
+            p.stop(grace=grace)
 
 
 class Contender:
@@ -354,7 +370,7 @@ NGINX_BASE = """\
 # {name}: Debian nginx, proxy_buffering off, HTTP/1.1 keep-alive upstream
 {load_modules}worker_processes {workers};
 daemon off;
-master_process on;
+master_process {master};
 pid {dir}/{name}.pid;
 error_log {dir}/{name}-error.log error;
 # worker_connections is set above the fd limit (20000 here, hard) on purpose: nginx starts
@@ -445,9 +461,12 @@ LUA_FILTER = r"""
 
 
 class Nginx(Contender):
-    def __init__(self, workers: int, lua: bool = False) -> None:
+    def __init__(self, workers: int, lua: bool = False, single_process: bool = False) -> None:
         self.workers = workers
         self.lua = lua
+        # No master: the one process does what a worker does (``bench instructions``,
+        # where callgrind_control cannot reach a forked worker).
+        self.single_process = single_process
         self.meters = lua
         base = "nginx-lua" if lua else "nginx"
         self.name = base if workers == 1 else f"{base}-w{workers}"
@@ -479,6 +498,7 @@ class Nginx(Contender):
             load, http_extra, loc = "", "", ""
         cfg = NGINX_BASE.format(
             name=self.name,
+            master="off" if self.single_process else "on",
             load_modules=load,
             workers=self.workers,
             dir=workdir,
@@ -521,9 +541,9 @@ class NginxRunning(Running):
             return {"rows": 0, "tally": {}, "note": str(e)}
         return {"rows": sum(tally.values()), "tally": dict(tally)}
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 10.0) -> None:
         for p in self.procs:
-            p.stop(signal.SIGQUIT)  # graceful: flushes the buffered usage log
+            p.stop(signal.SIGQUIT, grace)  # graceful: flushes the buffered usage log
 
 
 # --------------------------------------------------------------------------- litellm
