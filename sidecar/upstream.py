@@ -12,7 +12,7 @@ import logging
 import ssl
 import time
 from enum import IntEnum
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
 from sidecar.config import TimeoutsConfig, UpstreamConfig
 from sidecar.errors import UpstreamError, UpstreamTimeout
@@ -30,6 +30,14 @@ class ConnState(IntEnum):
     CLOSED = 3
 
 
+# The members as module constants for the per-request code (see splice.py's: Python
+# 3.11's EnumType makes every `ConnState.X` lookup a call into a Python-level hook).
+_CONN_CONNECTING: Final = ConnState.CONNECTING
+_CONN_IDLE: Final = ConnState.IDLE
+_CONN_ACTIVE: Final = ConnState.ACTIVE
+_CONN_CLOSED: Final = ConnState.CLOSED
+
+
 class ResponseSink(Protocol):
     """What an upstream connection reports to the exchange that owns it."""
 
@@ -45,7 +53,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         # Made by the first exchange and reset by the next ones (see ResponseParser.reset).
         self.parser: ResponseParser | None = None
-        self.state = ConnState.CONNECTING
+        self.state = _CONN_CONNECTING
         self.transport: asyncio.Transport | None = None
         self.sink: ResponseSink | None = None
         self.idle_since = 0.0
@@ -68,8 +76,8 @@ class UpstreamConnection(asyncio.Protocol):
         return False  # close; a half-closed provider connection is useless to us
 
     def connection_lost(self, exc: Exception | None) -> None:
-        was_idle = self.state is ConnState.IDLE
-        self.state = ConnState.CLOSED
+        was_idle = self.state is _CONN_IDLE
+        self.state = _CONN_CLOSED
         self.pool.forget(self, was_idle)
         sink, self.sink = self.sink, None
         if sink is not None:
@@ -82,18 +90,18 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport.write(data)
 
     def pause_reading(self) -> None:
-        if self.transport is not None and self.state is ConnState.ACTIVE:
+        if self.transport is not None and self.state is _CONN_ACTIVE:
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and self.state is ConnState.ACTIVE:
+        if self.transport is not None and self.state is _CONN_ACTIVE:
             self.transport.resume_reading()
 
     def close(self) -> None:
         """Abort at once: used on cancel, so the provider stops generating now."""
-        if self.state is not ConnState.CLOSED:
-            was_idle = self.state is ConnState.IDLE
-            self.state = ConnState.CLOSED
+        if self.state is not _CONN_CLOSED:
+            was_idle = self.state is _CONN_IDLE
+            self.state = _CONN_CLOSED
             self.pool.forget(self, was_idle)
             if self.transport is not None:
                 self.transport.abort()
@@ -125,8 +133,8 @@ class UpstreamPool:
         ttl = self.cfg.pool_idle_ttl
         while self._idle:
             conn = self._idle.pop()
-            if conn.state is ConnState.IDLE and now - conn.idle_since < ttl:
-                conn.state = ConnState.ACTIVE
+            if conn.state is _CONN_IDLE and now - conn.idle_since < ttl:
+                conn.state = _CONN_ACTIVE
                 conn.reused = True
                 return conn
             conn.close()
@@ -157,17 +165,17 @@ class UpstreamPool:
                 f"cannot connect to upstream '{cfg.name}': {exc.strerror or type(exc).__name__}"
             ) from None
         self.connects += 1
-        proto.state = ConnState.ACTIVE
+        proto.state = _CONN_ACTIVE
         return proto
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         conn.sink = None
         if (
             reusable
-            and conn.state is ConnState.ACTIVE
+            and conn.state is _CONN_ACTIVE
             and len(self._idle) < self.cfg.pool_max_idle
         ):
-            conn.state = ConnState.IDLE
+            conn.state = _CONN_IDLE
             conn.idle_since = time.monotonic()
             self._idle.append(conn)
         else:
