@@ -200,7 +200,8 @@ def test_every_field_round_trips_and_zero_tokens_stay_zero(tmp_path: pathlib.Pat
         rows = c.execute("SELECT * FROM requests ORDER BY id").fetchall()
         types = c.execute(
             "SELECT typeof(prompt_tokens), typeof(completion_tokens), typeof(total_tokens),"
-            " typeof(cost_usd) FROM requests ORDER BY id"
+            " typeof(cost_usd), typeof(stream), typeof(usage_approx), typeof(key_id)"
+            " FROM requests ORDER BY id"
         ).fetchall()
     assert [r["id"] for r in rows] == [1, 2]
     for row, want in zip(rows, (zero, nulls), strict=True):
@@ -210,8 +211,10 @@ def test_every_field_round_trips_and_zero_tokens_stay_zero(tmp_path: pathlib.Pat
             if isinstance(expected, bool):
                 expected = int(expected)
             assert got == expected, col
-    assert tuple(types[0]) == ("integer", "integer", "integer", "real")
-    assert tuple(types[1]) == ("null", "null", "null", "null")
+    # None binds NULL and a bool an integer, through the adapters meter.py registers.
+    assert tuple(types[0]) == ("integer", "integer", "integer", "real", "integer", "integer",
+                               "text")
+    assert tuple(types[1]) == ("null", "null", "null", "null", "integer", "integer", "null")
 
 
 def test_rows_become_visible_within_the_flush_interval_without_close(
