@@ -128,6 +128,16 @@ def start_mock(workdir: Path, cpus: set[int] | None) -> tuple[C.Proc, int, str, 
     raise SystemExit(f"mock not ready: {C.tail(proc.log)}")
 
 
+def new_results_dir(kind: str, out_dir: Path | None) -> tuple[Path, Path, str]:
+    """A run's folder (``bench/results/<kind>-<stamp>`` unless given), its work folder
+    (made), and the stamp."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = out_dir or RESULTS / f"{kind}-{stamp}"
+    work = out_dir / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    return out_dir, work, stamp
+
+
 # --------------------------------------------------------------------------- loadgen
 def loadgen(spec: dict[str, Any], cpus: set[int] | None, timeout: float) -> dict[str, Any]:
     p = subprocess.run(

@@ -26,13 +26,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 from bench import contenders as C
 from bench import procstat
-from bench.compare import RESULTS, loadgen, log, raise_nofile, start_mock
+from bench.compare import loadgen, log, new_results_dir, raise_nofile, start_mock
 
 # Contenders that run under valgrind here. LiteLLM and Portkey are left out: they cost
 # tens of times more than the sidecar (compare measures that), and V8's JIT under
@@ -190,10 +189,7 @@ def instructions(
     if unknown:
         raise SystemExit(f"not measured under valgrind: {unknown}; choose from {SUPPORTED}")
     raise_nofile()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = out_dir or RESULTS / f"instructions-{stamp}"
-    work = out_dir / "work"
-    work.mkdir(parents=True, exist_ok=True)
+    out_dir, work, stamp = new_results_dir("instructions", out_dir)
     mock, mock_port, _, _ = start_mock(work, None)
     rows: list[dict[str, Any]] = []
     try:

@@ -20,7 +20,7 @@ from typing import Any
 
 from bench import contenders as C
 from bench import procstat
-from bench.compare import RESULTS, loadgen, log, raise_nofile, start_mock
+from bench.compare import loadgen, log, new_results_dir, raise_nofile, start_mock
 
 
 def _frame_key(frame: str) -> str:
@@ -123,10 +123,7 @@ def profile(
     if not Path(pyspy).exists():
         raise SystemExit("py-spy not installed (pip install py-spy)")
     raise_nofile()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = out_dir or RESULTS / f"profile-{stamp}"
-    work = out_dir / "work"
-    work.mkdir(parents=True, exist_ok=True)
+    out_dir, work, _ = new_results_dir("profile", out_dir)
     mock, mock_port, _, _ = start_mock(work, None)
     running = None
     try:
