@@ -200,7 +200,10 @@ def instructions(
                 rows.append({"contender": name, "error": f"missing: {missing}"})
                 continue
             log(f"{name}: under callgrind, c{concurrency} for {seconds:.0f} s")
-            row = measure(contender, mock_port, work, seconds, concurrency)
+            try:
+                row = measure(contender, mock_port, work, seconds, concurrency)
+            except CallgrindError as exc:  # this contender's count is lost, not the run
+                row = {"contender": name, "error": str(exc)}
             log(f"{name}: {row.get('instructions_per_request') or row.get('error')}")
             rows.append(row)
     finally:
