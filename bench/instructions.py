@@ -24,6 +24,7 @@ meter's writer thread); warm-up and shutdown are outside the window.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -83,6 +84,34 @@ def total_ir(files: list[Path]) -> int:
     return total
 
 
+# Functions listed per contender in results.md, by their own (self) instructions.
+TOP_FUNCTIONS = 15
+_ANNOTATE_LINE = re.compile(r"^\s*([\d,]+) \(\s*([\d.]+)%\)\s+(\S.*)$")
+
+
+def top_functions(files: list[Path], n: int = TOP_FUNCTIONS) -> list[tuple[int, float, str]]:
+    """The ``n`` C functions with the most self instructions over ``files``:
+    (instructions, percent of all, "file:function [object]" shortened)."""
+    p = subprocess.run(
+        ["callgrind_annotate", "--inclusive=no", "--threshold=100", *map(str, files)],
+        capture_output=True, text=True, timeout=CONTROL_TIMEOUT_S,
+    )
+    if p.returncode != 0:
+        raise CallgrindError(f"callgrind_annotate: {p.stderr.strip()[-300:]}")
+    out: list[tuple[int, float, str]] = []
+    for line in p.stdout.splitlines():
+        m = _ANNOTATE_LINE.match(line)
+        if m is None or "PROGRAM TOTALS" in line:
+            continue
+        # Build directories say nothing: keep the source file's name and the object's.
+        name = re.sub(r"^\S*/([^/\s]+:)", r"\1", m.group(3))
+        name = re.sub(r"\[\S*/([^/\]]+)\]$", r"[\1]", name)
+        out.append((int(m.group(1).replace(",", "")), float(m.group(2)), name))
+        if len(out) == n:
+            break
+    return out
+
+
 def measure(
     contender: C.Contender, mock_port: int, workdir: Path, seconds: float, concurrency: int
 ) -> dict[str, Any]:
@@ -131,6 +160,7 @@ def measure(
         return {"contender": name, "error": "callgrind wrote no output"}
     ok = int(result.get("ok", 0))
     ir = total_ir(files)
+    top = top_functions(files)
     return {
         "contender": name,
         "requests": ok,
@@ -138,6 +168,8 @@ def measure(
         "instructions": ir,
         "instructions_per_request": ir / ok if ok else None,
         "processes": len(files),
+        # (instructions per request, share, function): where to look first
+        "top_self": [(i / ok if ok else 0, pct, fn) for i, pct, fn in top],
         "config": running.config,
         "cmdline": prefix + running.cmdline,
     }
@@ -174,6 +206,17 @@ def report(res: dict[str, Any]) -> str:
         ratio = f"{per / base:.2f}x" if base and per else "-"
         per_s = f"{per:,.0f}" if per else "-"
         md.append(f"| {r['contender']} | {r['requests']} | {r['errors']} | {per_s} | {ratio} |")
+    for r in rows:
+        if r.get("top_self"):
+            md += [
+                f"\n## {r['contender']}: C functions with the most self instructions\n",
+                "Python code shows up as the interpreter (`_PyEval_EvalFrameDefault`); a "
+                "C function that should not be there per request (exception set-up, a "
+                "`__getattr__` hook, an adapter lookup) is what this list is for.\n",
+                "| instructions per request | share | function [object] |",
+                "|---|---|---|",
+            ]
+            md += [f"| {per:,.0f} | {pct:.1f}% | `{fn}` |" for per, pct, fn in r["top_self"]]
     return "\n".join(md) + "\n"
 
 

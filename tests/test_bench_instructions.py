@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from bench import contenders as C
-from bench.instructions import CallgrindError, total_ir
+from bench.instructions import CallgrindError, top_functions, total_ir
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,6 +48,16 @@ def test_command_prefix_applies_only_inside_its_block(tmp_path: Path) -> None:
     assert (tmp_path / "outside.log").read_text().strip() == "['plain']"
 
 
+@pytest.mark.skipif(shutil.which("callgrind_annotate") is None, reason="valgrind not installed")
+def test_top_functions_ranks_by_self_instructions_and_drops_build_paths(tmp_path: Path) -> None:
+    f = tmp_path / "cg.4"
+    f.write_text("version: 1\nevents: Ir\nsummary: 300\nfl=/build/tree/src/a.c\n"
+                 "fn=cold\n1 100\nfn=hot\n2 200\ntotals: 300\n")
+    top = top_functions([f])
+    assert [(ir, fn) for ir, _, fn in top] == [(200, "a.c:hot"), (100, "a.c:cold")]
+    assert abs(top[0][1] - 66.67) < 0.01
+
+
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind not installed")
 def test_floor_counted_under_callgrind(tmp_path: Path) -> None:
     out = tmp_path / "ins"
@@ -68,4 +78,8 @@ def test_floor_counted_under_callgrind(tmp_path: Path) -> None:
     # A floor request is tens of thousands of instructions at the very least.
     assert row["instructions_per_request"] > 10_000
     assert "valgrind" in row["cmdline"][0]
-    assert "uvloop-floor" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "uvloop-floor" in md
+    # Where its instructions go: the floor is a Python byte pump on uvloop.
+    assert "C functions with the most self instructions" in md
+    assert any("_PyEval_EvalFrameDefault" in fn for _, _, fn in row["top_self"])
