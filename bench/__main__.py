@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("--seconds", type=float, default=10.0, help="instrumented load window")
     ins.add_argument("--concurrency", type=int, default=4)
     ins.add_argument("--out", type=Path, default=None)
+
     rg = sub.add_parser("report", help="recompute tables and chart from a results folder")
     rg.add_argument("dir", type=Path)
 
