@@ -610,6 +610,13 @@ def targets(agg: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- machine
+def sidecar_commit() -> str:
+    """This checkout's short commit ('' when git prints none; OSError without git)."""
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+
+
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpus": os.cpu_count(),
@@ -652,9 +659,7 @@ def machine() -> dict[str, Any]:
         if hn.exists():
             info["hono_node_server"] = json.loads(hn.read_text()).get("version")
     try:
-        info["sidecar_commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
+        info["sidecar_commit"] = sidecar_commit()
         info["sidecar_dirty"] = bool(
             subprocess.run(
                 ["git", "status", "--porcelain", "sidecar"],

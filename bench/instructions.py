@@ -32,7 +32,14 @@ from typing import Any
 
 from bench import contenders as C
 from bench import procstat
-from bench.compare import loadgen, log, new_results_dir, raise_nofile, start_mock
+from bench.compare import (
+    loadgen,
+    log,
+    new_results_dir,
+    raise_nofile,
+    sidecar_commit,
+    start_mock,
+)
 
 # Contenders that run under valgrind here. LiteLLM and Portkey are left out: they cost
 # tens of times more than the sidecar (compare measures that), and V8's JIT under
@@ -175,14 +182,6 @@ def measure(
     }
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=C.REPO,
-                              capture_output=True, text=True).stdout.strip() or "?"
-    except OSError:
-        return "?"
-
-
 def report(res: dict[str, Any]) -> str:
     rows = res["results"]
     ref = next((r for r in rows if r["contender"] == "nginx" and r.get("requests")), None)
@@ -251,9 +250,13 @@ def instructions(
             rows.append(row)
     finally:
         mock.stop()
+    try:
+        commit = sidecar_commit() or "?"
+    except OSError:
+        commit = "?"
     res = {
         "command": command,
-        "sidecar": _commit(),
+        "sidecar": commit,
         "started": stamp,
         "seconds": seconds,
         "concurrency": concurrency,
