@@ -29,45 +29,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 
-EndpointKind = Literal["chat", "completions", "responses", "embeddings", "messages", "unknown"]
+from sidecar.endpoints import EndpointKind, endpoint_kind
 
-# Longest first: "/chat/completions" must win over "/completions".
-_PATH_KINDS: tuple[tuple[str, EndpointKind], ...] = (
-    ("/chat/completions", "chat"),
-    ("/completions", "completions"),
-    ("/responses", "responses"),
-    ("/embeddings", "embeddings"),
-    ("/messages", "messages"),
-)
-
-
-def endpoint_kind(
-    api_format: str, path: str, body: Mapping[str, Any] | None = None
-) -> EndpointKind:
-    """Which API a request/response belongs to: by format, then path, then body keys.
-
-    The path may carry an upstream base prefix or a query string. Anthropic-format
-    traffic is always Messages; an unrecognised OpenAI path is guessed from the
-    request body's keys when one is given.
-    """
-    if api_format == "anthropic":
-        return "messages"
-    p = path.split("?", 1)[0].rstrip("/")
-    for suffix, kind in _PATH_KINDS:
-        if p.endswith(suffix):
-            return kind
-    if body is not None:
-        if "messages" in body:
-            return "chat"
-        if "prompt" in body:
-            return "completions"
-        if "input" in body:
-            return "responses"
-    return "unknown"
+__all__ = ["EndpointKind", "Usage", "endpoint_kind"]
 
 
 @dataclass(slots=True)  # not frozen: built per request, and a frozen init is slow
