@@ -23,6 +23,12 @@ import httptools
 
 from sidecar.errors import UpstreamProtocolError
 
+# llhttp's response parser and its error, for the relay's per-read fast path: it calls
+# llhttp directly (a Python frame per read less), so it catches llhttp's error itself
+# and hands it to ResponseParser.body_error, which maps it to ours.
+LLHttpParser = httptools.HttpResponseParser
+LLHTTP_ERROR = httptools.HttpParserError
+
 # Trailers after the last chunk are legal but rare; cap what we will accept.
 # (Chunk sizes and extensions are bounded by llhttp itself, which never buffers them.)
 MAX_TRAILER_BYTES = 16 * 1024

@@ -1,9 +1,13 @@
-"""The request handler: route, inspect the JSON body, run the exchange, meter.
+"""The request handler: inspect the JSON body, admit, route, run the attempts, settle.
 
 A request with a kept-alive provider connection free starts synchronously in the
-client's read callback; only opening a new provider connection takes a task.
-The body relay itself runs on protocol callbacks inside ``splice.Exchange``, and
-the end of an exchange settles the request through a done-callback (``_landed``).
+client's read callback; only opening a new provider connection (or an admission
+that must wait on a remote store) takes a task. The body relay itself runs on
+protocol callbacks inside ``splice.Exchange``; the end of an attempt comes back
+to the request's :class:`Flight` (``on_end``), which retries or settles.
+
+The proxy reads one :class:`~sidecar.runtime.Runtime` snapshot per request;
+:meth:`Proxy.swap` puts in a new one (a reload) without touching requests in flight.
 """
 
 from __future__ import annotations
@@ -12,36 +16,41 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Coroutine
+from typing import Any, Final
 
 import orjson
 
-from sidecar.config import Config
+from sidecar.admission import Admission, OpenAdmission
+from sidecar.config import Config, LimitsConfig
 from sidecar.context import RequestContext
-from sidecar.errors import (
-    MethodNotAllowed,
-    NotFound,
-    RequestError,
-    SidecarError,
+from sidecar.errors import MethodNotAllowed, NotFound, RequestError, SidecarError
+from sidecar.handler import ClientConnection, ClientSide
+from sidecar.http1 import ResponseHead
+from sidecar.lifecycle import (
+    AWAITING_HEAD,
+    CONNECTING,
+    DRAINING,
+    SETTLED,
+    STREAMING,
+    Decision,
+    Lifecycle,
+    Outcome,
+    Proceed,
 )
-from sidecar.http1 import NO_HEADERS, ResponseHead
 from sidecar.meter import Meter
-from sidecar.responses import error_for, render
+from sidecar.outcome import estimate_usage, take_attempt
+from sidecar.request_reader import ParsedRequest
+from sidecar.responses import error_for
 from sidecar.router import RouteTable
+from sidecar.runtime import Runtime
 from sidecar.splice import Exchange, Sweeper
-from sidecar.sse import Tap, UsageChunkStripper, make_tap
+from sidecar.sse import UsageChunkStripper, make_tap
 from sidecar.tokenizer import Tokenizer
 from sidecar.upstream import UpstreamConnection, UpstreamPool
-from sidecar.usage import Usage
-
-if TYPE_CHECKING:
-    from sidecar.downstream import DownstreamProtocol, ParsedRequest
 
 log = logging.getLogger("sidecar.proxy")
 
-# OpenAI paths whose streams report usage only when asked (stream_options.include_usage).
-USAGE_OPT_IN_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 LOCAL_PATHS = frozenset({"/healthz", "/readyz"})
 # Shutdown: how often to look whether in-flight requests have finished, and how
 # long cut ones get to settle (meter rows, estimates) before connections are aborted.
@@ -53,30 +62,12 @@ IDLE_SWEEP_MAX_INTERVAL = 1.0
 # any byte comes back; one retry on a fresh connection is safe and invisible.
 MAX_STALE_RETRIES = 1
 
-
-def _outcome(exchange_outcome: str, status: int) -> str:
-    """Meter outcome: a provider's refusal is not 'ok' even when relayed cleanly."""
-    if exchange_outcome != "ok":
-        return exchange_outcome
-    if status == 429:
-        return "rate_limited"
-    if status >= 500:
-        return "upstream_error"
-    if status >= 400:
-        return "rejected"
-    return "ok"
-
-
-def _may_have_billed(status: int, exchange_outcome: str) -> bool:
-    """Did the provider accept work we have no usage for?
-
-    A 2xx answer did; a refusal (4xx/5xx) did not. With no answer at all, only a
-    request the client abandoned (or shutdown cut) may have been generating: a
-    timeout or a connection failure means the provider never got going.
-    """
-    if status:
-        return status < 300
-    return exchange_outcome in ("client_disconnect", "shutdown")
+_OK: Final = Outcome.OK
+_CLIENT_DISCONNECT: Final = Outcome.CLIENT_DISCONNECT
+_SHUTDOWN: Final = Outcome.SHUTDOWN
+_REJECTED: Final = Outcome.REJECTED
+_UPSTREAM_ERROR: Final = Outcome.UPSTREAM_ERROR
+_NO_FILTERS: Final = Proceed(None, None)
 
 
 def _is_event_stream(head: ResponseHead) -> bool:
@@ -84,74 +75,114 @@ def _is_event_stream(head: ResponseHead) -> bool:
     return ctype is not None and ctype.split(b";", 1)[0].strip().lower() == b"text/event-stream"
 
 
-class Flight:
-    """One request between dispatch and its meter row: what the callbacks share."""
+class Flight(Lifecycle):
+    """One request between dispatch and its meter row.
 
-    __slots__ = ("client", "ctx", "cut", "exchange", "payload", "pool", "proxy", "req", "strip")
+    It is the request's lifecycle (phase), the handler its attempts report to
+    (``on_head``, ``on_end``), and the listener of its client connection's events
+    (``client_gone``, ``pause``, ``resume``): one object, no closure per request.
+    """
 
-    def __init__(self, req: ParsedRequest, client: DownstreamProtocol,
-                 ctx: RequestContext, proxy: Proxy) -> None:
+    __slots__ = ("client", "ctx", "cut", "exchange", "limits", "payload", "pool", "proxy",
+                 "req", "strip", "task")
+
+    def __init__(self, req: ParsedRequest, client: ClientSide, ctx: RequestContext,
+                 proxy: Proxy, limits: LimitsConfig) -> None:
+        super().__init__()
         self.proxy = proxy
         self.req = req
         self.client = client
         self.ctx = ctx
+        self.limits = limits  # of the runtime it started with
         self.pool: UpstreamPool
         # The body sent upstream: req.body itself unless include_usage was injected.
         # The head is rebuilt per attempt rather than kept for the life of the stream.
         self.payload = b""
         self.strip = False  # hide the usage chunk we asked for from the client
         self.exchange: Exchange | None = None
+        self.task: asyncio.Task[None] | None = None  # connecting (or admitting)
         self.cut = False  # shutdown's deadline passed while it was in flight
 
+    # -- the sweeper's question, passed to the attempt (if one is running) ------------
     def check_deadlines(self, now: float) -> None:
-        """The sweeper's question, passed to the exchange (if one is running)."""
         ex = self.exchange
         if ex is not None:
             ex.check_deadlines(now)
 
-    def __call__(self, ex: Exchange) -> None:
-        """The exchange's on_end (the flight itself, not a closure per request)."""
-        self.proxy._landed(self, ex)
-
-    def filters(self, head: ResponseHead) -> tuple[Tap, UsageChunkStripper | None]:
-        """The exchange's body filters, chosen once the provider's head is in."""
-        # The provider answered: no retry will need the request head again, so let the
-        # client's headers and target go for the rest of the stream.
-        self.req.headers = NO_HEADERS
-        self.req.target = b""
+    # -- AttemptHandler ------------------------------------------------------------------
+    def on_head(self, head: ResponseHead) -> Decision:
+        """The provider's head is in and nothing is committed. Today every head is
+        relayed; failover (429/5xx before the first byte) decides here."""
+        self.advance(STREAMING)
+        # No attempt will need the request head again: let the client's headers and
+        # target go for the rest of the stream.
+        self.req.forget_head()
+        if not head.has_body:
+            return _NO_FILTERS
         sse = _is_event_stream(head)
-        tap = make_tap(self.ctx.api_format, self.req.path, sse,
-                       body_cap=self.proxy.config.limits.tap_body_bytes)
+        tap = make_tap(self.ctx.api_format, self.ctx.path, sse,
+                       body_cap=self.limits.tap_body_bytes)
         strip = self.strip and sse and head.status < 300
-        return tap, (UsageChunkStripper() if strip else None)
+        return Proceed(tap, UsageChunkStripper() if strip else None)
+
+    def on_end(self, ex: Exchange) -> None:
+        self.proxy._attempt_ended(self, ex)
+
+    # -- ClientEvents --------------------------------------------------------------------
+    def client_gone(self) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.client_gone()
+        elif self.task is not None and not self.task.done():
+            # Still connecting: nothing upstream to abort yet, so stop the task.
+            self.task.cancel()
+
+    def pause(self) -> None:
+        if self.exchange is not None:
+            self.exchange.pause()
+
+    def resume(self) -> None:
+        if self.exchange is not None:
+            self.exchange.resume()
 
 
 class Proxy:
-    def __init__(self, config: Config, meter: Meter, tokenizer: Tokenizer) -> None:
-        self.config = config
+    def __init__(self, config: Config, meter: Meter, tokenizer: Tokenizer,
+                 admission: Admission | None = None) -> None:
         self.meter = meter
         self.tokenizer = tokenizer
+        self.admission: Admission = admission if admission is not None else OpenAdmission()
         self.loop = asyncio.get_running_loop()
-        self.routes = {r.path: RouteTable.build(r) for r in config.routes}
-        self.pools: dict[str, UpstreamPool] = {}
-        for table in self.routes.values():
-            for up in table.upstreams:
-                if up.name not in self.pools:
-                    self.pools[up.name] = UpstreamPool(up, config.timeouts)
-        self.connections: set[DownstreamProtocol] = set()
+        self.runtime = Runtime.build(config)
+        self.connections: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.flights: set[Flight] = set()
         # The sweeper walks the requests in flight, each asking its exchange.
         self.sweeper = Sweeper.for_timeouts(self.loop, config.timeouts, self.flights)
-        self.draining = False
+        self._draining = False
         self._rand = random.random
         # Idle keep-alive clients are closed by one periodic sweep, not a timer each.
         self._idle_period = min(IDLE_SWEEP_MAX_INTERVAL, config.timeouts.client_idle / 4)
         self._idle_handle: asyncio.TimerHandle | None = self.loop.call_later(
             self._idle_period, self._sweep_idle)
 
+    @property
+    def config(self) -> Config:
+        return self.runtime.config
+
+    def swap(self, config: Config) -> Runtime:
+        """Serve ``config`` from now on (a reload). Requests in flight finish on the
+        snapshot they started with; upstreams the new config dropped or changed are
+        retired (their streaming connections close when the stream ends)."""
+        old = self.runtime
+        self.runtime = new = Runtime.build(config, previous=old)
+        old.upstreams.retire_except(new.upstreams)
+        self.sweeper.interval = Sweeper.interval_for(config.timeouts)
+        self._idle_period = min(IDLE_SWEEP_MAX_INTERVAL, config.timeouts.client_idle / 4)
+        return new
+
     def _sweep_idle(self) -> None:
-        deadline = self.loop.time() - self.config.timeouts.client_idle
+        deadline = self.loop.time() - self.runtime.timeouts.client_idle
         for conn in list(self.connections):
             conn.close_if_idle_since(deadline)
         self._idle_handle = self.loop.call_later(self._idle_period, self._sweep_idle)
@@ -168,8 +199,23 @@ class Proxy:
         if not task.cancelled() and task.exception() is not None:
             log.error("request handler crashed", exc_info=task.exception())
 
-    # -- the request --------------------------------------------------------------
-    def dispatch(self, req: ParsedRequest, client: DownstreamProtocol) -> None:
+    # -- RequestHandler: what the client connections see -----------------------------
+    @property
+    def limits(self) -> LimitsConfig:
+        return self.runtime.limits
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def connection_opened(self, conn: ClientConnection) -> bool:
+        self.connections.add(conn)
+        return len(self.connections) <= self.runtime.limits.max_connections
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+
+    def handle(self, req: ParsedRequest, client: ClientSide) -> None:
         """Answer one complete request, synchronously when it can be.
 
         With a kept-alive provider connection free (the steady state), the request
@@ -180,41 +226,41 @@ class Proxy:
         if req.path in LOCAL_PATHS:
             self._local(req, client)
             return
-        table = self.routes.get(req.path)
+        runtime = self.runtime
+        table = runtime.routes.get(req.path)
         if table is None:
-            self._reply_error(client, req, NotFound(f"no route for {req.path}"))
-            client.cycle_done(req.keep_alive)
+            self._reply_error(client, NotFound(f"no route for {req.path}"))
+            client.cycle_done(True)
             return
-        # The route's own string (equal to the path, or it would not have matched):
-        # the one decoded from this request would stay alive with the stream.
-        req.path = table.route.path
         ctx = RequestContext(
             # Decoded when the row is complete (_complete): the id's bytes are on the
             # request already, and a str copy per open stream is ~70 bytes.
             request_id="",
             ts_ms=req.ts_ms,
             t_received=req.t_received,
-            path=req.path,
+            # The route's own string (equal to the path, or it would not have matched):
+            # the one decoded from this request would stay alive with the stream.
+            path=table.route.path,
             route=table.route.path,
             bytes_in=len(req.body),
         )
+        flight = Flight(req, client, ctx, self, runtime.limits)
         try:
-            flight = self._prepare(req, client, table, ctx)
+            body = self._inspect(req, ctx)
+            pending = self.admission.admit(req, body, ctx)
         except SidecarError as exc:
-            self._refuse(Flight(req, client, ctx, self), exc)
+            self._refuse(flight, exc)
             return
+        client.follow(flight)
         self.flights.add(flight)
-        conn = flight.pool.take_idle()
-        if conn is not None:
-            self._launch(flight, conn)
+        if pending is None:
+            self._route(flight, table, runtime, body)
         else:
-            client.task = self.spawn(self._connect_and_launch(flight))
+            flight.task = self.spawn(self._admit_then_route(flight, table, runtime, body,
+                                                            pending))
 
-    def _prepare(
-        self, req: ParsedRequest, client: DownstreamProtocol, table: RouteTable,
-        ctx: RequestContext,
-    ) -> Flight:
-        """Validate and inspect the request; choose the upstream; build its bytes."""
+    def _inspect(self, req: ParsedRequest, ctx: RequestContext) -> dict[str, Any]:
+        """Validate the request and read what the row and admission need from its body."""
         if req.method != b"POST":
             raise MethodNotAllowed(f"{req.method.decode()} is not allowed on {req.path}; use POST")
         try:
@@ -223,212 +269,189 @@ class Proxy:
             raise RequestError(f"request body is not valid JSON: {exc.msg}") from None
         if not isinstance(body, dict):
             raise RequestError("request body must be a JSON object")
+        model = body.get("model")
+        ctx.model = model if isinstance(model, str) else None
+        ctx.stream = body.get("stream") is True
+        return body
+
+    async def _admit_then_route(self, flight: Flight, table: RouteTable, runtime: Runtime,
+                                body: dict[str, Any], pending: Awaitable[None]) -> None:
+        try:
+            await pending
+        except SidecarError as exc:
+            flight.task = None
+            self._refuse(flight, exc)
+            return
+        except asyncio.CancelledError:
+            self._cancelled(flight)
+            raise
+        flight.task = None
+        self._route(flight, table, runtime, body)
+
+    def _route(self, flight: Flight, table: RouteTable, runtime: Runtime,
+               body: dict[str, Any]) -> None:
+        """Choose the upstream, build the bytes it gets, and start the first attempt."""
+        ctx = flight.ctx
         upstream = table.choose(self._rand())
         ctx.upstream = upstream.name
         ctx.api_format = upstream.format
-        model = body.get("model")
-        ctx.model = model if isinstance(model, str) else None
-        ctx.stream = stream = body.get("stream") is True
-        payload = req.body
-        strip = False
-        if stream and upstream.format == "openai" and req.path in USAGE_OPT_IN_PATHS:
+        payload = flight.req.body
+        if ctx.stream and upstream.format == "openai" and table.usage_opt_in:
             opts = body.get("stream_options")
             if not (isinstance(opts, dict) and opts.get("include_usage") is True):
                 # Ask the provider for usage; hide the extra chunk from a client that did not.
                 body["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
                                           "include_usage": True}
                 payload = orjson.dumps(body)
-                strip = True
-        flight = Flight(req, client, ctx, self)
-        flight.pool = self.pools[upstream.name]
+                flight.strip = True
+        flight.pool = pool = runtime.upstreams[upstream.name]
         flight.payload = payload
-        flight.strip = strip
-        return flight
+        conn = pool.take_idle()
+        if conn is not None:
+            self._launch(flight, conn)
+        else:
+            flight.advance(CONNECTING)
+            flight.task = self.spawn(self._connect_and_launch(flight))
 
     async def _connect_and_launch(self, flight: Flight) -> None:
         try:
             conn = await flight.pool.connect()
         except SidecarError as exc:
-            flight.client.task = None
+            flight.task = None
             self._refuse(flight, exc)
             return
         except asyncio.CancelledError:
-            # The client left, or shutdown's deadline passed, before the provider answered.
-            ctx = flight.ctx
-            ctx.outcome = "shutdown" if self.draining else "client_disconnect"
-            ctx.error = "request cancelled before the provider answered"
-            self._complete(flight, keep_alive=False)
+            self._cancelled(flight)
             raise
-        flight.client.task = None
+        flight.task = None
         if flight.client.closed:
             conn.close()
-            flight.ctx.outcome = "client_disconnect"
-            self._complete(flight, keep_alive=False)
+            flight.ctx.outcome = _CLIENT_DISCONNECT
+            flight.advance(DRAINING)
+            self._complete(flight, reusable=False)
             return
         self._launch(flight, conn)
 
+    def _cancelled(self, flight: Flight) -> None:
+        # The client left, or shutdown's deadline passed, before the provider answered.
+        ctx = flight.ctx
+        ctx.outcome = _SHUTDOWN if self._draining else _CLIENT_DISCONNECT
+        ctx.error = "request cancelled before the provider answered"
+        flight.advance(DRAINING)
+        self._complete(flight, reusable=False)
+
     def _launch(self, flight: Flight, conn: UpstreamConnection) -> None:
-        req, client, ctx = flight.req, flight.client, flight.ctx
+        flight.advance(AWAITING_HEAD)
+        req, ctx = flight.req, flight.ctx
         ctx.attempts += 1
-        limits = self.config.limits
         ex = Exchange(
             pool=flight.pool,
             conn=conn,
-            client=client,
-            client_http11=req.http11,
-            client_keep_alive=req.keep_alive and not self.draining,
-            request_id=req.request_id,
-            filters=flight.filters,
-            max_head=limits.max_header_bytes,
+            client=flight.client,
+            handler=flight,
+            max_head=flight.limits.max_header_bytes,
             sweeper=self.sweeper,
         )
         flight.exchange = ex
-        client.exchange = ex
-        if client.paused_writing:
+        if flight.client.paused_writing:
             ex.pause()
-        ex.on_end = flight
         head = flight.pool.head.build(req.method, req.target, req.headers,
                                       len(flight.payload), req.request_id)
         ex.start(head + flight.payload)
 
-    def _landed(self, flight: Flight, ex: Exchange) -> None:
-        """The exchange ended (completed, failed, cut): retry a stale connection or settle."""
-        client, ctx = flight.client, flight.ctx
-        client.exchange = None
+    def _attempt_ended(self, flight: Flight, ex: Exchange) -> None:
+        """An attempt ended (completed, failed, cut): try again or settle the request."""
         flight.exchange = None
-        if ex.stale and ctx.attempts <= MAX_STALE_RETRIES and not client.closed \
-                and not flight.cut:
-            client.task = self.spawn(self._connect_and_launch(flight))
+        ctx = flight.ctx
+        if ex.retry is not None and not ex.committed and ctx.attempts <= MAX_STALE_RETRIES \
+                and not flight.client.closed and not flight.cut:
+            flight.advance(CONNECTING)
+            flight.task = self.spawn(self._connect_and_launch(flight))
             return
-        self._finish(ctx, ex, flight.req.body, flight.req.path)
+        take_attempt(ctx, ex, flight.req.body)
         if flight.cut:
-            ctx.outcome = "shutdown"
-        if ex.error is not None and not ex.head_sent and ex.outcome != "client_disconnect" \
+            ctx.outcome = _SHUTDOWN
+        if ex.error is not None and not ex.committed and ex.outcome is not _CLIENT_DISCONNECT \
                 and not flight.cut:
             self._refuse(flight, ex.error)
             return
-        self._complete(flight, keep_alive=ex.client_keep_alive and ex.outcome == "ok")
+        flight.advance(DRAINING)
+        self._complete(flight, reusable=ex.outcome is _OK)
 
     def _refuse(self, flight: Flight, exc: SidecarError) -> None:
         """Answer with an OpenAI-style error (nothing was sent yet) and settle the row."""
+        flight.advance(DRAINING)
         ctx = flight.ctx
         ctx.status, ctx.error = exc.status, str(exc)
-        if ctx.outcome == "ok":
-            ctx.outcome = "rejected" if isinstance(exc, RequestError) else "upstream_error"
-        ctx.bytes_out += self._reply_error(flight.client, flight.req, exc)
-        self._complete(flight, keep_alive=flight.req.keep_alive)
+        if ctx.outcome == _OK:
+            ctx.outcome = _REJECTED if isinstance(exc, RequestError) else _UPSTREAM_ERROR
+        ctx.bytes_out += self._reply_error(flight.client, exc)
+        self._complete(flight, reusable=True)
 
-    def _complete(self, flight: Flight, keep_alive: bool) -> None:
-        """Release the client for its next request, then queue the meter row."""
+    def _complete(self, flight: Flight, reusable: bool) -> None:
+        """Release the client for its next request, then settle and queue the row."""
         self.flights.discard(flight)
         ctx = flight.ctx
         ctx.request_id = flight.req.request_id.decode()
         t_end = time.perf_counter()
-        flight.client.cycle_done(keep_alive)
+        flight.client.cycle_done(reusable)
         if ctx.pending_estimate is not None:
-            self.spawn(self._estimate_then_submit(ctx, t_end))
+            self.spawn(self._estimate_then_submit(flight, t_end))
         else:
-            self.meter.submit(ctx.to_record(t_end))
+            self._submit(flight, t_end)
 
-    async def _estimate_then_submit(self, ctx: RequestContext, t_end: float) -> None:
+    async def _estimate_then_submit(self, flight: Flight, t_end: float) -> None:
         """Count tokens off the loop (tiktoken releases the GIL), then queue the row.
 
         Runs after the client's cycle is done, so an estimate never delays a response.
         """
         try:
-            await self.loop.run_in_executor(None, self._estimate, ctx)
+            await self.loop.run_in_executor(None, estimate_usage, flight.ctx, self.tokenizer)
         finally:
             # Even when cancelled at the shutdown deadline, the row goes in.
-            self.meter.submit(ctx.to_record(t_end))
+            self._submit(flight, t_end)
 
-    def _finish(self, ctx: RequestContext, ex: Exchange, body: bytes, path: str) -> None:
-        ctx.bytes_out = ex.bytes_out
-        ctx.t_first_byte = ex.t_first_byte
-        status = ctx.status = ex.head.status if ex.head is not None else 0
-        ctx.outcome = _outcome(ex.outcome, status)
-        if ex.error is not None:
-            ctx.error = str(ex.error)
-        # The cheap question first: most responses end with their usage frame.
-        usage = ex.tap.usage() if ex.tap is not None else None
-        if usage is not None and usage.prompt_tokens is not None \
-                and usage.completion_tokens is not None:
-            ctx.usage, ctx.usage_source = usage, "reported"
-        elif _may_have_billed(status, ex.outcome):
-            # No (complete) usage came: estimate what the provider most likely billed,
-            # keeping any part it did report (Anthropic's message_start input tokens).
-            # The full parse of the stream happens with the count, off the loop.
-            ctx.pending_estimate = (body, ex.tap, path)
-
-    def _estimate(self, ctx: RequestContext) -> None:
-        assert ctx.pending_estimate is not None
-        body, tap, path = ctx.pending_estimate
-        result = tap.result() if tap is not None else None
-        partial = result.usage if result is not None else None
-        if partial is not None and partial.prompt_tokens is not None:
-            prompt, approx_p = partial.prompt_tokens, False
-        else:
-            # The request JSON is parsed again here, off the loop, rather than kept
-            # parsed for the whole stream: that would cost memory on every stream.
-            prompt, approx_p = self.tokenizer.count_prompt(
-                orjson.loads(body), ctx.api_format, path, ctx.model
-            )
-        count, approx_c = self.tokenizer.counter(ctx.model)
-        completion = 0
-        if result is not None:
-            completion = result.completion_estimate(count)
-            # Beyond the tap's text cap the rest is extrapolated, which makes it approximate.
-            approx_c = approx_c or result.completion_bytes_dropped > 0
-        ctx.usage = Usage(
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            total_tokens=prompt + completion,
-            cache_read_tokens=partial.cache_read_tokens if partial is not None else None,
-            cache_write_tokens=partial.cache_write_tokens if partial is not None else None,
-            raw=partial.raw if partial is not None else None,
-        )
-        ctx.usage_source = "estimated"
-        ctx.usage_approx = approx_p or approx_c
+    def _submit(self, flight: Flight, t_end: float) -> None:
+        ctx = flight.ctx
+        self.admission.settle(ctx)
+        self.meter.submit(ctx.to_record(t_end))
+        flight.advance(SETTLED)
 
     # -- local answers ----------------------------------------------------------------
-    def _local(self, req: ParsedRequest, client: DownstreamProtocol) -> None:
-        if req.path == "/readyz" and self.draining:
+    def _local(self, req: ParsedRequest, client: ClientSide) -> None:
+        if req.path == "/readyz" and self._draining:
             status, body = 503, b'{"status":"draining"}'
         else:
             status, body = 200, b'{"status":"ok"}'
-        client.write(render(status, body, request_id=req.request_id, keep_alive=req.keep_alive,
-                            head_only=req.method == b"HEAD"))
-        client.cycle_done(req.keep_alive)
+        client.reply(status, body)
+        client.cycle_done(True)
 
-    def _reply_error(self, client: DownstreamProtocol, req: ParsedRequest,
-                     exc: SidecarError) -> int:
+    def _reply_error(self, client: ClientSide, exc: SidecarError) -> int:
         status, body = error_for(exc)
         extra: tuple[tuple[bytes, bytes], ...] = ()
         if isinstance(exc, MethodNotAllowed):
             extra = ((b"allow", b"POST"),)
-        data = render(status, body, request_id=req.request_id, keep_alive=req.keep_alive,
-                      extra=extra, head_only=req.method == b"HEAD")
-        client.write(data)
-        return len(data)
+        return client.reply(status, body, extra)
 
-    def note_rejected(self, request: ParsedRequest | None, request_id: bytes, status: int,
-                      exc: SidecarError) -> None:
+    def rejected(self, req: ParsedRequest | None, request_id: bytes, status: int,
+                 exc: SidecarError) -> None:
         """A request refused before it was complete (too large, malformed) still gets a row."""
-        if request is None:
+        if req is None:
             return
-        path = request.target.split(b"?", 1)[0].decode("latin-1")
-        table = self.routes.get(path)
+        path = req.target.split(b"?", 1)[0].decode("latin-1")
+        table = self.runtime.routes.get(path)
         if table is None:
             return
         ctx = RequestContext(request_id=request_id.decode(), ts_ms=int(time.time() * 1000),
                              t_received=time.perf_counter(), path=path,
-                             route=table.route.path, status=status, outcome="rejected",
+                             route=table.route.path, status=status, outcome=_REJECTED,
                              error=str(exc))
         self.meter.submit(ctx.to_record(time.perf_counter()))
 
     # -- shutdown -------------------------------------------------------------------
     async def drain(self, grace: float) -> None:
         """Stop taking requests, let in-flight ones finish up to ``grace`` s, then cut them."""
-        self.draining = True
+        self._draining = True
         for conn in list(self.connections):
             conn.close_if_idle()
         deadline = self.loop.time() + grace
@@ -437,7 +460,7 @@ class Proxy:
         for flight in list(self.flights):
             flight.cut = True
             if flight.exchange is not None:
-                flight.exchange.client_gone()  # settles through _landed, as "shutdown"
+                flight.exchange.client_gone()  # settles through on_end, as "shutdown"
         for task in list(self.tasks):
             task.cancel()
         # Let the cut exchanges settle and the estimates finish (bounded).
@@ -446,10 +469,8 @@ class Proxy:
             await asyncio.sleep(DRAIN_POLL_S)
         for conn in list(self.connections):
             conn.abort()
-        for pool in self.pools.values():
-            pool.close()
+        self.runtime.upstreams.close()
         self.sweeper.close()
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
-

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 from sidecar.config import RouteConfig, UpstreamConfig
+from sidecar.endpoints import USAGE_OPT_IN, kind_for_path
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +21,8 @@ class RouteTable:
     route: RouteConfig
     upstreams: tuple[UpstreamConfig, ...]
     cumulative: tuple[int, ...]
+    # An OpenAI-format stream on this route reports usage only when asked for it.
+    usage_opt_in: bool = False
 
     @classmethod
     def build(cls, route: RouteConfig) -> RouteTable:
@@ -28,6 +31,7 @@ class RouteTable:
             route=route,
             upstreams=tuple(ru.upstream for ru in live),
             cumulative=tuple(accumulate(ru.weight for ru in live)),
+            usage_opt_in=kind_for_path(route.path) in USAGE_OPT_IN,
         )
 
     def choose(self, r: float) -> UpstreamConfig:

@@ -14,6 +14,7 @@ import time
 from enum import IntEnum
 from typing import Final, Protocol, cast
 
+from sidecar.addresses import is_ip_literal
 from sidecar.config import TimeoutsConfig, UpstreamConfig
 from sidecar.errors import UpstreamError, UpstreamTimeout
 from sidecar.http1 import HOP_BY_HOP, ResponseParser
@@ -126,6 +127,9 @@ class UpstreamPool:
         self._idle: list[UpstreamConnection] = []
         self._ssl = make_ssl_context(cfg) if cfg.scheme == "https" else None
         self.connects = 0  # new connections opened (keep-alive reuse is visible as few of these)
+        # Set when a reload dropped or changed this upstream: connections still
+        # streaming finish, then close instead of coming back to the pool.
+        self.retired = False
 
     def take_idle(self) -> UpstreamConnection | None:
         """A kept-alive connection, most recently used first, or None (never waits)."""
@@ -172,6 +176,7 @@ class UpstreamPool:
         conn.sink = None
         if (
             reusable
+            and not self.retired
             and conn.state is _CONN_ACTIVE
             and len(self._idle) < self.cfg.pool_max_idle
         ):
@@ -190,6 +195,12 @@ class UpstreamPool:
                 self._idle.remove(conn)
             except ValueError:
                 pass  # taken off the list already (take_idle closes expired ones)
+
+    def retire(self) -> None:
+        """No new request will come here (a reload replaced it): close the idle
+        connections now, and each active one when its exchange ends."""
+        self.retired = True
+        self.close()
 
     def close(self) -> None:
         """Close the idle connections.
@@ -222,7 +233,7 @@ class HeadTemplate:
     __slots__ = ("_anthropic", "_auth", "_forward_auth", "_host", "_prefix", "_version")
 
     def __init__(self, cfg: UpstreamConfig) -> None:
-        host = cfg.host.encode("idna") if not _is_ip(cfg.host) else cfg.host.encode()
+        host = cfg.host.encode("idna") if not is_ip_literal(cfg.host) else cfg.host.encode()
         default_port = 443 if cfg.scheme == "https" else 80
         if ":" in cfg.host:
             host = b"[" + host + b"]"
@@ -262,6 +273,3 @@ class HeadTemplate:
         parts += (b"x-request-id: ", request_id, b"\r\n\r\n")
         return b"".join(parts)
 
-
-def _is_ip(host: str) -> bool:
-    return host.replace(".", "").isdigit() or ":" in host

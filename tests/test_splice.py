@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.config import TimeoutsConfig
+from sidecar.config import LimitsConfig, TimeoutsConfig
+from sidecar.downstream import DownstreamProtocol, ParsedRequest
 from sidecar.http1 import LAST_CHUNK, ResponseHead, feeding, frame_chunk
+from sidecar.lifecycle import Decision, Proceed
 from sidecar.splice import Exchange, Sweeper
 from sidecar.sse import make_tap
 
@@ -62,7 +65,9 @@ class FakeConn:
         pass
 
 
-class FakeClient:
+class FakeTransport:
+    """The client socket: what the real HTTP/1.1 writer (DownstreamProtocol) wrote."""
+
     def __init__(self) -> None:
         self.writes: list[bytes] = []
         self.aborted = False
@@ -70,28 +75,107 @@ class FakeClient:
     def write(self, data: bytes) -> None:
         self.writes.append(bytes(data))
 
-    @property
-    def raw_transport(self) -> FakeClient:
-        return self
-
     def abort(self) -> None:
         self.aborted = True
+
+    def close(self) -> None:
+        pass
+
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class FakeProxy:
+    """The request handler side of a client connection: takes the request it is given."""
+
+    limits = LimitsConfig()
+    draining = False
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.requests: list[tuple[ParsedRequest, Any]] = []
+
+    def connection_opened(self, conn: Any) -> bool:
+        return True
+
+    def connection_closed(self, conn: Any) -> None:
+        pass
+
+    def handle(self, req: ParsedRequest, client: Any) -> None:
+        self.requests.append((req, client))
+
+    def rejected(self, *args: Any) -> None:
+        raise AssertionError("the test's request was refused")
+
+
+class FakeClient:
+    """A real client connection over a fake socket, after one request has arrived."""
+
+    def __init__(self, http11: bool = True) -> None:
+        self.proxy = FakeProxy()
+        self.transport = FakeTransport()
+        self.conn = DownstreamProtocol(self.proxy)  # type: ignore[arg-type]
+        self.conn.connection_made(self.transport)  # type: ignore[arg-type]
+        version = b"1.1" if http11 else b"1.0"
+        self.conn.data_received(b"POST /v1/chat/completions HTTP/" + version
+                                + b"\r\nhost: x\r\nx-request-id: rid\r\n"
+                                b"content-length: 2\r\n\r\n{}")
+        assert len(self.proxy.requests) == 1
+
+    @property
+    def writes(self) -> list[bytes]:
+        return self.transport.writes
+
+    @property
+    def aborted(self) -> bool:
+        return self.transport.aborted
+
+    @property
+    def keep_alive(self) -> bool:
+        return self.conn.keep_alive
+
+
+class Attempt:
+    """The request side of an exchange: decides at the head, records the end."""
+
+    def __init__(self, decide: Callable[[ResponseHead], Decision] | None = None,
+                 client: FakeClient | None = None) -> None:
+        self.decide = decide
+        self.client = client
+        self.heads: list[ResponseHead] = []
+        self.written_at_head: list[int] = []
+        self.ended: list[Exchange] = []
+
+    def on_head(self, head: ResponseHead) -> Decision:
+        self.heads.append(head)
+        if self.client is not None:
+            self.written_at_head.append(len(self.client.writes))
+        if self.decide is not None:
+            return self.decide(head)
+        return Proceed(make_tap("openai", "/v1/chat/completions", True), None)
+
+    def on_end(self, ex: Exchange) -> None:
+        self.ended.append(ex)
+
+
+def _exchange(client: FakeClient, attempt: Attempt, pool: FakePool,
+              conn: FakeConn | None = None) -> Exchange:
+    return Exchange(pool=pool, conn=conn or FakeConn(pool),  # type: ignore[arg-type]
+                    client=client.conn, handler=attempt, max_head=65536,
+                    sweeper=Sweeper(asyncio.get_running_loop(), 1.0))
 
 
 def _run(pieces: list[bytes], client_http11: bool = True) -> tuple[Exchange, FakeClient, FakePool]:
     async def main() -> tuple[Exchange, FakeClient, FakePool]:
         pool = FakePool()
-        conn = FakeConn(pool)
-        client = FakeClient()
-
-        def filters(head: ResponseHead) -> tuple[Any, None]:
-            return make_tap("openai", "/v1/chat/completions", True), None
-
-        ex = Exchange(pool=pool, conn=conn, client=client,  # type: ignore[arg-type]
-                      client_http11=client_http11, client_keep_alive=True,
-                      request_id=b"rid", filters=filters,
-                      max_head=65536,
-                      sweeper=Sweeper(asyncio.get_running_loop(), 1.0))
+        client = FakeClient(client_http11)
+        ex = _exchange(client, Attempt(), pool)
         ex.start(b"REQUEST")
         for p in pieces:
             if not ex.ended:
@@ -136,13 +220,8 @@ def test_stream_cut_mid_way_leaves_tap_with_everything_forwarded() -> None:
 
     async def main() -> tuple[Exchange, FakeClient]:
         pool = FakePool()
-        conn = FakeConn(pool)
         client = FakeClient()
-        ex = Exchange(pool=pool, conn=conn, client=client,  # type: ignore[arg-type]
-                      client_http11=True, client_keep_alive=True,
-                      request_id=b"r", max_head=65536,
-                      sweeper=Sweeper(asyncio.get_running_loop(), 1.0),
-                      filters=lambda h: (make_tap("openai", "/v1/chat/completions", True), None))
+        ex = _exchange(client, Attempt(), pool)
         ex.start(b"REQUEST")
         for r in reads:
             ex.upstream_data(r)
@@ -157,9 +236,9 @@ def test_stream_cut_mid_way_leaves_tap_with_everything_forwarded() -> None:
 
 
 def test_bytes_after_the_last_chunk_end_client_keep_alive() -> None:
-    ex, _client, pool = _run([HEAD + BODY + b"GARBAGE"])
-    assert ex.ended and ex.extra_after_body
-    assert not ex.client_keep_alive and pool.released == []  # closed, not pooled
+    ex, client, pool = _run([HEAD + BODY + b"GARBAGE"])
+    assert ex.ended and ex._parser.extra
+    assert not client.keep_alive and pool.released == []  # closed, not pooled
 
 
 def test_http10_client_gets_payload_without_chunk_framing() -> None:
@@ -188,7 +267,7 @@ def test_malformed_chunk_mid_stream_cuts_the_client_after_what_was_valid() -> No
     good = frame_chunk(EVENTS[0])
     ex, client, pool = _run([HEAD, good, b"zz\r\nnot a chunk size\r\n"])
     assert ex.ended and ex.outcome == "upstream_error" and ex.error is not None
-    assert client.aborted and not ex.client_keep_alive  # a cut body, never a complete one
+    assert client.aborted and not client.keep_alive  # a cut body, never a complete one
     assert pool.released == []  # the provider connection is closed, never pooled
     # What was valid went out; the bad read itself went out too (reads are forwarded
     # before llhttp walks them), and the abort tells the client the body is broken.
@@ -201,7 +280,7 @@ def test_malformed_chunk_mid_stream_cuts_the_client_after_what_was_valid() -> No
 def test_malformed_chunk_in_the_head_read_sends_nothing() -> None:
     # Nothing is committed yet: the proxy can still answer with a clean 502.
     ex, client, pool = _run([HEAD + frame_chunk(EVENTS[0]) + b"zz\r\nnot a chunk size\r\n"])
-    assert ex.ended and ex.outcome == "upstream_error" and not ex.head_sent
+    assert ex.ended and ex.outcome == "upstream_error" and not ex.committed
     assert client.writes == [] and not client.aborted and pool.released == []
 
 
