@@ -171,7 +171,11 @@ class DownstreamProtocol(asyncio.Protocol):
             parts.append(b"content-length: %d\r\n" % (length or 0))
         elif framing is FRAMING_PAYLOAD:
             self._keep_alive = False  # an HTTP/1.0 client: the close ends the body
-        if not self._response_keep_alive():
+        # Decided when the head goes out: a drain that began while the provider was
+        # thinking still gets "connection: close" on this response.
+        if self.handler.draining:
+            self._keep_alive = False
+        if not self._keep_alive:
             parts.append(b"connection: close\r\n")
         parts += (b"x-request-id: ", req.request_id, b"\r\n\r\n")
         self._queue(b"".join(parts))
@@ -215,12 +219,6 @@ class DownstreamProtocol(asyncio.Protocol):
         else:
             out.append(data)
 
-    def _response_keep_alive(self) -> bool:
-        # Decided when the head goes out: a drain that began while the provider was
-        # thinking still gets "connection: close" on this response.
-        keep = self._keep_alive = self._keep_alive and not self.handler.draining
-        return keep
-
     # -- ClientSide: the rest of the proxy's view -----------------------------------
     def follow(self, events: ClientEvents | None) -> None:
         self._events = events
@@ -229,8 +227,10 @@ class DownstreamProtocol(asyncio.Protocol):
               extra: tuple[tuple[bytes, bytes], ...] = ()) -> int:
         req = self.request
         assert req is not None, "a reply with no request"
+        if self.handler.draining:
+            self._keep_alive = False
         data = render(status, body, request_id=req.request_id,
-                      keep_alive=self._response_keep_alive(), extra=extra,
+                      keep_alive=self._keep_alive, extra=extra,
                       head_only=req.method == b"HEAD")
         self._queue(data)
         return self.flush()

@@ -145,8 +145,7 @@ class RequestHandler(Protocol):
         """The limits a new connection keeps for its whole life."""
         ...
 
-    @property
-    def draining(self) -> bool: ...
+    draining: bool
 
     def connection_opened(self, conn: ClientConnection) -> bool:
         """Track a new connection; False when it is one too many."""

@@ -28,6 +28,7 @@ from sidecar.errors import MethodNotAllowed, NotFound, RequestError, SidecarErro
 from sidecar.handler import ClientConnection, ClientSide
 from sidecar.http1 import ResponseHead
 from sidecar.lifecycle import (
+    ADMITTED,
     AWAITING_HEAD,
     CONNECTING,
     DRAINING,
@@ -67,7 +68,7 @@ _CLIENT_DISCONNECT: Final = Outcome.CLIENT_DISCONNECT
 _SHUTDOWN: Final = Outcome.SHUTDOWN
 _REJECTED: Final = Outcome.REJECTED
 _UPSTREAM_ERROR: Final = Outcome.UPSTREAM_ERROR
-_NO_FILTERS: Final = Proceed(None, None)
+_NO_FILTERS: Final[Proceed] = (None, None)
 
 
 def _is_event_stream(head: ResponseHead) -> bool:
@@ -88,7 +89,7 @@ class Flight(Lifecycle):
 
     def __init__(self, req: ParsedRequest, client: ClientSide, ctx: RequestContext,
                  proxy: Proxy, limits: LimitsConfig) -> None:
-        super().__init__()
+        self.phase = ADMITTED  # Lifecycle's own start, without a super() call per request
         self.proxy = proxy
         self.req = req
         self.client = client
@@ -123,7 +124,7 @@ class Flight(Lifecycle):
         tap = make_tap(self.ctx.api_format, self.ctx.path, sse,
                        body_cap=self.limits.tap_body_bytes)
         strip = self.strip and sse and head.status < 300
-        return Proceed(tap, UsageChunkStripper() if strip else None)
+        return tap, (UsageChunkStripper() if strip else None)
 
     def on_end(self, ex: Exchange) -> None:
         self.proxy._attempt_ended(self, ex)
@@ -159,7 +160,8 @@ class Proxy:
         self.flights: set[Flight] = set()
         # The sweeper walks the requests in flight, each asking its exchange.
         self.sweeper = Sweeper.for_timeouts(self.loop, config.timeouts, self.flights)
-        self._draining = False
+        # A plain attribute, not a property: every response head reads it.
+        self.draining = False
         self._rand = random.random
         # Idle keep-alive clients are closed by one periodic sweep, not a timer each.
         self._idle_period = min(IDLE_SWEEP_MAX_INTERVAL, config.timeouts.client_idle / 4)
@@ -203,10 +205,6 @@ class Proxy:
     @property
     def limits(self) -> LimitsConfig:
         return self.runtime.limits
-
-    @property
-    def draining(self) -> bool:
-        return self._draining
 
     def connection_opened(self, conn: ClientConnection) -> bool:
         self.connections.add(conn)
@@ -304,7 +302,7 @@ class Proxy:
                                           "include_usage": True}
                 payload = orjson.dumps(body)
                 flight.strip = True
-        flight.pool = pool = runtime.upstreams[upstream.name]
+        flight.pool = pool = runtime.upstreams.pools[upstream.name]
         flight.payload = payload
         conn = pool.take_idle()
         if conn is not None:
@@ -335,7 +333,7 @@ class Proxy:
     def _cancelled(self, flight: Flight) -> None:
         # The client left, or shutdown's deadline passed, before the provider answered.
         ctx = flight.ctx
-        ctx.outcome = _SHUTDOWN if self._draining else _CLIENT_DISCONNECT
+        ctx.outcome = _SHUTDOWN if self.draining else _CLIENT_DISCONNECT
         ctx.error = "request cancelled before the provider answered"
         flight.advance(DRAINING)
         self._complete(flight, reusable=False)
@@ -419,7 +417,7 @@ class Proxy:
 
     # -- local answers ----------------------------------------------------------------
     def _local(self, req: ParsedRequest, client: ClientSide) -> None:
-        if req.path == "/readyz" and self._draining:
+        if req.path == "/readyz" and self.draining:
             status, body = 503, b'{"status":"draining"}'
         else:
             status, body = 200, b'{"status":"ok"}'
@@ -451,7 +449,7 @@ class Proxy:
     # -- shutdown -------------------------------------------------------------------
     async def drain(self, grace: float) -> None:
         """Stop taking requests, let in-flight ones finish up to ``grace`` s, then cut them."""
-        self._draining = True
+        self.draining = True
         for conn in list(self.connections):
             conn.close_if_idle()
         deadline = self.loop.time() + grace

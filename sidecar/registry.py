@@ -8,17 +8,18 @@ idle connections close at once and their streaming ones when the stream ends.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 from sidecar.config import TimeoutsConfig, UpstreamConfig
 from sidecar.upstream import UpstreamPool
 
 
 class UpstreamRegistry:
-    __slots__ = ("_pools",)
+    __slots__ = ("pools",)
 
     def __init__(self, pools: dict[str, UpstreamPool]) -> None:
-        self._pools = pools
+        # Read by name on every request: the dict itself, not a method around it.
+        self.pools: Mapping[str, UpstreamPool] = pools
 
     @classmethod
     def build(cls, upstreams: Iterable[UpstreamConfig], timeouts: TimeoutsConfig,
@@ -27,7 +28,7 @@ class UpstreamRegistry:
         for cfg in upstreams:
             if cfg.name in pools:
                 continue
-            old = previous._pools.get(cfg.name) if previous is not None else None
+            old = previous.pools.get(cfg.name) if previous is not None else None
             if old is not None and not old.retired and old.cfg == cfg \
                     and old.timeouts == timeouts:
                 pools[cfg.name] = old
@@ -35,14 +36,11 @@ class UpstreamRegistry:
                 pools[cfg.name] = UpstreamPool(cfg, timeouts)
         return cls(pools)
 
-    def __getitem__(self, name: str) -> UpstreamPool:
-        return self._pools[name]
-
     def __iter__(self) -> Iterator[UpstreamPool]:
-        return iter(self._pools.values())
+        return iter(self.pools.values())
 
     def __len__(self) -> int:
-        return len(self._pools)
+        return len(self.pools)
 
     def retire_except(self, kept: UpstreamRegistry) -> None:
         """Retire every pool of this registry that ``kept`` does not carry on."""

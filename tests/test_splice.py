@@ -6,13 +6,23 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.config import LimitsConfig, TimeoutsConfig
 from sidecar.downstream import DownstreamProtocol, ParsedRequest
+from sidecar.errors import UpstreamError
 from sidecar.http1 import LAST_CHUNK, ResponseHead, feeding, frame_chunk
-from sidecar.lifecycle import Decision, Proceed
+from sidecar.lifecycle import (
+    TRANSITIONS,
+    Decision,
+    Lifecycle,
+    LifecycleError,
+    Outcome,
+    Phase,
+    Retry,
+)
 from sidecar.splice import Exchange, Sweeper
 from sidecar.sse import make_tap
 
@@ -158,7 +168,7 @@ class Attempt:
             self.written_at_head.append(len(self.client.writes))
         if self.decide is not None:
             return self.decide(head)
-        return Proceed(make_tap("openai", "/v1/chat/completions", True), None)
+        return make_tap("openai", "/v1/chat/completions", True), None
 
     def on_end(self, ex: Exchange) -> None:
         self.ended.append(ex)
@@ -309,3 +319,124 @@ def test_sweeper_walks_its_owners_collection_until_it_is_empty() -> None:
 
     seen, stopped = asyncio.run(main())
     assert seen == 2 and stopped
+
+
+# -- the decision point at the provider's head ------------------------------------------
+
+def _retry_on_429(head: ResponseHead) -> Decision:
+    if head.status == 429:
+        return Retry(Outcome.RATE_LIMITED, UpstreamError("upstream answered 429"), 7.0)
+    return make_tap("openai", "/v1/chat/completions", True), None
+
+
+def _attempt_run(reads: list[bytes], decide: Callable[[ResponseHead], Decision] | None,
+                 reused: bool = False, lose: bool = False
+                 ) -> tuple[Exchange, FakeClient, FakePool, FakeConn, Attempt]:
+    async def main() -> tuple[Exchange, FakeClient, FakePool, FakeConn, Attempt]:
+        pool = FakePool()
+        conn = FakeConn(pool)
+        conn.reused = reused
+        client = FakeClient()
+        attempt = Attempt(decide, client)
+        ex = _exchange(client, attempt, pool, conn)
+        ex.start(b"REQUEST")
+        for r in reads:
+            if not ex.ended:
+                ex.upstream_data(r)
+        if lose and not ex.ended:
+            ex.upstream_lost(None)
+        await asyncio.sleep(0)  # on_end comes on the next loop turn
+        return ex, client, pool, conn, attempt
+
+    return asyncio.run(main())
+
+
+def test_head_decision_is_asked_before_any_byte_reaches_the_client() -> None:
+    ex, client, pool, _conn, attempt = _attempt_run([HEAD + BODY], _retry_on_429)
+    assert [h.status for h in attempt.heads] == [200]
+    assert attempt.written_at_head == [0]  # nothing written when the question was asked
+    assert ex.committed and ex.retry is None and ex.outcome == "ok"
+    out = b"".join(client.writes)
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(BODY)
+    assert attempt.ended == [ex] and pool.released == [True]
+
+
+def test_retry_at_the_head_leaves_the_client_untouched() -> None:
+    head = (b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
+            b"retry-after: 7\r\ncontent-length: 20\r\n\r\n")
+    ex, client, pool, conn, attempt = _attempt_run([head + b'{"error":"slow down"}'[:20]],
+                                                   _retry_on_429)
+    assert client.writes == [] and not client.aborted and client.keep_alive
+    assert not ex.committed and ex.ended
+    assert ex.retry is not None and ex.retry.reason == "rate_limited"
+    assert ex.retry.retry_after == 7.0 and ex.outcome == "rate_limited"
+    assert conn.closed and pool.released == []  # its body was never read: not reusable
+    assert attempt.ended == [ex]  # the end is reported exactly once
+    assert ex.bytes_out == 0 and ex.t_first_byte is None
+
+
+def test_a_first_byte_timeout_leaves_the_client_untouched() -> None:
+    async def main() -> tuple[Exchange, FakeClient, Attempt]:
+        pool = FakePool()
+        client = FakeClient()
+        attempt = Attempt(_retry_on_429, client)
+        ex = _exchange(client, attempt, pool)
+        ex.start(b"REQUEST")
+        ex.check_deadlines(ex.started + TimeoutsConfig().first_byte + 1)
+        await asyncio.sleep(0)
+        return ex, client, attempt
+
+    ex, client, attempt = asyncio.run(main())
+    assert ex.outcome == "upstream_timeout" and not ex.committed
+    assert client.writes == [] and not client.aborted
+    assert attempt.heads == [] and attempt.ended == [ex]
+
+
+def test_a_dead_reused_connection_before_any_byte_asks_for_a_retry() -> None:
+    ex, client, _pool, _conn, _attempt = _attempt_run([], None, reused=True, lose=True)
+    assert ex.retry is not None and ex.retry.reason == "upstream_error"
+    assert not ex.committed and client.writes == [] and not client.aborted
+
+
+def test_an_exchange_that_has_sent_bytes_is_never_retried() -> None:
+    # The same loss as above, on a reused connection, once the head went out.
+    ex, client, _pool, _conn, _attempt = _attempt_run(
+        [HEAD + frame_chunk(EVENTS[0])], None, reused=True, lose=True)
+    assert ex.committed and ex.retry is None and ex.outcome == "upstream_error"
+    assert client.aborted and b"".join(client.writes).startswith(b"HTTP/1.1 200")
+    # ... and the request's lifecycle refuses any way back from STREAMING.
+    life = Lifecycle()
+    life.advance(Phase.AWAITING_HEAD)
+    life.advance(Phase.STREAMING)
+    for back in (Phase.CONNECTING, Phase.AWAITING_HEAD, Phase.ADMITTED):
+        with pytest.raises(LifecycleError):
+            life.advance(back)
+    assert life.phase is Phase.STREAMING and life.committed
+
+
+# -- the lifecycle table ----------------------------------------------------------------
+
+def test_every_phase_can_reach_settled_and_settled_is_final() -> None:
+    for start in Phase:
+        seen, todo = {start}, [start]
+        while todo:
+            for nxt in TRANSITIONS[todo.pop()]:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        assert Phase.SETTLED in seen or start is Phase.SETTLED
+    assert TRANSITIONS[Phase.SETTLED] == frozenset()
+    assert TRANSITIONS[Phase.STREAMING] == {Phase.DRAINING}
+
+
+def test_the_moves_a_failover_needs_are_legal_and_others_raise() -> None:
+    life = Lifecycle()
+    for phase in (Phase.AWAITING_HEAD, Phase.CONNECTING, Phase.AWAITING_HEAD,
+                  Phase.AWAITING_HEAD, Phase.STREAMING, Phase.DRAINING, Phase.SETTLED):
+        life.advance(phase)
+    assert life.phase is Phase.SETTLED
+    fresh = Lifecycle()
+    with pytest.raises(LifecycleError, match="ADMITTED to SETTLED"):
+        fresh.advance(Phase.SETTLED)  # a row is never queued before it is drained
+    with pytest.raises(LifecycleError):
+        fresh.advance(Phase.STREAMING)  # nothing streams without an attempt
