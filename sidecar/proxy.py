@@ -84,8 +84,8 @@ class Flight(Lifecycle):
     (``client_gone``, ``pause``, ``resume``): one object, no closure per request.
     """
 
-    __slots__ = ("client", "ctx", "cut", "exchange", "limits", "payload", "pool", "proxy",
-                 "req", "strip", "task")
+    __slots__ = ("client", "ctx", "ended_by", "exchange", "limits", "payload", "pool",
+                 "proxy", "req", "strip", "task")
 
     def __init__(self, req: ParsedRequest, client: ClientSide, ctx: RequestContext,
                  proxy: Proxy, limits: LimitsConfig) -> None:
@@ -102,7 +102,9 @@ class Flight(Lifecycle):
         self.strip = False  # hide the usage chunk we asked for from the client
         self.exchange: Exchange | None = None
         self.task: asyncio.Task[None] | None = None  # connecting (or admitting)
-        self.cut = False  # shutdown's deadline passed while it was in flight
+        # Set when the sidecar itself ends the request (shutdown's deadline): the row's
+        # outcome, whatever the attempt saw, and no further attempt.
+        self.ended_by: Outcome | None = None
 
     # -- the sweeper's question, passed to the attempt (if one is running) ------------
     def check_deadlines(self, now: float) -> None:
@@ -128,6 +130,15 @@ class Flight(Lifecycle):
 
     def on_end(self, ex: Exchange) -> None:
         self.proxy._attempt_ended(self, ex)
+
+    def end_by(self, outcome: Outcome) -> None:
+        """End the request from outside: cut its attempt, or stop its connect."""
+        self.ended_by = outcome
+        ex = self.exchange
+        if ex is not None:
+            ex.client_gone()  # settles through on_end
+        elif self.task is not None and not self.task.done():
+            self.task.cancel()
 
     # -- ClientEvents --------------------------------------------------------------------
     def client_gone(self) -> None:
@@ -333,7 +344,7 @@ class Proxy:
     def _cancelled(self, flight: Flight) -> None:
         # The client left, or shutdown's deadline passed, before the provider answered.
         ctx = flight.ctx
-        ctx.outcome = _SHUTDOWN if self.draining else _CLIENT_DISCONNECT
+        ctx.outcome = flight.ended_by or (_SHUTDOWN if self.draining else _CLIENT_DISCONNECT)
         ctx.error = "request cancelled before the provider answered"
         flight.advance(DRAINING)
         self._complete(flight, reusable=False)
@@ -362,15 +373,15 @@ class Proxy:
         flight.exchange = None
         ctx = flight.ctx
         if ex.retry is not None and not ex.committed and ctx.attempts <= MAX_STALE_RETRIES \
-                and not flight.client.closed and not flight.cut:
+                and not flight.client.closed and flight.ended_by is None:
             flight.advance(CONNECTING)
             flight.task = self.spawn(self._connect_and_launch(flight))
             return
         take_attempt(ctx, ex, flight.req.body)
-        if flight.cut:
-            ctx.outcome = _SHUTDOWN
+        if flight.ended_by is not None:
+            ctx.outcome = flight.ended_by
         if ex.error is not None and not ex.committed and ex.outcome is not _CLIENT_DISCONNECT \
-                and not flight.cut:
+                and flight.ended_by is None:
             self._refuse(flight, ex.error)
             return
         flight.advance(DRAINING)
@@ -456,9 +467,7 @@ class Proxy:
         while (self.flights or self.tasks) and self.loop.time() < deadline:
             await asyncio.sleep(min(DRAIN_POLL_S, max(0.0, deadline - self.loop.time())))
         for flight in list(self.flights):
-            flight.cut = True
-            if flight.exchange is not None:
-                flight.exchange.client_gone()  # settles through on_end, as "shutdown"
+            flight.end_by(_SHUTDOWN)
         for task in list(self.tasks):
             task.cancel()
         # Let the cut exchanges settle and the estimates finish (bounded).
