@@ -1,17 +1,28 @@
-"""Routing choice (pure): which upstream of a route serves this request.
+"""Routing choice (pure): which upstream of a route serves this attempt.
 
-Failover, health and model maps arrive later; they extend ``choose`` without
-changing its callers.
+A :class:`Balancer` picks by the route's strategy among the upstreams that are
+healthy (see ``health.py``) and not yet tried by this request:
+
+* ``weighted``: smooth weighted round-robin (nginx's): deterministic, and no upstream
+  gets two picks in a row more than its weight says;
+* ``priority``: the first available in the configured order (ordered fallback);
+* ``least_inflight``: the fewest attempts running now;
+* ``latency``: the lowest EWMA of time to first byte (untried upstreams first).
+
+Tried upstreams are a bit mask, so a failover costs no set per request.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Literal
 
 from sidecar.config import RouteConfig, UpstreamConfig
 from sidecar.endpoints import USAGE_OPT_IN, kind_for_path
+from sidecar.health import UpstreamHealth
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,3 +51,58 @@ class RouteTable:
             return self.upstreams[0]
         point = r * self.cumulative[-1]
         return self.upstreams[bisect_right(self.cumulative, point)]
+
+
+Strategy = Literal["weighted", "priority", "least_inflight", "latency"]
+STRATEGIES: tuple[Strategy, ...] = ("weighted", "priority", "least_inflight", "latency")
+
+
+class Balancer:
+    """The strategy's state for one route: ``pick`` returns an index into its upstreams."""
+
+    __slots__ = ("_current", "strategy", "weights")
+
+    def __init__(self, strategy: Strategy, weights: Sequence[int]) -> None:
+        self.strategy = strategy
+        self.weights = tuple(weights)
+        self._current = [0] * len(self.weights)  # smooth weighted round-robin state
+
+    def pick(self, health: Sequence[UpstreamHealth], now: float, tried: int = 0) -> int | None:
+        """The upstream for the next attempt, or None when none is available.
+
+        ``tried`` has bit i set for each upstream this request has already tried.
+        """
+        weights = self.weights
+        n = len(weights)
+        if n == 1:  # the common single-upstream route: no strategy to run
+            return 0 if not tried and health[0].available(now) else None
+        strategy = self.strategy
+        best = -1
+        if strategy == "weighted":
+            current = self._current
+            total = 0
+            for i in range(n):
+                if (tried >> i) & 1 or not weights[i] or not health[i].available(now):
+                    continue
+                current[i] += weights[i]
+                total += weights[i]
+                if best < 0 or current[i] > current[best]:
+                    best = i
+            if best >= 0:
+                current[best] -= total
+        elif strategy == "priority":
+            for i in range(n):
+                if not (tried >> i) & 1 and weights[i] and health[i].available(now):
+                    best = i
+                    break
+        else:
+            least = 0.0
+            for i in range(n):
+                if (tried >> i) & 1 or not weights[i] or not health[i].available(now):
+                    continue
+                h = health[i]
+                score = float(h.inflight) if strategy == "least_inflight" \
+                    else (h.ewma_ttfb or 0.0)
+                if best < 0 or score < least:
+                    best, least = i, score
+        return best if best >= 0 else None

@@ -1,0 +1,139 @@
+"""Health of one upstream, as the router sees it (pure: the clock is passed in).
+
+Passive outlier ejection: ``consecutive_failures`` failures in a row, or an error
+rate over ``error_rate`` within the sliding window (with at least
+``min_requests`` in it), eject the upstream for ``base_ejection`` seconds, doubled
+for each ejection in a row up to ``max_ejection``. When the ejection expires the
+upstream is *half-open*: exactly one real request is let through as a probe; its
+success makes the upstream healthy again (and resets the back-off), its failure
+ejects it again for twice as long. A provider's ``retry-after`` puts it in a
+cool-down of its own, which neither counts as a failure nor resets the back-off.
+
+Routing asks :meth:`UpstreamHealth.available` per candidate: a few comparisons,
+O(1), no lock and no I/O. Active checks (``health_check``) report through the same
+``record_success`` / ``record_failure`` from their own task, off the hot path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Final
+
+# Sliding window of the error-rate rule: this many buckets of BUCKET_S seconds.
+WINDOW_BUCKETS: Final = 10
+BUCKET_S: Final = 1.0
+# EWMA weight of the newest time-to-first-byte sample (the `latency` strategy).
+EWMA_ALPHA: Final = 0.3
+
+
+@dataclass(frozen=True, slots=True)
+class EjectionPolicy:
+    consecutive_failures: int = 5
+    error_rate: float = 0.5  # failures / attempts in the window; 1.0 disables the rule
+    min_requests: int = 20  # attempts in the window before the rate counts
+    base_ejection: float = 5.0  # seconds
+    max_ejection: float = 300.0
+
+
+class State(IntEnum):
+    HEALTHY = 0
+    COOLING = 1  # told to wait by the provider (retry-after)
+    EJECTED = 2  # failing: no request until the ejection ends
+    HALF_OPEN = 3  # the ejection ended: one probe request may go
+    PROBING = 4  # the probe is in flight: nothing else until it answers
+
+
+class UpstreamHealth:
+    __slots__ = ("_buckets", "_ejected_until", "_ejections", "_failures_in_row", "_probing",
+                 "cool_until", "ewma_ttfb", "inflight", "name", "policy")
+
+    def __init__(self, name: str, policy: EjectionPolicy | None = None) -> None:
+        self.name = name
+        self.policy = policy or EjectionPolicy()
+        self.inflight = 0  # attempts running on it now (least_inflight, max_concurrent)
+        self.ewma_ttfb: float | None = None  # seconds; None until the first sample
+        self.cool_until = 0.0
+        self._ejected_until = 0.0
+        self._ejections = 0  # in a row, for the back-off
+        self._failures_in_row = 0
+        self._probing = False
+        # [bucket index, attempts, failures] per bucket of the sliding window.
+        self._buckets: list[list[int]] = [[-1, 0, 0] for _ in range(WINDOW_BUCKETS)]
+
+    # -- what the router asks -----------------------------------------------------------
+    def state(self, now: float) -> State:
+        if self._ejections and now < self._ejected_until:
+            return State.EJECTED
+        if self._ejections:
+            return State.PROBING if self._probing else State.HALF_OPEN
+        if now < self.cool_until:
+            return State.COOLING
+        return State.HEALTHY
+
+    def available(self, now: float) -> bool:
+        """May a request go here now? (A half-open upstream takes one probe.)"""
+        if self._ejections:
+            return now >= self._ejected_until and not self._probing
+        return now >= self.cool_until
+
+    def begin(self, now: float) -> None:
+        """An attempt starts here (after ``available`` said yes)."""
+        self.inflight += 1
+        if self._ejections and now >= self._ejected_until:
+            self._probing = True
+
+    # -- what an attempt reports ----------------------------------------------------------
+    def record_success(self, now: float, ttfb: float | None = None) -> None:
+        self._count(now, failed=False)
+        self._failures_in_row = 0
+        self._ejections = 0
+        self._probing = False
+        if ttfb is not None:
+            prev = self.ewma_ttfb
+            self.ewma_ttfb = ttfb if prev is None else prev + EWMA_ALPHA * (ttfb - prev)
+
+    def record_failure(self, now: float) -> None:
+        attempts, failures = self._count(now, failed=True)
+        self._failures_in_row += 1
+        p = self.policy
+        if self._probing or self._failures_in_row >= p.consecutive_failures or (
+            attempts >= p.min_requests and failures / attempts > p.error_rate
+        ):
+            self._eject(now)
+
+    def end(self) -> None:
+        """The attempt is over (whatever its result was recorded as)."""
+        if self.inflight > 0:
+            self.inflight -= 1
+
+    def cool_down(self, now: float, seconds: float) -> None:
+        """The provider asked for a pause (retry-after on a 429/503)."""
+        self.cool_until = max(self.cool_until, now + max(0.0, seconds))
+
+    # -- internals ------------------------------------------------------------------------
+    def _eject(self, now: float) -> None:
+        p = self.policy
+        self._ejections += 1
+        self._ejected_until = now + min(p.max_ejection,
+                                        p.base_ejection * 2 ** (self._ejections - 1))
+        self._failures_in_row = 0
+        self._probing = False
+        for bucket in self._buckets:  # a fresh window after the ejection
+            bucket[0] = -1
+
+    def _count(self, now: float, failed: bool) -> tuple[int, int]:
+        index = int(now // BUCKET_S)
+        bucket = self._buckets[index % WINDOW_BUCKETS]
+        if bucket[0] != index:
+            bucket[0], bucket[1], bucket[2] = index, 0, 0
+        bucket[1] += 1
+        if failed:
+            bucket[2] += 1
+        oldest = index - WINDOW_BUCKETS
+        attempts = failures = 0
+        for i, a, f in self._buckets:
+            if i > oldest:
+                attempts += a
+                failures += f
+        return attempts, failures
