@@ -46,14 +46,18 @@ def test_error_rate_over_the_window_ejects() -> None:
 
 
 def test_old_failures_leave_the_window() -> None:
-    g = UpstreamHealth("b", EjectionPolicy(consecutive_failures=100, error_rate=0.5,
-                                           min_requests=10))
-    for _ in range(6):
-        g.record_failure(10.0)
-    for _ in range(6):
-        g.record_success(30.0)  # 20 s later the old failures no longer count
-    g.record_failure(30.0)  # 1 of 7 in the window now: under the rate
-    assert g.state(30.0) is State.HEALTHY
+    def run(later: float) -> State:
+        h = UpstreamHealth("a", EjectionPolicy(consecutive_failures=100, error_rate=0.5,
+                                               min_requests=10))
+        for _ in range(9):
+            h.record_failure(10.0)  # under min_requests: no ejection yet
+        for _ in range(5):
+            h.record_success(later)
+        h.record_failure(later)
+        return h.state(later)
+
+    assert run(10.5) is State.EJECTED  # 10 of 15 failed within the window
+    assert run(30.0) is State.HEALTHY  # 20 s later only 1 of 6 counts
 
 
 def test_cool_down_is_not_a_failure() -> None:
