@@ -153,7 +153,8 @@ class DownstreamProtocol(asyncio.Protocol):
         return req is not None and req.http11
 
     def send_head(self, status: int, reason: bytes, headers: Sequence[tuple[bytes, bytes]],
-                  framing: Framing, length: int | None) -> None:
+                  framing: Framing, length: int | None,
+                  extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
         req = self.request
         assert req is not None, "a response head with no request"
         http11 = req.http11
@@ -163,6 +164,8 @@ class DownstreamProtocol(asyncio.Protocol):
                 if name == b"x-request-id":
                     parts += (b"x-upstream-request-id: ", value, b"\r\n")
                 continue
+            parts += (name, b": ", value, b"\r\n")
+        for name, value in extra:
             parts += (name, b": ", value, b"\r\n")
         self._reframe = reframe = framing is FRAMING_PAYLOAD and http11
         if framing is FRAMING_CHUNKED or reframe:

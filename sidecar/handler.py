@@ -61,9 +61,11 @@ class ResponseWriter(Protocol):
         ...
 
     def send_head(self, status: int, reason: bytes, headers: Sequence[tuple[bytes, bytes]],
-                  framing: Framing, length: int | None) -> None:
-        """The response head: ``headers`` end-to-end only (hop-by-hop removed);
-        ``length`` is the content-length for LENGTH and NONE framing."""
+                  framing: Framing, length: int | None,
+                  extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        """The response head: the provider's ``headers`` (the writer drops hop-by-hop
+        and framing ones), then the sidecar's own ``extra``; ``length`` is the
+        content-length for LENGTH and NONE framing."""
         ...
 
     def send_data(self, data: bytes) -> None:

@@ -21,6 +21,7 @@ from enum import IntEnum, StrEnum
 from typing import TYPE_CHECKING, Final
 
 from sidecar.errors import SidecarError
+from sidecar.retry import RetryReason
 
 if TYPE_CHECKING:
     from sidecar.sse import Tap, UsageChunkStripper
@@ -50,7 +51,8 @@ TRANSITIONS: Final[Mapping[Phase, frozenset[Phase]]] = {
     # Refused before any attempt (bad JSON, no upstream, admission) goes straight to
     # DRAINING; a free kept-alive connection skips CONNECTING.
     Phase.ADMITTED: frozenset({Phase.CONNECTING, Phase.AWAITING_HEAD, Phase.DRAINING}),
-    Phase.CONNECTING: frozenset({Phase.AWAITING_HEAD, Phase.DRAINING}),
+    # A failed connect may fail over to another upstream's connect.
+    Phase.CONNECTING: frozenset({Phase.CONNECTING, Phase.AWAITING_HEAD, Phase.DRAINING}),
     # Retry before the first byte: on a new connection or on a free kept-alive one.
     Phase.AWAITING_HEAD: frozenset({Phase.STREAMING, Phase.CONNECTING, Phase.AWAITING_HEAD,
                                     Phase.DRAINING}),
@@ -102,22 +104,30 @@ class Lifecycle:
 
 # ------------------------------------------------------------- the decision at the head
 
-# Accept this provider head: relay it, with this tap and stripper on the body. A plain
-# tuple: a NamedTuple's __new__ is Python code, paid on every request.
-Proceed = tuple["Tap | None", "UsageChunkStripper | None"]
+# Accept this provider head: relay it, with this tap and stripper on the body and
+# these headers added to it. A plain tuple: a NamedTuple's __new__ is Python code,
+# paid on every request.
+Proceed = tuple["Tap | None", "UsageChunkStripper | None", tuple[tuple[bytes, bytes], ...]]
 
 
 @dataclass(frozen=True, slots=True)
 class Retry:
-    """Do not commit this head: end the attempt, write nothing to the client.
+    """Do not commit this attempt: end it, write nothing to the client.
 
-    ``reason`` is what the meter would record had this been the last attempt;
-    ``retry_after`` (seconds) is the provider's own hint, for a cool-down.
+    ``reason`` is what the meter records had this been the last attempt; ``cause``
+    is the failure in the vocabulary of a route's ``retry_on``; ``retry_after``
+    (seconds) is the provider's own hint. ``replay_safe`` says the provider cannot
+    have read the request (a kept-alive connection found dead), so the same request
+    may go again without counting as a failover; ``granted`` says the head decision
+    already checked the attempt limit and the retry budget.
     """
 
     reason: Outcome
     error: SidecarError
     retry_after: float | None = None
+    cause: RetryReason | None = None
+    replay_safe: bool = False
+    granted: bool = False
 
 
 Decision = Proceed | Retry

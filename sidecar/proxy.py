@@ -24,7 +24,14 @@ import orjson
 from sidecar.admission import Admission, OpenAdmission
 from sidecar.config import Config, LimitsConfig
 from sidecar.context import RequestContext
-from sidecar.errors import MethodNotAllowed, NotFound, RequestError, SidecarError
+from sidecar.errors import (
+    MethodNotAllowed,
+    NotFound,
+    Overloaded,
+    RequestError,
+    SidecarError,
+    UpstreamError,
+)
 from sidecar.handler import ClientConnection, ClientSide
 from sidecar.http1 import ResponseHead
 from sidecar.lifecycle import (
@@ -37,14 +44,14 @@ from sidecar.lifecycle import (
     Decision,
     Lifecycle,
     Outcome,
-    Proceed,
+    Retry,
 )
 from sidecar.meter import Meter
-from sidecar.outcome import estimate_usage, take_attempt
+from sidecar.outcome import estimate_usage, outcome_of, take_attempt
 from sidecar.request_reader import ParsedRequest
 from sidecar.responses import error_for
-from sidecar.router import RouteTable
-from sidecar.runtime import Runtime
+from sidecar.retry import STATUS_REASONS, RetryReason, parse_retry_after
+from sidecar.runtime import Route, Runtime
 from sidecar.splice import Exchange, Sweeper
 from sidecar.sse import UsageChunkStripper, make_tap
 from sidecar.tokenizer import Tokenizer
@@ -68,7 +75,8 @@ _CLIENT_DISCONNECT: Final = Outcome.CLIENT_DISCONNECT
 _SHUTDOWN: Final = Outcome.SHUTDOWN
 _REJECTED: Final = Outcome.REJECTED
 _UPSTREAM_ERROR: Final = Outcome.UPSTREAM_ERROR
-_NO_FILTERS: Final[Proceed] = (None, None)
+_CAUSE_CONNECT: Final = RetryReason.CONNECT
+_CAUSE_429: Final = RetryReason.STATUS_429
 
 
 def _is_event_stream(head: ResponseHead) -> bool:
@@ -84,18 +92,28 @@ class Flight(Lifecycle):
     (``client_gone``, ``pause``, ``resume``): one object, no closure per request.
     """
 
-    __slots__ = ("client", "ctx", "ended_by", "exchange", "limits", "payload", "pool",
-                 "proxy", "req", "strip", "task")
+    __slots__ = ("body", "client", "ctx", "ended_by", "exchange", "failed", "index", "limits",
+                 "payload", "pool", "proxy", "replays", "req", "route", "strip", "task",
+                 "tried")
 
     def __init__(self, req: ParsedRequest, client: ClientSide, ctx: RequestContext,
-                 proxy: Proxy, limits: LimitsConfig) -> None:
+                 proxy: Proxy, route: Route, limits: LimitsConfig) -> None:
         self.phase = ADMITTED  # Lifecycle's own start, without a super() call per request
         self.proxy = proxy
         self.req = req
         self.client = client
         self.ctx = ctx
-        self.limits = limits  # of the runtime it started with
+        # Of the runtime snapshot it started with, kept to its end.
+        self.route = route
+        self.limits = limits
         self.pool: UpstreamPool
+        self.index = 0  # of the upstream the current attempt runs on, in the route
+        self.tried = 0  # bit i: the route's upstream i was tried
+        self.replays = 0  # replay-safe retries on a fresh connection
+        self.failed: list[tuple[str, str]] | None = None  # (upstream, cause) per failover
+        # The parsed request body, kept until an attempt is committed: a failover to
+        # another upstream may need it rebuilt (usage opt-in, format).
+        self.body: dict[str, Any] | None = None
         # The body sent upstream: req.body itself unless include_usage was injected.
         # The head is rebuilt per attempt rather than kept for the life of the stream.
         self.payload = b""
@@ -114,22 +132,37 @@ class Flight(Lifecycle):
 
     # -- AttemptHandler ------------------------------------------------------------------
     def on_head(self, head: ResponseHead) -> Decision:
-        """The provider's head is in and nothing is committed. Today every head is
-        relayed; failover (429/5xx before the first byte) decides here."""
+        """The provider's head is in and nothing is committed: fail over on a status
+        the route retries on (when it may), or commit and relay."""
+        cause = STATUS_REASONS.get(head.status)
+        if cause is not None:
+            retry = self.proxy._head_failed(self, head, cause)
+            if retry is not None:
+                return retry
         self.advance(STREAMING)
-        # No attempt will need the request head again: let the client's headers and
-        # target go for the rest of the stream.
+        # No attempt will need the request again: let the client's headers, target and
+        # the parsed body go for the rest of the stream.
         self.req.forget_head()
+        self.body = None
+        extra = self.pool.response_headers(self.ctx.attempts)
         if not head.has_body:
-            return _NO_FILTERS
+            return None, None, extra
         sse = _is_event_stream(head)
         tap = make_tap(self.ctx.api_format, self.ctx.path, sse,
                        body_cap=self.limits.tap_body_bytes)
         strip = self.strip and sse and head.status < 300
-        return tap, (UsageChunkStripper() if strip else None)
+        return tap, (UsageChunkStripper() if strip else None), extra
 
     def on_end(self, ex: Exchange) -> None:
         self.proxy._attempt_ended(self, ex)
+
+    def note_failure(self, upstream: str, cause: RetryReason) -> None:
+        """An attempt failed over: its upstream and why, for the row."""
+        if self.failed is None:
+            self.failed = []
+        self.failed.append((upstream, cause.value))
+        self.ctx.failed_attempts = orjson.dumps(
+            [{"upstream": u, "reason": r} for u, r in self.failed]).decode()
 
     def end_by(self, outcome: Outcome) -> None:
         """End the request from outside: cut its attempt, or stop its connect."""
@@ -236,11 +269,12 @@ class Proxy:
             self._local(req, client)
             return
         runtime = self.runtime
-        table = runtime.routes.get(req.path)
-        if table is None:
+        route = runtime.routes.get(req.path)
+        if route is None:
             self._reply_error(client, NotFound(f"no route for {req.path}"))
             client.cycle_done(True)
             return
+        path = route.table.route.path
         ctx = RequestContext(
             # Decoded when the row is complete (_complete): the id's bytes are on the
             # request already, and a str copy per open stream is ~70 bytes.
@@ -249,24 +283,24 @@ class Proxy:
             t_received=req.t_received,
             # The route's own string (equal to the path, or it would not have matched):
             # the one decoded from this request would stay alive with the stream.
-            path=table.route.path,
-            route=table.route.path,
+            path=path,
+            route=path,
             bytes_in=len(req.body),
         )
-        flight = Flight(req, client, ctx, self, runtime.limits)
+        flight = Flight(req, client, ctx, self, route, runtime.limits)
         try:
-            body = self._inspect(req, ctx)
-            pending = self.admission.admit(req, body, ctx)
+            flight.body = self._inspect(req, ctx)
+            pending = self.admission.admit(req, flight.body, ctx)
         except SidecarError as exc:
             self._refuse(flight, exc)
             return
         client.follow(flight)
         self.flights.add(flight)
+        route.budget.request(self.loop.time())
         if pending is None:
-            self._route(flight, table, runtime, body)
+            self._attempt(flight)
         else:
-            flight.task = self.spawn(self._admit_then_route(flight, table, runtime, body,
-                                                            pending))
+            flight.task = self.spawn(self._admit_then_attempt(flight, pending))
 
     def _inspect(self, req: ParsedRequest, ctx: RequestContext) -> dict[str, Any]:
         """Validate the request and read what the row and admission need from its body."""
@@ -283,8 +317,7 @@ class Proxy:
         ctx.stream = body.get("stream") is True
         return body
 
-    async def _admit_then_route(self, flight: Flight, table: RouteTable, runtime: Runtime,
-                                body: dict[str, Any], pending: Awaitable[None]) -> None:
+    async def _admit_then_attempt(self, flight: Flight, pending: Awaitable[None]) -> None:
         try:
             await pending
         except SidecarError as exc:
@@ -295,51 +328,90 @@ class Proxy:
             self._cancelled(flight)
             raise
         flight.task = None
-        self._route(flight, table, runtime, body)
+        self._attempt(flight)
 
-    def _route(self, flight: Flight, table: RouteTable, runtime: Runtime,
-               body: dict[str, Any]) -> None:
-        """Choose the upstream, build the bytes it gets, and start the first attempt."""
-        ctx = flight.ctx
-        upstream = table.choose(self._rand())
+    # -- attempts: the first, and failovers before the first byte -----------------------
+    def _attempt(self, flight: Flight) -> None:
+        """Start an attempt on the upstream the route's strategy picks."""
+        route = flight.route
+        now = self.loop.time()
+        i = route.balancer.pick(route.health, now, flight.tried)
+        if i is None:
+            # Every untried upstream is ejected or cooling. A failover never gets here
+            # (it asks has_candidate first); a first attempt still goes somewhere.
+            i = route.balancer.pick(route.panic, now, flight.tried)
+            if i is None:
+                self._refuse(flight, Overloaded(
+                    f"route {flight.ctx.route} has no upstream to serve it"))
+                return
+        self._start_attempt(flight, i, now, fresh=False)
+
+    def _start_attempt(self, flight: Flight, i: int, now: float, fresh: bool) -> None:
+        route, ctx = flight.route, flight.ctx
+        flight.index = i
+        flight.tried |= 1 << i
+        upstream = route.table.upstreams[i]
+        flight.pool = pool = route.pools[i]
         ctx.upstream = upstream.name
         ctx.api_format = upstream.format
-        payload = flight.req.body
-        if ctx.stream and upstream.format == "openai" and table.usage_opt_in:
-            opts = body.get("stream_options")
-            if not (isinstance(opts, dict) and opts.get("include_usage") is True):
-                # Ask the provider for usage; hide the extra chunk from a client that did not.
-                body["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
-                                          "include_usage": True}
-                payload = orjson.dumps(body)
-                flight.strip = True
-        flight.pool = pool = runtime.upstreams.pools[upstream.name]
-        flight.payload = payload
-        conn = pool.take_idle()
+        ctx.attempts += 1
+        flight.payload = self._payload(flight, upstream.format)
+        pool.health.begin(now)
+        conn = None if fresh else pool.take_idle()
         if conn is not None:
             self._launch(flight, conn)
         else:
             flight.advance(CONNECTING)
             flight.task = self.spawn(self._connect_and_launch(flight))
 
+    def _payload(self, flight: Flight, api_format: str) -> bytes:
+        """The body this upstream gets: the client's bytes, unless usage must be asked for."""
+        body = flight.body
+        flight.strip = False
+        if body is None or not (flight.ctx.stream and api_format == "openai"
+                                and flight.route.table.usage_opt_in):
+            return flight.req.body
+        opts = body.get("stream_options")
+        if isinstance(opts, dict) and opts.get("include_usage") is True:
+            return flight.req.body
+        # Ask the provider for usage; hide the extra chunk from a client that did not.
+        flight.strip = True
+        return orjson.dumps({**body, "stream_options": {
+            **(opts if isinstance(opts, dict) else {}), "include_usage": True}})
+
     async def _connect_and_launch(self, flight: Flight) -> None:
         try:
             conn = await flight.pool.connect()
         except SidecarError as exc:
             flight.task = None
+            if self._connect_failed(flight, exc):
+                return
             self._refuse(flight, exc)
             return
         except asyncio.CancelledError:
+            flight.pool.health.end()
             self._cancelled(flight)
             raise
         flight.task = None
         if flight.client.closed:
             conn.close()
+            flight.pool.health.end()
             flight.ctx.outcome = _CLIENT_DISCONNECT
             flight.advance(DRAINING)
             self._complete(flight, reusable=False)
             return
         self._launch(flight, conn)
+
+    def _connect_failed(self, flight: Flight, exc: SidecarError) -> bool:
+        """A connect failed: count it against the upstream; True when failing over."""
+        pool, now = flight.pool, self.loop.time()
+        pool.health.end()
+        pool.health.record_failure(now)
+        if not self._may_fail_over(flight, _CAUSE_CONNECT, now):
+            return False
+        flight.note_failure(pool.cfg.name, _CAUSE_CONNECT)
+        self._attempt(flight)
+        return True
 
     def _cancelled(self, flight: Flight) -> None:
         # The client left, or shutdown's deadline passed, before the provider answered.
@@ -351,8 +423,7 @@ class Proxy:
 
     def _launch(self, flight: Flight, conn: UpstreamConnection) -> None:
         flight.advance(AWAITING_HEAD)
-        req, ctx = flight.req, flight.ctx
-        ctx.attempts += 1
+        req = flight.req
         ex = Exchange(
             pool=flight.pool,
             conn=conn,
@@ -368,15 +439,63 @@ class Proxy:
                                       len(flight.payload), req.request_id)
         ex.start(head + flight.payload)
 
+    def _may_fail_over(self, flight: Flight, cause: RetryReason, now: float) -> bool:
+        """May this request, failed before its first byte for ``cause``, try another
+        upstream? The route must retry on it, the request have attempts left, some
+        untried upstream be available, and the route's retry budget allow one more."""
+        route = flight.route
+        policy = route.policy
+        return (cause in policy.retry_on
+                and flight.ctx.attempts < policy.max_attempts
+                and flight.ended_by is None
+                and not flight.client.closed
+                and route.balancer.has_candidate(route.health, now, flight.tried)
+                and route.budget.try_spend(now))
+
+    def _head_failed(self, flight: Flight, head: ResponseHead,
+                     cause: RetryReason) -> Retry | None:
+        """A 429/5xx head, nothing committed: cool the upstream down if it asked, and
+        end the attempt for a failover when one is allowed (else the head is relayed)."""
+        pool, now, status = flight.pool, self.loop.time(), head.status
+        retry_after = None
+        if status == 429 or status == 503:
+            retry_after = parse_retry_after(head.get(b"retry-after"), time.time())
+            if retry_after:
+                pool.health.cool_down(now, retry_after)
+        if not self._may_fail_over(flight, cause, now):
+            return None
+        return Retry(outcome_of(_OK, status),
+                     UpstreamError(f"upstream '{pool.cfg.name}' answered {status}"),
+                     retry_after, cause, granted=True)
+
     def _attempt_ended(self, flight: Flight, ex: Exchange) -> None:
-        """An attempt ended (completed, failed, cut): try again or settle the request."""
+        """An attempt ended (completed, failed, cut): fail over, retry, or settle."""
         flight.exchange = None
-        ctx = flight.ctx
-        if ex.retry is not None and not ex.committed and ctx.attempts <= MAX_STALE_RETRIES \
-                and not flight.client.closed and flight.ended_by is None:
-            flight.advance(CONNECTING)
-            flight.task = self.spawn(self._connect_and_launch(flight))
-            return
+        ctx, health, now = flight.ctx, flight.pool.health, self.loop.time()
+        health.end()
+        retry = ex.retry
+        if ex.committed:
+            status = ex.head.status if ex.head is not None else 0
+            if ex.outcome is _OK and status < 500:
+                t = ex.t_first_byte
+                health.record_success(now, None if t is None else t - ctx.t_received)
+            elif ex.outcome is not _CLIENT_DISCONNECT and ex.outcome is not _SHUTDOWN:
+                health.record_failure(now)
+        elif retry is not None and not retry.replay_safe and retry.cause is not _CAUSE_429:
+            health.record_failure(now)
+        if retry is not None and not ex.committed and flight.ended_by is None \
+                and not flight.client.closed:
+            if retry.replay_safe and flight.replays < MAX_STALE_RETRIES:
+                # The provider never read it: the same request on a fresh connection.
+                flight.replays += 1
+                ctx.attempts -= 1  # invisible: not an attempt of its own
+                self._start_attempt(flight, flight.index, now, fresh=True)
+                return
+            cause = retry.cause
+            if cause is not None and (retry.granted or self._may_fail_over(flight, cause, now)):
+                flight.note_failure(flight.pool.cfg.name, cause)
+                self._attempt(flight)
+                return
         take_attempt(ctx, ex, flight.req.body)
         if flight.ended_by is not None:
             ctx.outcome = flight.ended_by
@@ -394,7 +513,8 @@ class Proxy:
         ctx.status, ctx.error = exc.status, str(exc)
         if ctx.outcome == _OK:
             ctx.outcome = _REJECTED if isinstance(exc, RequestError) else _UPSTREAM_ERROR
-        ctx.bytes_out += self._reply_error(flight.client, exc)
+        extra = flight.pool.response_headers(ctx.attempts) if ctx.attempts else ()
+        ctx.bytes_out += self._reply_error(flight.client, exc, extra)
         self._complete(flight, reusable=True)
 
     def _complete(self, flight: Flight, reusable: bool) -> None:
@@ -435,11 +555,11 @@ class Proxy:
         client.reply(status, body)
         client.cycle_done(True)
 
-    def _reply_error(self, client: ClientSide, exc: SidecarError) -> int:
+    def _reply_error(self, client: ClientSide, exc: SidecarError,
+                     extra: tuple[tuple[bytes, bytes], ...] = ()) -> int:
         status, body = error_for(exc)
-        extra: tuple[tuple[bytes, bytes], ...] = ()
         if isinstance(exc, MethodNotAllowed):
-            extra = ((b"allow", b"POST"),)
+            extra = (*extra, (b"allow", b"POST"))
         return client.reply(status, body, extra)
 
     def rejected(self, req: ParsedRequest | None, request_id: bytes, status: int,
@@ -448,12 +568,12 @@ class Proxy:
         if req is None:
             return
         path = req.target.split(b"?", 1)[0].decode("latin-1")
-        table = self.runtime.routes.get(path)
-        if table is None:
+        route = self.runtime.routes.get(path)
+        if route is None:
             return
         ctx = RequestContext(request_id=request_id.decode(), ts_ms=int(time.time() * 1000),
                              t_received=time.perf_counter(), path=path,
-                             route=table.route.path, status=status, outcome=_REJECTED,
+                             route=route.table.route.path, status=status, outcome=_REJECTED,
                              error=str(exc))
         self.meter.submit(ctx.to_record(time.perf_counter()))
 

@@ -45,6 +45,11 @@ class RouteTable:
             usage_opt_in=kind_for_path(route.path) in USAGE_OPT_IN,
         )
 
+    def weights(self) -> tuple[int, ...]:
+        """The weights themselves, from their running sums."""
+        c = self.cumulative
+        return tuple(w - p for w, p in zip(c, (0, *c[:-1]), strict=True))
+
     def choose(self, r: float) -> UpstreamConfig:
         """Weighted pick; ``r`` is uniform in [0, 1) so tests can drive it directly."""
         if len(self.upstreams) == 1:
@@ -66,6 +71,12 @@ class Balancer:
         self.strategy = strategy
         self.weights = tuple(weights)
         self._current = [0] * len(self.weights)  # smooth weighted round-robin state
+
+    def has_candidate(self, health: Sequence[UpstreamHealth], now: float, tried: int) -> bool:
+        """Is some untried upstream available? (Asked before a retry spends budget.)"""
+        weights = self.weights
+        return any(weights[i] and not (tried >> i) & 1 and health[i].available(now)
+                   for i in range(len(weights)))
 
     def pick(self, health: Sequence[UpstreamHealth], now: float, tried: int = 0) -> int | None:
         """The upstream for the next attempt, or None when none is available.

@@ -1,10 +1,10 @@
 """The runtime snapshot: everything the hot path reads, built once from a Config.
 
-Route tables (weights, usage opt-in), the upstream registry (connection pools),
-limits and timeouts. A request takes the snapshot current when it arrives and
-keeps what it took (its route table, its pool) to the end; a reload builds a new
-snapshot and swaps it in with one assignment, so no request ever sees half of
-one config and half of another.
+Routes (weights, strategy state, retry budget, the pools and health of their
+upstreams), limits and timeouts. A request takes the snapshot current when it
+arrives and keeps what it took (its route, its pools) to the end; a reload builds
+a new snapshot and swaps it in with one assignment, so no request ever sees half
+of one config and half of another.
 """
 
 from __future__ import annotations
@@ -12,15 +12,56 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sidecar.config import Config, LimitsConfig, TimeoutsConfig
+from sidecar.config import Config, LimitsConfig, RouteConfig, TimeoutsConfig
+from sidecar.health import UpstreamHealth
 from sidecar.registry import UpstreamRegistry
-from sidecar.router import RouteTable
+from sidecar.retry import DEFAULT_RETRY_ON, RetryBudget, RetryReason
+from sidecar.router import Balancer, RouteTable, Strategy
+from sidecar.upstream import UpstreamPool
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePolicy:
+    """How a route chooses and fails over (defaults until the config names them)."""
+
+    strategy: Strategy = "weighted"
+    retry_on: frozenset[RetryReason] = DEFAULT_RETRY_ON
+    max_attempts: int = 3
+    retry_budget: float = 0.2
+
+    @classmethod
+    def of(cls, route: RouteConfig) -> RoutePolicy:
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    table: RouteTable
+    pools: tuple[UpstreamPool, ...]  # aligned with table.upstreams
+    health: tuple[UpstreamHealth, ...]  # each pool's own
+    # Stand-ins that are always available: when every upstream is ejected or cooling,
+    # the first attempt still goes somewhere (as Envoy's panic mode does) rather than
+    # the route answering 503 on its own.
+    panic: tuple[UpstreamHealth, ...]
+    balancer: Balancer
+    budget: RetryBudget
+    policy: RoutePolicy
+
+    @classmethod
+    def build(cls, route: RouteConfig, upstreams: UpstreamRegistry) -> Route:
+        table = RouteTable.build(route)
+        pools = tuple(upstreams.pools[up.name] for up in table.upstreams)
+        policy = RoutePolicy.of(route)
+        return cls(table=table, pools=pools, health=tuple(p.health for p in pools),
+                   panic=tuple(UpstreamHealth(p.cfg.name) for p in pools),
+                   balancer=Balancer(policy.strategy, table.weights()),
+                   budget=RetryBudget(policy.retry_budget), policy=policy)
 
 
 @dataclass(frozen=True, slots=True)
 class Runtime:
     config: Config
-    routes: Mapping[str, RouteTable]
+    routes: Mapping[str, Route]
     upstreams: UpstreamRegistry
     limits: LimitsConfig
     timeouts: TimeoutsConfig
@@ -28,11 +69,11 @@ class Runtime:
     @classmethod
     def build(cls, config: Config, previous: Runtime | None = None) -> Runtime:
         """A snapshot of ``config``; ``previous`` lends the pools of unchanged upstreams."""
-        routes = {r.path: RouteTable.build(r) for r in config.routes}
         upstreams = UpstreamRegistry.build(
-            (up for table in routes.values() for up in table.upstreams),
+            (ru.upstream for r in config.routes for ru in r.upstreams if ru.weight > 0),
             config.timeouts,
             previous.upstreams if previous is not None else None,
         )
+        routes = {r.path: Route.build(r, upstreams) for r in config.routes}
         return cls(config=config, routes=routes, upstreams=upstreams,
                    limits=config.limits, timeouts=config.timeouts)

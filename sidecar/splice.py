@@ -46,6 +46,7 @@ from sidecar.http1 import (
     feeding,
 )
 from sidecar.lifecycle import Decision, Outcome, Retry
+from sidecar.retry import RetryReason
 
 if TYPE_CHECKING:
     from sidecar.sse import Tap, UsageChunkStripper
@@ -96,10 +97,17 @@ _OK: Final = Outcome.OK
 _CLIENT_DISCONNECT: Final = Outcome.CLIENT_DISCONNECT
 _UPSTREAM_ERROR: Final = Outcome.UPSTREAM_ERROR
 _UPSTREAM_TIMEOUT: Final = Outcome.UPSTREAM_TIMEOUT
+_CAUSE_RESET: Final = RetryReason.RESET
+_CAUSE_FIRST_BYTE: Final = RetryReason.FIRST_BYTE_TIMEOUT
 
 
 # Coarsest resolution of the upstream timeouts (the Sweeper's period).
 SWEEP_MAX_INTERVAL = 1.0
+# A kept-alive connection whose close comes this soon after our write (seconds of the
+# loop's clock) closed before the provider could have read the request: the close was
+# already on its way (the provider's idle timeout), so the request may go again. Any
+# later close may follow a read, and the POST is not replayed.
+STALE_CLOSE_WINDOW = 0.002
 # Payload pieces (about one SSE event each) held before they go to the tap in one
 # call. Bounds what a stream holds outside the tap to a few tens of KiB.
 TAP_BATCH = 64
@@ -269,7 +277,10 @@ class Exchange:
             what = "idle"
         else:
             return
-        self._fail(UpstreamTimeout(f"upstream {what} timeout"), _UPSTREAM_TIMEOUT)
+        error = UpstreamTimeout(f"upstream {what} timeout")
+        if what == "first byte":
+            self.retry = Retry(_UPSTREAM_TIMEOUT, error, cause=_CAUSE_FIRST_BYTE)
+        self._fail(error, _UPSTREAM_TIMEOUT)
 
     # -- upstream callbacks ---------------------------------------------------
     def upstream_data(self, data: bytes) -> None:
@@ -300,6 +311,9 @@ class Exchange:
             # else: bytes after the end of a response; the connection is already
             # closed or back in the pool's hands and reports them there.
         except UpstreamProtocolError as exc:
+            if not self.committed:
+                # Bytes came back, so the provider read the request: not replay-safe.
+                self.retry = Retry(_UPSTREAM_ERROR, exc, cause=_CAUSE_RESET)
             self._fail(exc, _UPSTREAM_ERROR)
 
     def upstream_lost(self, exc: Exception | None) -> None:
@@ -313,10 +327,16 @@ class Exchange:
             self._flush_out()
             return
         error = UpstreamError("upstream closed the connection mid-response")
-        if self.stage is _WAIT_HEAD and not self._parser.seen and self.conn.reused:
-            # A kept-alive connection the provider had closed while idle: no byte came
-            # back, so another connection may be tried.
-            self.retry = Retry(_UPSTREAM_ERROR, error)
+        if self.stage is _WAIT_HEAD and not self._parser.seen:
+            # No byte came back. Only a kept-alive connection that failed on our write,
+            # or closed before the provider could have read the request, proves the
+            # request was not processed; any other close may come after the provider
+            # started generating, so replaying the POST is a failover decision (cause
+            # RESET), never an invisible retry.
+            safe = self.conn.reused and (
+                exc is not None
+                or self.sweeper.loop.time() - self.started <= STALE_CLOSE_WINDOW)
+            self.retry = Retry(_UPSTREAM_ERROR, error, cause=_CAUSE_RESET, replay_safe=safe)
         self._fail(error, _UPSTREAM_ERROR)
 
     # -- client callbacks -----------------------------------------------------
@@ -354,9 +374,9 @@ class Exchange:
             return
         self.stage = _BODY
         self.committed = True
-        self.tap, self.stripper = decision
+        self.tap, self.stripper, extra = decision
         self._choose_mode(head)
-        self._write_head_and(data[parser.body_start:])
+        self._write_head_and(data[parser.body_start:], extra)
 
     def _choose_mode(self, head: ResponseHead) -> None:
         if not head.has_body:
@@ -372,7 +392,7 @@ class Exchange:
         else:
             self.mode = _MODE_VERBATIM_LENGTH
 
-    def _write_head_and(self, rest: bytes) -> None:
+    def _write_head_and(self, rest: bytes, extra: tuple[tuple[bytes, bytes], ...]) -> None:
         """The head was accepted, with ``rest`` the body bytes of the same read.
 
         For a chunked body the parser has already taken that read's payload apart.
@@ -388,6 +408,7 @@ class Exchange:
             else FRAMING_PAYLOAD if mode is _MODE_PAYLOAD
             else FRAMING_NONE,
             head.content_length,
+            extra,
         )
         # Relayed: the headers are not needed for the rest of the stream (~0.4 KiB).
         head.headers = ()

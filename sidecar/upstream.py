@@ -17,6 +17,7 @@ from typing import Final, Protocol, cast
 from sidecar.addresses import is_ip_literal
 from sidecar.config import TimeoutsConfig, UpstreamConfig
 from sidecar.errors import UpstreamError, UpstreamTimeout
+from sidecar.health import UpstreamHealth
 from sidecar.http1 import HOP_BY_HOP, ResponseParser
 
 log = logging.getLogger("sidecar.upstream")
@@ -130,6 +131,18 @@ class UpstreamPool:
         # Set when a reload dropped or changed this upstream: connections still
         # streaming finish, then close instead of coming back to the pool.
         self.retired = False
+        # What routing knows of this upstream (kept across a reload with the pool).
+        self.health = UpstreamHealth(cfg.name)
+        # The response headers naming it, encoded once (for a first attempt, the
+        # whole pair: most responses need nothing else).
+        self._name = cfg.name.encode("ascii", "replace")
+        self._first = ((b"x-sidecar-upstream", self._name), (b"x-sidecar-attempts", b"1"))
+
+    def response_headers(self, attempts: int) -> tuple[tuple[bytes, bytes], ...]:
+        """What a client response served (or refused) here says about routing."""
+        if attempts == 1:
+            return self._first
+        return ((b"x-sidecar-upstream", self._name), (b"x-sidecar-attempts", b"%d" % attempts))
 
     def take_idle(self) -> UpstreamConnection | None:
         """A kept-alive connection, most recently used first, or None (never waits)."""

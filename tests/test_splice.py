@@ -168,7 +168,7 @@ class Attempt:
             self.written_at_head.append(len(self.client.writes))
         if self.decide is not None:
             return self.decide(head)
-        return make_tap("openai", "/v1/chat/completions", True), None
+        return make_tap("openai", "/v1/chat/completions", True), None, ()
 
     def on_end(self, ex: Exchange) -> None:
         self.ended.append(ex)
@@ -326,7 +326,7 @@ def test_sweeper_walks_its_owners_collection_until_it_is_empty() -> None:
 def _retry_on_429(head: ResponseHead) -> Decision:
     if head.status == 429:
         return Retry(Outcome.RATE_LIMITED, UpstreamError("upstream answered 429"), 7.0)
-    return make_tap("openai", "/v1/chat/completions", True), None
+    return make_tap("openai", "/v1/chat/completions", True), None, ()
 
 
 def _attempt_run(reads: list[bytes], decide: Callable[[ResponseHead], Decision] | None,
