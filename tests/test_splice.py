@@ -440,3 +440,38 @@ def test_the_moves_a_failover_needs_are_legal_and_others_raise() -> None:
         fresh.advance(Phase.SETTLED)  # a row is never queued before it is drained
     with pytest.raises(LifecycleError):
         fresh.advance(Phase.STREAMING)  # nothing streams without an attempt
+
+
+def test_a_reused_connection_closed_after_the_provider_could_read_is_not_replay_safe() -> None:
+    async def main() -> Exchange:
+        pool = FakePool()
+        conn = FakeConn(pool)
+        conn.reused = True
+        client = FakeClient()
+        ex = _exchange(client, Attempt(None, client), pool, conn)
+        ex.start(b"REQUEST")
+        ex.started -= 1.5  # the close comes 1.5 s after the write: it may have read it
+        ex.upstream_lost(None)
+        await asyncio.sleep(0)
+        return ex
+
+    ex = asyncio.run(main())
+    assert ex.retry is not None and not ex.retry.replay_safe
+    assert ex.retry.cause == "reset" and not ex.committed
+
+
+def test_a_write_error_on_a_reused_connection_is_replay_safe_whenever_it_comes() -> None:
+    async def main() -> Exchange:
+        pool = FakePool()
+        conn = FakeConn(pool)
+        conn.reused = True
+        client = FakeClient()
+        ex = _exchange(client, Attempt(None, client), pool, conn)
+        ex.start(b"REQUEST")
+        ex.started -= 1.5
+        ex.upstream_lost(BrokenPipeError(32, "Broken pipe"))
+        await asyncio.sleep(0)
+        return ex
+
+    ex = asyncio.run(main())
+    assert ex.retry is not None and ex.retry.replay_safe
