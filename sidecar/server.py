@@ -5,12 +5,18 @@ supervisor of N worker processes that each bind the same port with SO_REUSEPORT
 (the kernel spreads connections), each with its own meter writer into the one
 WAL database. SIGTERM/SIGINT drains: stop accepting, let streams finish up to
 ``timeouts.shutdown_grace``, flush the meter, exit 0.
+
+SIGHUP reloads the config file: a valid one serves new requests while streams in
+flight finish on the old one (see ``Proxy.swap``); an invalid one is refused with
+the ``sidecar check`` message in the log, and the old one stays. The supervisor
+forwards SIGHUP to every worker, and each reloads the file itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -21,8 +27,9 @@ import sys
 import time
 from typing import cast
 
-from sidecar.config import Config
+from sidecar.config import Config, load_config
 from sidecar.downstream import DownstreamProtocol
+from sidecar.errors import ConfigError
 from sidecar.meter import Meter
 from sidecar.proxy import Proxy
 from sidecar.tokenizer import Tokenizer
@@ -44,6 +51,10 @@ ENV_WORKER_PORT = "SIDECAR_WORKER_PORT"
 ENV_READY_FD = "SIDECAR_READY_FD"
 WORKER_START_TIMEOUT = 60.0
 _PR_SET_PDEATHSIG = 1
+# What a reload cannot change in a running process: the socket, the process count,
+# the meter's database and the tokenizer files. A changed value is kept as it was,
+# with a warning, until the next restart.
+RESTART_ONLY = ("listen_host", "listen_port", "workers", "meter", "tokenizer")
 
 
 def _die_with_parent() -> None:
@@ -60,8 +71,9 @@ def _die_with_parent() -> None:
 class Server:
     """One serving process: meter writer, proxy and listener on the running loop."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
         self.config = config
+        self.config_path = config_path  # reloaded on SIGHUP, when given
         self.meter = Meter(config.meter)
         self.tokenizer = Tokenizer.load(config.tokenizer.dir)
         self._server: asyncio.AbstractServer | None = None
@@ -74,11 +86,7 @@ class Server:
                 "tiktoken encodings not found (set SIDECAR_TOKENIZER_DIR or tokenizer.dir); "
                 "token estimates will use the byte approximation and be marked approximate"
             )
-        for route in self.config.routes:
-            for mw in route.middleware:
-                # Accepted so migration configs load; enforcement arrives with limits/metrics.
-                log.warning("route %s: middleware %r is accepted but not enforced yet",
-                            route.path, mw.type)
+        _warn_unenforced(self.config)
         await self.meter.start()
         loop = asyncio.get_running_loop()
         self.proxy = proxy = Proxy(self.config, self.meter, self.tokenizer)
@@ -109,11 +117,38 @@ class Server:
         finally:
             await self.meter.close()
 
+    def reload(self) -> bool:
+        """Load the config file again and serve it; False (old config kept) if invalid."""
+        if self.config_path is None or self.proxy is None:
+            return False
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused, still serving the previous config: %s", exc)
+            return False
+        except OSError as exc:
+            log.error("reload refused, still serving the previous config: %s: %s",
+                      self.config_path, exc.strerror or exc)
+            return False
+        kept = {name: getattr(self.config, name) for name in RESTART_ONLY
+                if getattr(new, name) != getattr(self.config, name)}
+        if kept:
+            log.warning("reload: %s change only on restart; the running values are kept",
+                        ", ".join(kept))
+            new = dataclasses.replace(new, **kept)
+        _warn_unenforced(new)
+        self.proxy.swap(new)
+        self.config = new
+        log.info("reloaded %s: %d routes", self.config_path, len(new.routes))
+        return True
+
     async def serve_until_signal(self, announce: bool = True) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if self.config_path is not None:
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
         _tune_gc()
         if announce:
             _announce(self.config, self.port)
@@ -122,6 +157,14 @@ class Server:
         await self.stop()
         stats = self.meter.stats
         log.info("meter flushed: %s rows written, %s spilled", stats.written, stats.spilled)
+
+
+def _warn_unenforced(config: Config) -> None:
+    for route in config.routes:
+        for mw in route.middleware:
+            # Accepted so migration configs load; enforcement arrives with limits/metrics.
+            log.warning("route %s: middleware %r is accepted but not enforced yet",
+                        route.path, mw.type)
 
 
 def _tune_gc() -> None:
@@ -154,11 +197,12 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def run_single(config: Config, port: int | None = None, announce: bool = True) -> int:
+def run_single(config: Config, port: int | None = None, announce: bool = True,
+               config_path: str | None = None) -> int:
     _install_uvloop()
 
     async def main() -> None:
-        server = Server(config)
+        server = Server(config, config_path)
         await server.start(port=port, reuse_port=port is not None)
         ready_fd = os.environ.get(ENV_READY_FD)
         if ready_fd is not None:
@@ -176,9 +220,10 @@ def run(config: Config, config_path: str) -> int:
     """Entry point of ``sidecar run``: one process, or a supervisor of N workers."""
     worker_port = os.environ.get(ENV_WORKER_PORT)
     if worker_port is not None:
-        return run_single(config, port=int(worker_port), announce=False)
+        return run_single(config, port=int(worker_port), announce=False,
+                          config_path=config_path)
     if config.workers <= 1:
-        return run_single(config)
+        return run_single(config, config_path=config_path)
     return supervise(config, config_path)
 
 
@@ -222,8 +267,14 @@ def supervise(config: Config, config_path: str) -> int:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
 
+    def on_hup(_signum: int, _frame: object) -> None:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGHUP)
+
     procs: list[subprocess.Popen[bytes]] = []
     started: list[float] = []
+    signal.signal(signal.SIGHUP, on_hup)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     ready_fds = []
