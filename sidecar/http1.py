@@ -190,6 +190,26 @@ class ResponseParser:
             raise cause from exc  # a bug in a callback, not the provider's fault
         return UpstreamProtocolError(f"malformed response: {exc}")
 
+    def ends_cleanly_here(self) -> bool:
+        """Would the chunked body end cleanly if its last chunk came now, i.e. did the
+        provider's bytes stop between two chunk frames? Asked once, when a stream is
+        cut, to know whether the sidecar may add frames of its own. It feeds llhttp a
+        last chunk, so the parser is spent afterwards (the connection is closing)."""
+        if self.done:
+            return True
+        if self.head is None or not self.head.chunked:
+            return False
+        f = feeding()
+        f.parser = self
+        try:
+            self._parser.feed_data(LAST_CHUNK)
+        except httptools.HttpParserError:
+            return False
+        finally:
+            f.parser = None
+            self.pieces.clear()  # what the probe fed is not payload
+        return self.done
+
     def _locate_body(self, data: bytes) -> None:
         buf = self._buf
         if self.head is None:

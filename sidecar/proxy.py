@@ -49,7 +49,7 @@ from sidecar.lifecycle import (
 from sidecar.meter import Meter
 from sidecar.outcome import estimate_usage, outcome_of, take_attempt
 from sidecar.request_reader import ParsedRequest
-from sidecar.responses import error_for
+from sidecar.responses import error_for, stream_error_event
 from sidecar.retry import STATUS_REASONS, RetryReason, parse_retry_after
 from sidecar.runtime import Route, Runtime
 from sidecar.splice import Exchange, Sweeper
@@ -93,8 +93,8 @@ class Flight(Lifecycle):
     """
 
     __slots__ = ("body", "client", "ctx", "ended_by", "exchange", "failed", "index", "limits",
-                 "payload", "pool", "proxy", "replays", "req", "route", "strip", "task",
-                 "tried")
+                 "payload", "pool", "proxy", "replays", "req", "route", "sse", "strip",
+                 "task", "tried")
 
     def __init__(self, req: ParsedRequest, client: ClientSide, ctx: RequestContext,
                  proxy: Proxy, route: Route, limits: LimitsConfig) -> None:
@@ -114,6 +114,7 @@ class Flight(Lifecycle):
         # The parsed request body, kept until an attempt is committed: a failover to
         # another upstream may need it rebuilt (usage opt-in, format).
         self.body: dict[str, Any] | None = None
+        self.sse = False  # the committed response is an event stream
         # The body sent upstream: req.body itself unless include_usage was injected.
         # The head is rebuilt per attempt rather than kept for the life of the stream.
         self.payload = b""
@@ -147,7 +148,7 @@ class Flight(Lifecycle):
         extra = self.pool.response_headers(self.ctx.attempts)
         if not head.has_body:
             return None, None, extra
-        sse = _is_event_stream(head)
+        sse = self.sse = _is_event_stream(head)
         tap = make_tap(self.ctx.api_format, self.ctx.path, sse,
                        body_cap=self.limits.tap_body_bytes)
         strip = self.strip and sse and head.status < 300
@@ -155,6 +156,9 @@ class Flight(Lifecycle):
 
     def on_end(self, ex: Exchange) -> None:
         self.proxy._attempt_ended(self, ex)
+
+    def stream_error(self, error: SidecarError) -> bytes | None:
+        return stream_error_event(self.ctx.api_format, error) if self.sse else None
 
     def note_failure(self, upstream: str, cause: RetryReason) -> None:
         """An attempt failed over: its upstream and why, for the row."""

@@ -38,12 +38,14 @@ from sidecar.handler import (
     ResponseWriter,
 )
 from sidecar.http1 import (
+    LAST_CHUNK,
     LLHTTP_ERROR,
     Feeding,
     LLHttpParser,
     ResponseHead,
     ResponseParser,
     feeding,
+    frame_chunk,
 )
 from sidecar.lifecycle import Decision, Outcome, Retry
 from sidecar.retry import RetryReason
@@ -62,6 +64,11 @@ class AttemptHandler(Protocol):
 
     def on_end(self, ex: Exchange) -> None:
         """The attempt is over (called on the next loop turn, exactly once)."""
+        ...
+
+    def stream_error(self, error: SidecarError) -> bytes | None:
+        """The event that tells an event-stream client its stream failed after the
+        head (None: not an event stream, cut the connection instead)."""
         ...
 
 
@@ -535,11 +542,31 @@ class Exchange:
         self.error = error
         self.outcome = outcome
         if self.committed:
-            # The client already has a head: the only honest signal left is to cut
-            # the connection so it sees a truncated body, not a complete one.
+            self._tell_client(error)
+        self._end(reusable=False)
+
+    def _tell_client(self, error: SidecarError) -> None:
+        """The client already has a head. An event stream that stopped between two
+        frames ends cleanly, with an error event as its last event (what SDKs read as
+        a stream error); anything else is cut, so the client sees a truncated body
+        rather than a complete one."""
+        mode = self.mode
+        if mode is _MODE_VERBATIM_CHUNKED:
+            self._tap_pieces()  # before the probe: the tap must see what was forwarded
+        event = self.handler.stream_error(error) \
+            if mode is _MODE_PAYLOAD or mode is _MODE_VERBATIM_CHUNKED else None
+        if event is not None and mode is _MODE_VERBATIM_CHUNKED \
+                and self._parser.ends_cleanly_here():
+            self.client.send_data(frame_chunk(event) + LAST_CHUNK)  # frames of our own
+        elif event is not None and mode is _MODE_PAYLOAD:
+            self.client.send_data(event)  # the writer frames it
+            self.client.end()
+        else:
             self._flush_out()
             self.client.abort()
-        self._end(reusable=False)
+            return
+        self._flush_out()
+        self.client.end_connection()  # what the provider left unsaid: start afresh
 
     def _end(self, reusable: bool) -> None:
         self.stage = _DONE

@@ -258,6 +258,20 @@ def chat_text(resp: Response) -> str:
     return "".join(out)
 
 
+def assert_ends_with_stream_error(resp: Response, api_format: str = "openai") -> None:
+    """A stream the provider broke after its head: the body ends cleanly (terminating
+    chunk) with an error event as its last event, and never with a success marker."""
+    assert resp.complete, "the stream should end cleanly, with an error event"
+    data = resp.sse_data()
+    assert data and b"[DONE]" not in data
+    last = orjson.loads(data[-1])
+    if api_format == "anthropic":
+        assert last["type"] == "error" and last["error"]["message"], last
+        assert b"event: error\n" in resp.body
+    else:
+        assert last["error"]["type"] == "upstream_error" and last["error"]["message"], last
+
+
 def closed_port() -> int:
     """A loopback port with nothing listening on it (bound, then released)."""
     s = socket.socket()

@@ -11,6 +11,7 @@ import orjson
 import pytest
 from e2e_helpers import (
     ClientConn,
+    assert_ends_with_stream_error,
     chat_body,
     chat_text,
     edit_limits,
@@ -108,7 +109,8 @@ def test_anthropic_stream_cut_mid_way_meters_forwarded_output_not_placeholder(
     body = {"model": "claude-mock-1", "max_tokens": 300, "stream": True,
             "messages": [{"role": "user", "content": "Tell me about the sea, at length."}]}
     r = read_cut_response(stack.port, "/v1/messages", body, 4)
-    assert r.status == 200 and not r.complete
+    assert r.status == 200
+    assert_ends_with_stream_error(r, "anthropic")
     text = ""
     for data in r.sse_data():
         ev = orjson.loads(data)

@@ -18,6 +18,7 @@ import orjson
 import pytest
 from e2e_helpers import (
     ClientConn,
+    assert_ends_with_stream_error,
     assert_openai_error,
     chat_body,
     chat_text,
@@ -337,7 +338,7 @@ def test_provider_error_status_body_and_retry_after_pass_through(
 
 
 @pytest.mark.parametrize("client_usage", [False, True], ids=["reframed", "verbatim"])
-def test_upstream_cut_mid_stream_truncates_client_and_meters_estimate(
+def test_upstream_cut_mid_stream_ends_with_an_error_event_and_meters_estimate(
     stack_factory: Any, client_usage: bool,
 ) -> None:
     stack = stack_factory(chunks=10)
@@ -345,10 +346,8 @@ def test_upstream_cut_mid_stream_truncates_client_and_meters_estimate(
     body = chat_body(stream=True, text="Tell me a story about a lighthouse.", **extra)
     r = read_cut_response(stack.port, "/v1/chat/completions", body, 3)
     assert r.status == 200 and r.framing == "chunked"
-    # The client can tell the stream is broken: no terminating zero chunk, no [DONE].
-    assert not r.complete
-    assert not r.raw_body.endswith(b"0\r\n\r\n")
-    assert b"[DONE]" not in r.body
+    # The client can tell the stream is broken: it ends with an error event, no [DONE].
+    assert_ends_with_stream_error(r)
     received = chat_text(r)
     sent = stack.mock.requests[0]
     assert sent.chunks_sent == 3 and not sent.completed
@@ -414,7 +413,8 @@ def test_other_openai_streams_cut_mid_way_meter_estimates(stack_factory: Any, pa
     else:
         body = {"model": "gpt-4o-mini", "input": "Once upon a time", "stream": True}
     r = read_cut_response(stack.port, path, body, 3)
-    assert r.status == 200 and not r.complete
+    assert r.status == 200
+    assert_ends_with_stream_error(r)
     text = ""
     for data in r.sse_data():
         if not data.startswith(b"{"):

@@ -173,6 +173,9 @@ class Attempt:
     def on_end(self, ex: Exchange) -> None:
         self.ended.append(ex)
 
+    def stream_error(self, error: Any) -> bytes | None:
+        return None  # cut, as a client of a non-event stream is
+
 
 def _exchange(client: FakeClient, attempt: Attempt, pool: FakePool,
               conn: FakeConn | None = None) -> Exchange:
