@@ -2,7 +2,7 @@
 
 Used by `sidecar demo`, the test suite and the benchmark, so it must never be the bottleneck:
 it is a raw `asyncio.Protocol` (uvloop in the CLI) with its own minimal HTTP/1.1 parsing, and
-it answers from responses pre-encoded once per shape (`sidecar.mock_shapes`), filling in only
+it answers from responses pre-encoded once per shape (`sidecar.mock.shapes`), filling in only
 the response id and creation time per request.
 
 Knobs are set at construction (or on the CLI) and can be overridden per request with headers,
@@ -35,8 +35,8 @@ from typing import Any, Final, cast
 import click
 import orjson
 
-from sidecar import mock_shapes as shapes
-from sidecar.mock_shapes import (
+from sidecar.mock import shapes
+from sidecar.mock.shapes import (
     DEFAULT_BIG_CHUNK_TOKENS,
     DEFAULT_CHUNK_TOKENS,
     DEFAULT_CHUNKS,
@@ -1260,7 +1260,3 @@ def mock_upstream(
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     uvloop.run(_serve(mock))
-
-
-if __name__ == "__main__":
-    mock_upstream()

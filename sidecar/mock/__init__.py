@@ -1,0 +1,48 @@
+"""The embedded fake LLM provider (`sidecar demo`, the tests, the bench): the names other code
+imports from `sidecar.mock`, re-exported from the modules that own them."""
+
+from sidecar.mock.server import (
+    DEFAULT_BIG_CHUNK_TOKENS,
+    DEFAULT_CHUNK_TOKENS,
+    DEFAULT_CHUNKS,
+    WORDS,
+    MockConnection,
+    MockRequest,
+    MockUpstream,
+    big_chunk_text,
+    big_completion_tokens,
+    chunk_texts,
+    count_tokens,
+    embedding_vector,
+    encoding_name_for_model,
+    expected_completion_tokens,
+    expected_text,
+    expected_usage,
+    kind_for_path,
+    mock_upstream,
+    parse_size,
+    prompt_tokens,
+)
+
+__all__ = [
+    "DEFAULT_BIG_CHUNK_TOKENS",
+    "DEFAULT_CHUNKS",
+    "DEFAULT_CHUNK_TOKENS",
+    "WORDS",
+    "MockConnection",
+    "MockRequest",
+    "MockUpstream",
+    "big_chunk_text",
+    "big_completion_tokens",
+    "chunk_texts",
+    "count_tokens",
+    "embedding_vector",
+    "encoding_name_for_model",
+    "expected_completion_tokens",
+    "expected_text",
+    "expected_usage",
+    "kind_for_path",
+    "mock_upstream",
+    "parse_size",
+    "prompt_tokens",
+]
