@@ -127,8 +127,6 @@ def big_completion_tokens(repeats: int, chunk_tokens: int, model: str) -> int:
 
 # --------------------------------------------------------------------------- prompt counting
 
-KINDS: Final = ("chat", "completions", "responses", "embeddings", "messages")
-
 
 def _text_of(content: Any) -> Iterable[str]:
     """Text parts of a message content: a string, or a list of parts that carry "text"

@@ -9,6 +9,7 @@ from typing import Final
 
 import orjson
 
+from sidecar import endpoints
 from sidecar.mock.expected import (
     DEFAULT_BIG_CHUNK_TOKENS,
     DEFAULT_CHUNK_TOKENS,
@@ -32,19 +33,13 @@ class _BadRequest(Exception):
 
 
 def kind_for_path(path: str, api_format: str = "openai") -> str:
-    """Endpoint kind from the request path (suffix match, so /openai/v1/... prefixes work);
-    unknown paths answer in the instance's api_format."""
-    if path.endswith("/chat/completions"):
-        return "chat"
-    if path.endswith("/completions"):
-        return "completions"
-    if path.endswith("/responses"):
-        return "responses"
-    if path.endswith("/embeddings"):
-        return "embeddings"
-    if path.endswith("/messages"):
-        return "messages"
-    return "messages" if api_format == "anthropic" else "chat"
+    """Endpoint kind from the request path (the sidecar's one endpoint table); a path that
+    names no endpoint answers in the instance's api_format: Messages for an Anthropic
+    instance, chat otherwise."""
+    kind = endpoints.kind_for_path(path)
+    if kind == "unknown":
+        return "messages" if api_format == "anthropic" else "chat"
+    return kind
 
 
 class Plan:
