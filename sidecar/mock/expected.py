@@ -11,6 +11,8 @@ import functools
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
+from sidecar.tokenizer import Tokenizer, encoding_for_model
+
 # --------------------------------------------------------------------------- tokenizer
 
 
@@ -23,21 +25,14 @@ def _counter(name: str) -> Callable[[str], int]:
     """Token counter for one encoding, loaded the way the sidecar loads it (offline first:
     SIDECAR_TOKENIZER_DIR, then tiktoken's cache, never a download), so the mock also runs
     air-gapped; with no encoding at all it counts with the sidecar's documented approximation."""
-    from sidecar.tokenizer import Tokenizer
-
     count, _approx = Tokenizer.load().counter(_MODEL_OF_ENCODING.get(name, "gpt-4o"))
     return count
 
 
 def encoding_name_for_model(model: str) -> str:
-    """cl100k_base for the gpt-4 / gpt-3.5 / embedding-3 generation, o200k_base otherwise
-    (gpt-4o, o-series, gpt-4.1, gpt-5 and every unknown or non-OpenAI model)."""
-    m = model.lower()
-    if m.startswith(("gpt-4o", "gpt-4.1", "gpt-4.5", "chatgpt-4o")):
-        return "o200k_base"
-    if m.startswith(("gpt-4", "gpt-3.5", "text-embedding-3", "text-embedding-ada")):
-        return "cl100k_base"
-    return "o200k_base"
+    """The encoding the sidecar's tokenizer uses for `model` (its one model -> encoding map),
+    so what the mock reports and what the sidecar counts can never disagree by encoding."""
+    return encoding_for_model(model)[0]
 
 
 _COUNT_CACHE: dict[tuple[str, str], int] = {}
