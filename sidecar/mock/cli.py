@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+from typing import Any
 
 import click
 
@@ -63,40 +64,14 @@ async def _serve(mock: MockUpstream) -> None:
 @click.option("--model", default="gpt-4o-mini", show_default=True, help="When the body has none.")
 @click.option("--fault", default=None, help="status:NNN|disconnect-after:N|no-usage|hang|malformed")
 @click.option("--retry-after", default=1.0, show_default=True, help="retry-after on 429/503.")
-def mock_upstream(
-    host: str,
-    port: int,
-    api_format: str,
-    chunks: int,
-    chunk_tokens: int | None,
-    delay_ms: float,
-    first_byte_ms: float,
-    always_usage: bool,
-    bytes_total: str,
-    model: str,
-    fault: str | None,
-    retry_after: float,
-) -> None:
+def mock_upstream(bytes_total: str, **options: Any) -> None:
     """Run the fake LLM provider until SIGINT/SIGTERM; prints the URL it listens on."""
     import uvloop
 
     try:
-        mock = MockUpstream(
-            host=host,
-            port=port,
-            api_format=api_format,
-            chunks=chunks,
-            chunk_tokens=chunk_tokens,
-            delay_ms=delay_ms,
-            first_byte_ms=first_byte_ms,
-            always_usage=always_usage,
-            model=model,
-            fault=fault,
-            bytes_total=parse_size(bytes_total),
-            retry_after=retry_after,
-            # A long benchmark would otherwise keep every request in memory.
-            record=False,
-        )
+        # Every other option is a MockUpstream keyword argument of the same name.
+        # record=False: a long benchmark would otherwise keep every request in memory.
+        mock = MockUpstream(bytes_total=parse_size(bytes_total), record=False, **options)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     uvloop.run(_serve(mock))

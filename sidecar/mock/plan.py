@@ -5,6 +5,7 @@ the per-request work in the protocol is a lookup plus filling in the id and the 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Final
 
 import orjson
@@ -16,7 +17,7 @@ from sidecar.mock.expected import (
     input_count,
     prompt_tokens,
 )
-from sidecar.mock.faults import Knobs
+from sidecar.mock.faults import Faults, Knobs
 from sidecar.mock.shapes import Shape, Template
 from sidecar.mock.templates import build, build_big
 from sidecar.mock.wire import CREATED_PH, ID_PH, error_response
@@ -42,49 +43,34 @@ def kind_for_path(path: str, api_format: str = "openai") -> str:
     return kind
 
 
+@dataclass(slots=True, eq=False)
 class Plan:
     """How to answer one (path, body, x-mock-* headers) combination: everything that does not
     change from one identical request to the next, worked out once and cached. The bench sends
     the same body thousands of times; per request only the id and the clock are new."""
 
-    __slots__ = (
-        "_parts",
-        "_second",
-        "completion_tokens",
-        "cuts",
-        "direct",
-        "faults",
-        "id_prefix",
-        "kind",
-        "knobs",
-        "model",
-        "prompt_tokens",
-        "reply",
-        "status",
-        "stream",
-        "tmpl",
-        "usage_sent",
-    )
+    kind: str
+    knobs: Knobs
+    reply: bytes | None = None  # a fixed answer (status fault, bad request)
+    status: int = 200
+    tmpl: Template | None = None
+    model: str = ""
+    stream: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    usage_sent: bool = False
+    direct: bool = True  # answer in one write from data_received (no pacing, no big mode)
+    # Offsets in the burst bytes where a paced writer may stop: after head+preamble,
+    # then after each content delta (what follows the last cut is the trailer).
+    cuts: list[int] = field(default_factory=list)
+    faults: Faults = field(init=False)
+    id_prefix: str = field(init=False)
+    _second: int = field(default=-1, init=False)
+    _parts: list[bytes] = field(default_factory=list, init=False)
 
-    def __init__(self, kind: str, knobs: Knobs) -> None:
-        self.kind = kind
-        self.knobs = knobs
-        self.faults = knobs.faults
-        self.reply: bytes | None = None  # a fixed answer (status fault, bad request)
-        self.status = 200
-        self.tmpl: Template | None = None
-        self.model = ""
-        self.stream = False
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.usage_sent = False
-        self.direct = True  # answer in one write from data_received (no pacing, no big mode)
-        self.id_prefix = ID_PREFIX[kind]
-        # Offsets in the burst bytes where a paced writer may stop: after head+preamble,
-        # then after each content delta (what follows the last cut is the trailer).
-        self.cuts: list[int] = []
-        self._second = -1
-        self._parts: list[bytes] = []
+    def __post_init__(self) -> None:
+        self.faults = self.knobs.faults
+        self.id_prefix = ID_PREFIX[self.kind]
 
     def burst(self, rid: bytes) -> bytes:
         """The whole response with this request's id. The clock is filled in once a second

@@ -130,15 +130,15 @@ class MockProtocol(asyncio.Protocol):
 
     # -- helpers
 
-    def close(self) -> None:
+    def close(self, *, abort: bool = False) -> None:
+        """Close the connection; abort drops it at once, unwritten data and all (stop())."""
         self._closing = True
-        if self._transport is not None:
-            self._transport.close()
-
-    def abort(self) -> None:
-        self._closing = True
-        if self._transport is not None:
-            self._transport.abort()
+        transport = self._transport
+        if transport is not None:
+            if abort:
+                transport.abort()
+            else:
+                transport.close()
 
     def _write(self, req: MockRequest, data: bytes) -> None:
         assert self._transport is not None

@@ -60,17 +60,18 @@ class MockUpstream:
         self.record = record
         self._backlog = backlog
         retry = str(int(retry_after)) if float(retry_after).is_integer() else str(retry_after)
+        # Positional, in Knobs' field order.
         self._knobs = Knobs(
-            chunks=chunks,
-            chunk_tokens=chunk_tokens,
-            delay_ms=delay_ms,
-            first_byte_ms=first_byte_ms,
-            bytes_total=bytes_total,
-            always_usage=always_usage,
-            faults=parse_faults(fault),
-            retry_after=retry,
-            cache_read=cache_read_tokens,
-            cache_write=cache_write_tokens,
+            chunks,
+            chunk_tokens,
+            delay_ms,
+            first_byte_ms,
+            bytes_total,
+            always_usage,
+            parse_faults(fault),
+            retry,
+            cache_read_tokens,
+            cache_write_tokens,
         )
         self.requests: list[MockRequest] = []
         self.connections: list[MockConnection] = []
@@ -105,7 +106,7 @@ class MockUpstream:
         if server is not None:
             server.close()
         for proto in list(self._live):
-            proto.abort()
+            proto.close(abort=True)
         if server is not None:
             await server.wait_closed()
         # Let connection_lost callbacks run so records show the close.
