@@ -196,7 +196,7 @@ def tap_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     """Every test runs twice: through make_tap's DeferredTap as the proxy uses it,
     and with DEFER_BYTES=0 so each read reaches the parsing tap as it was split."""
     if request.param == "parsing":
-        monkeypatch.setattr(sse, "DEFER_BYTES", 0)
+        monkeypatch.setattr(sse.deferred, "DEFER_BYTES", 0)
     mode: str = request.param
     return mode
 
@@ -575,7 +575,7 @@ def test_big_responses_completed_event_is_not_parsed_whole() -> None:
 
 
 def test_held_bytes_stay_bounded_for_a_huge_stream(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sse, "COMPLETION_TEXT_CAP", 4096)
+    monkeypatch.setattr(sse.text, "COMPLETION_TEXT_CAP", 4096)
     delta = b'data: {"choices":[{"delta":{"content":"0123456789"}}],"usage":null}\n\n'
     tap = make_tap("openai", "/v1/chat/completions", True)
     for _ in range(50_000):  # ~3.5 MB
@@ -604,15 +604,15 @@ def test_a_50_mb_stream_holds_bounded_memory() -> None:
     finally:
         tracemalloc.stop()
     assert r.usage is not None and r.usage.total_tokens == 8 and r.done
-    assert len(r.completion_text) == sse.COMPLETION_TEXT_CAP // 1020 * 1020
+    assert len(r.completion_text) == sse.text.COMPLETION_TEXT_CAP // 1020 * 1020
     assert r.completion_bytes_dropped == n * 1020 - len(r.completion_text)
     # At result(): the kept escaped text, its quoted copy, the parser's decoded
     # input and the str it returns, ~1 MiB each; nowhere near the 50 MB fed.
-    assert peak < 5 * sse.COMPLETION_TEXT_CAP
+    assert peak < 5 * sse.text.COMPLETION_TEXT_CAP
 
 
 def test_counter_counts_and_discards_at_the_flush_size(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sse, "COUNT_FLUSH_BYTES", 100)
+    monkeypatch.setattr(sse.text, "COUNT_FLUSH_BYTES", 100)
     calls: list[str] = []
 
     def counter(text: str) -> int:
@@ -878,7 +878,7 @@ def test_stripper_leaves_usage_text_inside_content_alone() -> None:
 def test_stripper_forwards_an_oversized_event_without_holding_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(sse, "STRIPPER_HOLD_MAX", 1000)
+    monkeypatch.setattr(sse.stripper, "STRIPPER_HOLD_MAX", 1000)
     big = b'data: {"choices":[{"delta":{"content":"' + b"q" * 5000 + b'"}}],"usage":null}'
     stream = big + b"\n\n" + CHAT_STREAM
     s = UsageChunkStripper()

@@ -53,7 +53,7 @@ def test_usage_probe_is_split_invariant(name: str, cuts: list[int]) -> None:
 
 def test_a_long_stream_spills_to_the_parsing_tap_and_stays_bounded(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sse, "DEFER_BYTES", 1024)
+    monkeypatch.setattr(sse.deferred, "DEFER_BYTES", 1024)
     fmt, path, data = STREAMS["chat"]
     delta = b'data: {"choices":[{"delta":{"content":"0123456789"}}],"usage":null}\n\n'
     tap = make_tap(fmt, path, True)

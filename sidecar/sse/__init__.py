@@ -24,11 +24,7 @@ where the cap is defined.
 
 from __future__ import annotations
 
-import sys
-import types
-
 from sidecar.endpoints import endpoint_kind
-from sidecar.sse import body, deferred, framing, scan, streams, stripper, tap, text
 from sidecar.sse.body import _BodyTap
 from sidecar.sse.deferred import DEFER_BYTES, DeferredTap
 from sidecar.sse.framing import split_events
@@ -75,26 +71,6 @@ def make_tap(
     return DeferredTap(kind, body_cap, counter)
 
 
-_PARTS = (body, deferred, framing, scan, streams, stripper, tap, text)
-
-
-class _Package(types.ModuleType):
-    """``sidecar.sse`` itself: setting a name on it sets it in the parts too.
-
-    The tunables (``DEFER_BYTES``, ``COMPLETION_TEXT_CAP``, ``STRIPPER_HOLD_MAX``
-    ...) were globals of one module; code and tests that set ``sse.NAME`` (e.g.
-    monkeypatch) keep working now that they are read where they are defined,
-    each as a plain module global on the hot path, with no lookup through here.
-    """
-
-    def __setattr__(self, name: str, value: object) -> None:
-        for part in _PARTS:
-            if name in part.__dict__:
-                setattr(part, name, value)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "COMPLETION_TEXT_CAP",
