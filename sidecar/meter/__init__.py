@@ -24,6 +24,7 @@ else a record is written exactly once.
 This package only re-exports; each part lives in the module named for it.
 """
 
+from sidecar.meter.record import MeterRecord
 from sidecar.meter.writer import (
     BUSY_TIMEOUT_MS,
     CLAIM_SUFFIX,
@@ -40,7 +41,6 @@ from sidecar.meter.writer import (
     WAL_RETRY_S,
     Meter,
     MeterError,
-    MeterRecord,
     MeterStats,
     enable_wal,
     migrate,
