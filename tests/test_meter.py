@@ -610,7 +610,7 @@ def test_migration_from_an_older_user_version_keeps_rows(
     assert user_version(cfg.db) == current
     # A later release appends a step; this DB is one version behind it.
     monkeypatch.setattr(
-        meter_mod.writer,
+        meter_mod.schema,
         "MIGRATIONS",
         (*meter_mod.MIGRATIONS, ("ALTER TABLE requests ADD COLUMN region TEXT",)),
     )

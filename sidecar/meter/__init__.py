@@ -25,32 +25,34 @@ This package only re-exports; each part lives in the module named for it.
 """
 
 from sidecar.meter.record import MeterRecord
+from sidecar.meter.schema import (
+    COLUMNS,
+    MIGRATIONS,
+    ROWS_PER_INSERT,
+    SMALL_INSERT_ROWS,
+    TABLE,
+    migrate,
+    schema_version,
+)
+from sidecar.meter.schema import _record_row as _record_row
 from sidecar.meter.writer import (
     BUSY_TIMEOUT_MS,
     CLAIM_SUFFIX,
-    COLUMNS,
     LOCK_SUFFIX,
-    MIGRATIONS,
     OVERFLOW_LOG_INTERVAL_S,
     PAGE_CACHE_KIB,
     REJECTED_SUFFIX,
     REPLAY_CHUNK_ROWS,
-    ROWS_PER_INSERT,
-    SMALL_INSERT_ROWS,
-    TABLE,
     WAL_RETRY_S,
     Meter,
     MeterError,
     MeterStats,
     enable_wal,
-    migrate,
-    schema_version,
 )
 
 # Private names the tests reach into.
 from sidecar.meter.writer import _claim_spill_files as _claim_spill_files
 from sidecar.meter.writer import _encode as _encode
-from sidecar.meter.writer import _record_row as _record_row
 from sidecar.meter.writer import _SpillFile as _SpillFile
 
 __all__ = [
