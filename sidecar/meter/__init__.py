@@ -35,14 +35,14 @@ from sidecar.meter.schema import (
     schema_version,
 )
 from sidecar.meter.schema import _record_row as _record_row
+from sidecar.meter.spill import CLAIM_SUFFIX, LOCK_SUFFIX, REJECTED_SUFFIX, REPLAY_CHUNK_ROWS
+from sidecar.meter.spill import _claim_spill_files as _claim_spill_files
+from sidecar.meter.spill import _encode as _encode
+from sidecar.meter.spill import _SpillFile as _SpillFile
 from sidecar.meter.writer import (
     BUSY_TIMEOUT_MS,
-    CLAIM_SUFFIX,
-    LOCK_SUFFIX,
     OVERFLOW_LOG_INTERVAL_S,
     PAGE_CACHE_KIB,
-    REJECTED_SUFFIX,
-    REPLAY_CHUNK_ROWS,
     WAL_RETRY_S,
     Meter,
     MeterError,
@@ -50,11 +50,8 @@ from sidecar.meter.writer import (
     enable_wal,
 )
 
-# Private names the tests reach into.
-from sidecar.meter.writer import _claim_spill_files as _claim_spill_files
-from sidecar.meter.writer import _encode as _encode
-from sidecar.meter.writer import _SpillFile as _SpillFile
-
+# The `_name as _name` imports above are private names the tests use, re-exported
+# explicitly; __all__ is the public surface.
 __all__ = [
     "BUSY_TIMEOUT_MS",
     "CLAIM_SUFFIX",

@@ -1,60 +1,33 @@
-"""Meter record, bounded queue and the aiosqlite batch writer.
+"""The Meter: the bounded queue the hot path feeds and the task that writes it out.
 
-The hot path calls :meth:`Meter.submit`, which only appends to a bounded
-queue; one writer task per process drains the queue into SQLite (WAL) in
-batches, as multi-row INSERTs. Nothing is dropped silently: a record that finds the queue full, or
-a batch the database refuses, is appended as one JSON line to a spill file, and
-the next :meth:`Meter.start` (of any worker sharing the database) replays that
-file into the table.
-
-Several worker processes write the same database, each through its own Meter,
-and by default share the same spill file. That sharing is made safe by:
-
-* schema creation/migration inside ``BEGIN IMMEDIATE`` keyed on
-  ``PRAGMA user_version``, so exactly one process migrates;
-* spill appends under ``flock`` on the spill file, re-checking after the lock
-  that the path still names the open file (a replayer may have renamed it);
-* replay claimed by an ``flock`` on ``<spill>.lock`` and done by renaming the
-  spill file away first, so appenders start a fresh file meanwhile.
-
-Delivery is at-least-once only across a crash between a replay's COMMIT and the
-removal of the replayed file (those rows would be replayed twice); everywhere
-else a record is written exactly once.
+:meth:`Meter.submit` (once per request) only appends to the queue; one writer
+task per process drains it into SQLite in batches, one multi-row INSERT each.
+:meth:`Meter.start` opens the database (busy timeout, WAL, page cache), migrates
+it and replays old spill files; what cannot be queued or written is handed to
+the spill (spill.py). The package docstring has the whole design.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import errno
-import fcntl
-import glob
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import IO, Any, Final
+from typing import Any, Final
 
 import aiosqlite
-import orjson
 
 from sidecar.config import MeterConfig
 from sidecar.errors import SidecarError
 from sidecar.meter.record import MeterRecord
-from sidecar.meter.schema import (
-    COLUMNS,
-    _insert_args,
-    _insert_rows,
-    _insert_sql,
-    _record_row,
-    _statement_rows,
-    migrate,
-)
+from sidecar.meter.schema import _insert_args, _insert_sql, _statement_rows, migrate
+from sidecar.meter.spill import Spill
 
-log = logging.getLogger("sidecar.meter")
+log = logging.getLogger("sidecar.meter")  # one logger for all the meter modules
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,18 +65,9 @@ WAL_RETRY_S: Final = 0.01
 # measurable CPU per row; SQLite's default (2 MiB) was half of what a worker grew by
 # under load.
 PAGE_CACHE_KIB: Final = 256
-# Spill lines read and inserted per step when replaying, so a large spill file
-# is never held in memory whole.
-REPLAY_CHUNK_ROWS: Final = 5_000
 # Queue-overflow warnings are rate-limited: at full overload submit() is called
 # thousands of times per second and each call would otherwise log a line.
 OVERFLOW_LOG_INTERVAL_S: Final = 10.0
-
-LOCK_SUFFIX: Final = ".lock"  # <spill>.lock: held by the process replaying
-CLAIM_SUFFIX: Final = ".replay-"  # <spill>.replay-<pid>-<ns>: a claimed spill file
-REJECTED_SUFFIX: Final = ".rejected"  # <spill>.rejected: lines that cannot be replayed
-
-_SQL_SCALARS: Final = (str, int, float, type(None))  # bool is an int
 
 
 async def enable_wal(db: aiosqlite.Connection) -> Any:
@@ -119,142 +83,6 @@ async def enable_wal(db: aiosqlite.Connection) -> Any:
             if not busy or time.monotonic() >= deadline:
                 raise
         await asyncio.sleep(WAL_RETRY_S)
-
-
-# --- spill file ---------------------------------------------------------------
-
-
-def _encode(records: Iterable[MeterRecord]) -> bytes:
-    return b"".join(
-        orjson.dumps(dict(zip(COLUMNS, _record_row(r), strict=True))) + b"\n" for r in records
-    )
-
-
-def _decode(line: bytes) -> tuple[Any, ...] | None:
-    """One spill line -> a row in COLUMNS order, or None if it is not a record."""
-    try:
-        obj = orjson.loads(line)
-        rec = MeterRecord(**obj)
-    except (orjson.JSONDecodeError, TypeError):
-        return None
-    row = _record_row(rec)
-    if not all(isinstance(v, _SQL_SCALARS) for v in row):
-        return None
-    return row
-
-
-class _SpillFile:
-    """Appends whole lines to the spill file; safe against concurrent replays.
-
-    The descriptor is kept open between appends (overflow means many appends
-    in a row), so after taking the lock we check that the path still names our
-    file: a replayer renames it away and then takes the same lock once, which
-    waits for any append already past that check.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    def append(self, data: bytes) -> None:
-        while True:
-            if self._fd is None:
-                self._fd = os.open(
-                    self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666
-                )
-            fd = self._fd
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                if self._is_current(fd):
-                    self._write_whole(fd, data)
-                    return
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            self.close()  # claimed by a replayer since we opened it: start a new file
-
-    def _is_current(self, fd: int) -> bool:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        own = os.fstat(fd)
-        return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
-
-    @staticmethod
-    def _write_whole(fd: int, data: bytes) -> None:
-        # os.write may write part of the data (e.g. the disk fills mid-way). A
-        # torn line would corrupt the next record appended after it, so cut
-        # the file back to where this append started before re-raising.
-        start = os.fstat(fd).st_size
-        view = memoryview(data)
-        try:
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, start)
-            raise
-
-    def close(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
-
-
-def _try_lock(path: str) -> int | None:
-    """Non-blocking exclusive flock on ``path``; the fd, or None if held elsewhere."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return None
-        raise
-    return fd
-
-
-def _claim_spill_files(spill: str) -> list[str]:
-    """Rename the live spill file away and list every claimed file to replay.
-
-    Called with ``<spill>.lock`` held. Claimed files left by a replayer that
-    crashed are included (oldest first), the one claimed now last.
-    """
-    claimed = sorted(glob.glob(glob.escape(spill) + CLAIM_SUFFIX + "*"))
-    target = f"{spill}{CLAIM_SUFFIX}{os.getpid()}-{time.time_ns()}"
-    try:
-        os.rename(spill, target)
-    except FileNotFoundError:
-        return claimed
-    # Wait out an append that passed its path check just before the rename;
-    # every later append re-checks, sees the rename and opens a fresh file.
-    fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-    claimed.append(target)
-    return claimed
-
-
-def _read_chunk(f: IO[bytes], rows: int) -> tuple[list[tuple[Any, ...]], list[bytes], bool]:
-    """Up to ``rows`` decoded rows; also the undecodable lines and whether EOF was hit."""
-    good: list[tuple[Any, ...]] = []
-    bad: list[bytes] = []
-    while len(good) < rows:
-        line = f.readline()
-        if not line:
-            return good, bad, True
-        if not line.strip():
-            continue
-        row = _decode(line)
-        if row is None:
-            bad.append(line if line.endswith(b"\n") else line + b"\n")
-        else:
-            good.append(row)
-    return good, bad, False
 
 
 # --- the meter ----------------------------------------------------------------
@@ -273,7 +101,7 @@ class Meter:
         # A plain deque bounded by hand: asyncio.Queue's put_nowait is several Python
         # calls per record, and nothing here awaits the queue itself (see _wake).
         self._queue: collections.deque[MeterRecord] = collections.deque()
-        self._spill_file = _SpillFile(self.spill_path)
+        self._spill = Spill(self.spill_path)
         self._db: aiosqlite.Connection | None = None
         self._writer: asyncio.Task[None] | None = None
         self._close_task: asyncio.Task[None] | None = None
@@ -286,25 +114,23 @@ class Meter:
         self._abandon = False  # close() timed out: stop after the current batch
         self._spill_only = False  # no writer will run again: submit() spills directly
         self._written = 0
-        self._spilled = 0
         self._batches = 0
-        self._errors = 0
+        self._errors = 0  # failed batch writes (the spill counts its own)
         self._overflowed = 0
-        self._replayed = 0
-        self._lost = 0
         self._last_overflow_log = -OVERFLOW_LOG_INTERVAL_S
 
     @property
     def stats(self) -> MeterStats:
+        spill = self._spill
         return MeterStats(
             written=self._written,
-            spilled=self._spilled,
+            spilled=spill.spilled,
             queued=len(self._queue),
             batches=self._batches,
-            errors=self._errors,
+            errors=self._errors + spill.errors,
             overflowed=self._overflowed,
-            replayed=self._replayed,
-            lost=self._lost,
+            replayed=spill.replayed,
+            lost=spill.lost,
         )
 
     # -- lifecycle -------------------------------------------------------------
@@ -340,7 +166,7 @@ class Meter:
                 raise MeterError(f"cannot prepare meter db {path!r}: {exc}") from exc
             raise
         self._db = db
-        await self._replay(db)
+        await self._spill.replay(db)
         self._writer = asyncio.get_running_loop().create_task(
             self._run(db), name="sidecar-meter-writer"
         )
@@ -349,7 +175,7 @@ class Meter:
     def submit(self, rec: MeterRecord) -> None:
         """Queue one record. Never awaits, never touches the database, never raises."""
         if self._spill_only:
-            self._spill([rec], "meter is closed")
+            self._spill.append([rec], "meter is closed")
             return
         queue = self._queue
         if len(queue) >= self._cfg.queue_size:
@@ -363,7 +189,7 @@ class Meter:
                     self.spill_path,
                     self._overflowed,
                 )
-            self._spill([rec], None)
+            self._spill.append([rec], None)
             return
         queue.append(rec)
         if len(queue) >= self._wake_at:
@@ -406,9 +232,9 @@ class Meter:
         # Records submitted after the writer's last look (or with no writer at
         # all) go to the spill file; from here on submit() spills directly.
         # No await between these two steps, so none can slip in between.
-        self._spill(self._drain(len(self._queue)), "meter is closing")
+        self._spill.append(self._drain(len(self._queue)), "meter is closing")
         self._spill_only = True
-        self._spill_file.close()
+        self._spill.close()
         db, self._db = self._db, None
         if db is not None:
             try:
@@ -478,7 +304,7 @@ class Meter:
         except sqlite3.Error as exc:
             self._errors += 1
             log.error("meter: writing %d rows failed (%s); spilling them", len(batch), exc)
-            self._spill(batch, "write failed")
+            self._spill.append(batch, "write failed")
             return
         self._written += len(batch)
         self._batches += 1
@@ -488,7 +314,7 @@ class Meter:
             # Someone cancelled the writer (e.g. the loop shut down without
             # close()): what is still queued would vanish with the process.
             self._spill_only = True
-            self._spill(self._drain(len(self._queue)), "writer cancelled")
+            self._spill.append(self._drain(len(self._queue)), "writer cancelled")
             return
         exc = task.exception()
         if exc is None:
@@ -497,107 +323,4 @@ class Meter:
         # queueing records nobody will write.
         log.error("meter writer died; spilling from now on", exc_info=exc)
         self._spill_only = True
-        self._spill(self._drain(len(self._queue)), "writer died")
-
-    # -- spill and replay ------------------------------------------------------
-
-    def _spill(self, records: Sequence[MeterRecord], reason: str | None) -> None:
-        if not records:
-            return
-        try:
-            self._spill_file.append(_encode(records))
-        except (OSError, TypeError, orjson.JSONEncodeError) as exc:
-            self._errors += 1
-            self._lost += len(records)
-            log.critical(
-                "meter: LOST %d records: cannot append to spill file %s: %s",
-                len(records),
-                self.spill_path,
-                exc,
-            )
-            return
-        self._spilled += len(records)
-        if reason is not None:
-            log.warning(
-                "meter: spilled %d records to %s (%s)", len(records), self.spill_path, reason
-            )
-
-    async def _replay(self, db: aiosqlite.Connection) -> None:
-        """Insert spill files left by earlier runs (of any worker), then remove them.
-
-        All claimed files go in one transaction, so a failure leaves them all
-        in place (claimed) for the next start to retry, with nothing doubled.
-        A failure here is logged, not raised: the meter can still write.
-        """
-        lock_path = self.spill_path + LOCK_SUFFIX
-        try:
-            lock_fd = await asyncio.to_thread(_try_lock, lock_path)
-        except OSError as exc:
-            self._errors += 1
-            log.error("meter: cannot lock %s (%s); spill files not replayed", lock_path, exc)
-            return
-        if lock_fd is None:
-            log.info("meter: another worker is replaying %s", self.spill_path)
-            return
-        try:
-            paths = await asyncio.to_thread(_claim_spill_files, self.spill_path)
-            if paths:
-                await self._insert_files(db, paths)
-        except (OSError, sqlite3.Error) as exc:
-            self._errors += 1
-            log.error(
-                "meter: replaying %s failed (%s); will retry at next start", self.spill_path, exc
-            )
-        finally:
-            os.close(lock_fd)
-
-    async def _insert_files(self, db: aiosqlite.Connection, paths: Sequence[str]) -> None:
-        rows_in = 0
-        rejected: list[bytes] = []
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            for p in paths:
-                with open(p, "rb") as f:
-                    eof = False
-                    while not eof:
-                        rows, bad, eof = await asyncio.to_thread(_read_chunk, f, REPLAY_CHUNK_ROWS)
-                        rejected.extend(bad)
-                        if rows:
-                            await _insert_rows(db, rows)
-                            rows_in += len(rows)
-            if rejected:
-                # Kept before COMMIT: if this fails, nothing is committed and
-                # the claimed files stay for the next start.
-                rejected_path = self.spill_path + REJECTED_SUFFIX
-                await asyncio.to_thread(_append_file, rejected_path, b"".join(rejected))
-                log.error(
-                    "meter: %d spill lines are not records; moved to %s",
-                    len(rejected),
-                    rejected_path,
-                )
-            await db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    await db.execute("ROLLBACK")
-            raise
-        self._replayed += rows_in
-        log.info("meter: replayed %d spilled rows from %d file(s)", rows_in, len(paths))
-        for p in paths:
-            try:
-                os.unlink(p)
-            except OSError as exc:
-                # Committed but still on disk: the next start would insert
-                # these rows a second time.
-                self._errors += 1
-                log.critical(
-                    "meter: cannot remove replayed spill file %s (%s); "
-                    "remove it by hand or its rows will be counted twice",
-                    p,
-                    exc,
-                )
-
-
-def _append_file(path: str, data: bytes) -> None:
-    with open(path, "ab") as f:
-        f.write(data)
+        self._spill.append(self._drain(len(self._queue)), "writer died")
