@@ -343,7 +343,7 @@ def hold_write_lock(db: str) -> sqlite3.Connection:
 def test_a_batch_that_cannot_be_written_is_spilled_not_lost(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(meter_mod, "BUSY_TIMEOUT_MS", 50)
+    monkeypatch.setattr(meter_mod.writer, "BUSY_TIMEOUT_MS", 50)
     cfg = cfg_for(tmp_path, flush_ms=10)
 
     async def main() -> Meter:
@@ -378,7 +378,7 @@ def test_a_batch_that_cannot_be_written_is_spilled_not_lost(
 def test_close_timeout_spills_what_is_still_queued(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(meter_mod, "BUSY_TIMEOUT_MS", 300)
+    monkeypatch.setattr(meter_mod.writer, "BUSY_TIMEOUT_MS", 300)
     cfg = cfg_for(tmp_path, batch_rows=5, flush_ms=1)
 
     async def main() -> Meter:
@@ -610,7 +610,7 @@ def test_migration_from_an_older_user_version_keeps_rows(
     assert user_version(cfg.db) == current
     # A later release appends a step; this DB is one version behind it.
     monkeypatch.setattr(
-        meter_mod,
+        meter_mod.schema,
         "MIGRATIONS",
         (*meter_mod.MIGRATIONS, ("ALTER TABLE requests ADD COLUMN region TEXT",)),
     )

@@ -1,0 +1,45 @@
+"""The meter record: the one row a proxied request leaves in the meter table.
+
+Imported by the hot path (the per-request context subclasses MeterRecord), so
+this module imports nothing beyond the standard library's dataclass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)  # not frozen: a frozen init pays object.__setattr__ per field (26)
+class MeterRecord:
+    """One proxied request's row: complete at its end, never changed once submitted.
+
+    The proxy's per-request context is a subclass that fills these fields in as
+    the request goes, so ending a request costs no copy into a second object.
+    """
+
+    ts_ms: int  # wall clock at request start, ms since epoch
+    request_id: str
+    key_id: str | None = None  # identity (issue: auth); None until auth exists
+    route: str = ""  # the configured route path that matched
+    upstream: str = ""  # upstream name ('' when none was chosen)
+    model: str | None = None
+    status: int = 0  # HTTP status sent to the client (0 if none was sent)
+    stream: bool = False
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    cache_read_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    usage_source: str = "none"  # 'reported' | 'estimated' | 'none'
+    usage_approx: bool = False  # estimate made without the model's real encoding
+    usage_raw: str | None = None  # provider's final usage JSON, verbatim
+    outcome: str = "ok"  # 'ok' | 'client_disconnect' | 'upstream_error' | 'rejected' | ...
+    ttft_ms: float | None = None  # request received -> first body byte written to client
+    duration_ms: float = 0.0
+    bytes_in: int = 0  # request body bytes from the client
+    bytes_out: int = 0  # response bytes written to the client (head + body)
+    cost_usd: float | None = None  # price table arrives with budgets; None until then
+    attempts: int = 0  # upstream attempts (failover arrives later; 1 today)
+    api_format: str = "openai"  # 'openai' | 'anthropic'
+    path: str = ""  # request path as received
+    error: str | None = None  # short, secret-free reason when outcome != 'ok'
