@@ -25,9 +25,6 @@ class RequestContext(MeterRecord):
     t_received: float
     t_first_byte: float | None = None
     usage: Usage | None = None
-    # JSON list of {upstream, reason} for each attempt that failed over (None: none did).
-    # TEMP here until the meter has its column.
-    failed_attempts: str | None = None
     # (raw request JSON, the response's tap or None, path) when no usage was reported
     # and the row needs a tiktoken estimate, computed off the event loop before queueing.
     pending_estimate: tuple[bytes, Tap | None, str] | None = None

@@ -17,24 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import IntEnum, StrEnum
+from enum import IntEnum
 from typing import TYPE_CHECKING, Final
 
 from sidecar.errors import SidecarError
+from sidecar.meter import Outcome
 from sidecar.retry import RetryReason
 
 if TYPE_CHECKING:
     from sidecar.sse import Tap, UsageChunkStripper
-
-
-class Outcome(StrEnum):  # TEMP until the meter package provides it
-    OK = "ok"
-    CLIENT_DISCONNECT = "client_disconnect"
-    UPSTREAM_ERROR = "upstream_error"
-    UPSTREAM_TIMEOUT = "upstream_timeout"
-    RATE_LIMITED = "rate_limited"
-    REJECTED = "rejected"
-    SHUTDOWN = "shutdown"
 
 
 class Phase(IntEnum):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Final
 
 import orjson
 
-from sidecar.lifecycle import Outcome
+from sidecar.meter import Outcome
 from sidecar.usage import Usage
 
 if TYPE_CHECKING:

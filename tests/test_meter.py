@@ -734,3 +734,36 @@ def test_wal_switch_is_retried_while_another_process_holds_it() -> None:
 
     with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
         asyncio.run(meter_mod.enable_wal(Broken(0)))  # type: ignore[arg-type]
+
+
+def test_outcome_and_usage_source_enums_are_stored_and_spilled_as_plain_strings(
+        tmp_path: pathlib.Path) -> None:
+    from sidecar.meter import Outcome, UsageSource
+    from sidecar.meter.schema import _record_row
+
+    cfg = cfg_for(tmp_path)
+    r = rec(1, outcome=Outcome.CLIENT_DISCONNECT, usage_source=UsageSource.ESTIMATED,
+            failed_attempts='[{"upstream":"a","reason":"429"}]')
+    # What sqlite3 is handed after adaptation: exact str, via the registered adapters.
+    adapted = [sqlite3.adapters.get((type(v), sqlite3.PrepareProtocol), lambda x: x)(v)
+               for v in _record_row(r)]
+    assert type(adapted[_col("outcome")]) is str and type(adapted[_col("usage_source")]) is str
+
+    async def main() -> None:
+        m = Meter(cfg)
+        await m.start()
+        m.submit(r)
+        await m.close()
+
+    asyncio.run(main())
+    with ro(cfg.db) as c:
+        row = c.execute("SELECT outcome, usage_source, typeof(outcome), failed_attempts "
+                        "FROM requests").fetchone()
+    assert row == ("client_disconnect", "estimated", "text",
+                   '[{"upstream":"a","reason":"429"}]')
+    line = meter_mod._encode([r])
+    assert b'"outcome":"client_disconnect"' in line and b'"usage_source":"estimated"' in line
+
+
+def _col(name: str) -> int:
+    return meter_mod.COLUMNS.index(name)

@@ -24,7 +24,7 @@ else a record is written exactly once.
 This package only re-exports; each part lives in the module named for it.
 """
 
-from sidecar.meter.record import MeterRecord
+from sidecar.meter.record import MeterRecord, Outcome, UsageSource
 from sidecar.meter.schema import (
     COLUMNS,
     MIGRATIONS,
@@ -70,6 +70,8 @@ __all__ = [
     "MeterError",
     "MeterRecord",
     "MeterStats",
+    "Outcome",
+    "UsageSource",
     "enable_wal",
     "migrate",
     "schema_version",

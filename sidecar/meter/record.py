@@ -7,6 +7,29 @@ this module imports nothing beyond the standard library's dataclass.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    """The meter's ``outcome`` values (a contract: users query them)."""
+
+    OK = "ok"
+    CLIENT_DISCONNECT = "client_disconnect"
+    UPSTREAM_ERROR = "upstream_error"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    RATE_LIMITED = "rate_limited"  # the provider answered 429
+    REJECTED = "rejected"  # refused: bad request, a 4xx from the provider
+    SHUTDOWN = "shutdown"  # cut at the shutdown deadline
+    INTERRUPTED = "interrupted"  # reserved: in flight when the process died
+    SHED = "shed"  # reserved: refused by load shedding
+
+
+class UsageSource(StrEnum):
+    """Where a row's token counts came from."""
+
+    REPORTED = "reported"  # the provider's own usage frame
+    ESTIMATED = "estimated"  # tiktoken, when no usage came
+    NONE = "none"  # nothing billable
 
 
 @dataclass(slots=True)  # not frozen: a frozen init pays object.__setattr__ per field (26)
@@ -43,3 +66,5 @@ class MeterRecord:
     api_format: str = "openai"  # 'openai' | 'anthropic'
     path: str = ""  # request path as received
     error: str | None = None  # short, secret-free reason when outcome != 'ok'
+    # JSON list of {"upstream", "reason"} for each attempt that failed over (None: none).
+    failed_attempts: str | None = None

@@ -18,7 +18,7 @@ from typing import Any, Final, cast
 
 import aiosqlite
 
-from sidecar.meter.record import MeterRecord
+from sidecar.meter.record import MeterRecord, Outcome, UsageSource
 
 log = logging.getLogger("sidecar.meter")  # one logger for all the meter modules
 
@@ -72,6 +72,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         f"DROP INDEX IF EXISTS {TABLE}_key_ts",
         f"DROP INDEX IF EXISTS {TABLE}_model_ts",
     ),
+    # Failover: the attempts that failed before the one that served.
+    (f"ALTER TABLE {TABLE} ADD COLUMN failed_attempts TEXT",),
 )
 
 COLUMNS: Final[tuple[str, ...]] = tuple(f.name for f in dataclasses.fields(MeterRecord))
@@ -85,6 +87,9 @@ _record_row: Final[Callable[[MeterRecord], tuple[Any, ...]]] = operator.attrgett
 # the bool's int), for every sqlite3 user in the process.
 sqlite3.register_adapter(type(None), cast("Callable[[None], None]", {}.get))  # C, returns None
 sqlite3.register_adapter(bool, int)
+# The enums are str subclasses, adapted the same way: str() gives the plain value.
+sqlite3.register_adapter(Outcome, str)
+sqlite3.register_adapter(UsageSource, str)
 # Rows per INSERT statement. A batch is written as ONE multi-row INSERT (atomic by
 # itself, in autocommit), which is one hop to the writer thread and back. The hops
 # are what limit the writer when the event loop is saturated: each waits for the
