@@ -85,7 +85,7 @@ class UpstreamHealth:
 
     # -- what an attempt reports ----------------------------------------------------------
     def record_success(self, now: float, ttfb: float | None = None) -> None:
-        self._count(now, failed=False)
+        self._bucket(now)[1] += 1  # the window is summed only when a failure asks
         self._failures_in_row = 0
         self._ejections = 0
         self._probing = False
@@ -122,15 +122,19 @@ class UpstreamHealth:
         for bucket in self._buckets:  # a fresh window after the ejection
             bucket[0] = -1
 
-    def _count(self, now: float, failed: bool) -> tuple[int, int]:
+    def _bucket(self, now: float) -> list[int]:
         index = int(now // BUCKET_S)
         bucket = self._buckets[index % WINDOW_BUCKETS]
         if bucket[0] != index:
             bucket[0], bucket[1], bucket[2] = index, 0, 0
+        return bucket
+
+    def _count(self, now: float, failed: bool) -> tuple[int, int]:
+        bucket = self._bucket(now)
         bucket[1] += 1
         if failed:
             bucket[2] += 1
-        oldest = index - WINDOW_BUCKETS
+        oldest = bucket[0] - WINDOW_BUCKETS
         attempts = failures = 0
         for i, a, f in self._buckets:
             if i > oldest:
