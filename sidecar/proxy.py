@@ -300,7 +300,8 @@ class Proxy:
             return
         client.follow(flight)
         self.flights.add(flight)
-        route.budget.request(self.loop.time())
+        if route.can_fail_over:  # a one-upstream route has nothing to spend a budget on
+            route.budget.request(self.loop.time())
         if pending is None:
             self._attempt(flight)
         else:

@@ -46,7 +46,7 @@ class Route:
     balancer: Balancer
     budget: RetryBudget
     policy: RoutePolicy
-
+    can_fail_over: bool  # more than one upstream to try
     @classmethod
     def build(cls, route: RouteConfig, upstreams: UpstreamRegistry) -> Route:
         table = RouteTable.build(route)
@@ -55,7 +55,8 @@ class Route:
         return cls(table=table, pools=pools, health=tuple(p.health for p in pools),
                    panic=tuple(UpstreamHealth(p.cfg.name) for p in pools),
                    balancer=Balancer(policy.strategy, table.weights()),
-                   budget=RetryBudget(policy.retry_budget), policy=policy)
+                   budget=RetryBudget(policy.retry_budget), policy=policy,
+                   can_fail_over=len(pools) > 1)
 
 
 @dataclass(frozen=True, slots=True)
