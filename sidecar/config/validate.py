@@ -62,7 +62,6 @@ Rules the loader enforces (each violation is ``FILE:LINE: field.path: problem``)
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import math
 import os
 import re
@@ -75,6 +74,7 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from sidecar.addresses import is_ip_literal
 from sidecar.errors import ConfigError
 
 ApiFormat = Literal["openai", "anthropic"]
@@ -778,16 +778,8 @@ def _c_api_key(ctx: _Ctx, node: Node) -> str | None:
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def _valid_host(host: str) -> bool:
-    if _is_ip(host):
+    if is_ip_literal(host):
         return True
     try:
         ascii_host = host.encode("idna").decode("ascii")
@@ -815,7 +807,7 @@ def _c_listen(ctx: _Ctx, node: Node) -> tuple[str, int]:
             if close < 0 or s[close + 1 : close + 2] != ":":
                 bad()
             host, port_text = s[1:close], s[close + 2 :]
-            if ":" not in host or not _is_ip(host):
+            if ":" not in host or not is_ip_literal(host):
                 bad()
         else:
             host, sep, port_text = s.rpartition(":")
@@ -900,7 +892,7 @@ def _c_url(ctx: _Ctx, node: Node) -> _Url:
 
 
 def _looks_like_host(u: _Url) -> bool:
-    return u.explicit_port or "." in u.host or u.host == "localhost" or _is_ip(u.host)
+    return u.explicit_port or "." in u.host or u.host == "localhost" or is_ip_literal(u.host)
 
 
 # --------------------------------------------------------------------------- sections
