@@ -1,57 +1,29 @@
 """YAML config -> frozen dataclasses: the names the rest of the sidecar imports.
 
-The pieces live in submodules; this package only re-exports them so that
-``from sidecar.config import Config, load_config`` keeps working everywhere.
+The pieces live in submodules, each saying what it owns: ``model`` (the
+dataclasses and every default), ``load`` (the entry points), ``validate`` (the
+sections), ``targets`` (listen, URLs, route targets), ``values`` (scalar
+converters) and ``yaml_lines`` (the line-tracking walk). This package only
+re-exports, so ``from sidecar.config import Config, load_config`` works as it
+did when config was one module.
 """
 
-from sidecar.config.validate import (
-    ALL_INTERFACES,
-    DEFAULT_LISTEN_HOST,
-    DEFAULT_METRICS_PROVIDER,
-    METRICS_PROVIDERS,
-    MIDDLEWARE_TYPES,
-    PATH_FORMATS,
-    WELL_KNOWN_HOSTS,
-    ApiFormat,
-    Config,
-    LimitsConfig,
-    MeterConfig,
-    MiB,
-    MiddlewareConfig,
-    RouteConfig,
-    RouteUpstream,
-    TimeoutsConfig,
-    TokenizerConfig,
-    UpstreamConfig,
+from sidecar.config import model
+from sidecar.config.load import (
     load_config,
     parse_config_text,
-    route_format,
     validate_config_file,
     validate_config_text,
 )
+from sidecar.config.model import *  # noqa: F403
+from sidecar.config.targets import WELL_KNOWN_HOSTS
 
 __all__ = [
-    "ALL_INTERFACES",
-    "DEFAULT_LISTEN_HOST",
-    "DEFAULT_METRICS_PROVIDER",
-    "METRICS_PROVIDERS",
-    "MIDDLEWARE_TYPES",
-    "PATH_FORMATS",
     "WELL_KNOWN_HOSTS",
-    "ApiFormat",
-    "Config",
-    "LimitsConfig",
-    "MeterConfig",
-    "MiB",
-    "MiddlewareConfig",
-    "RouteConfig",
-    "RouteUpstream",
-    "TimeoutsConfig",
-    "TokenizerConfig",
-    "UpstreamConfig",
     "load_config",
     "parse_config_text",
-    "route_format",
     "validate_config_file",
     "validate_config_text",
 ]
+# The model's public names are listed once, in model.__all__.
+__all__ += model.__all__
