@@ -11,13 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from sidecar.endpoints import ApiFormat, path_format
+
 __all__ = [
     "ALL_INTERFACES",
     "DEFAULT_LISTEN_HOST",
     "DEFAULT_METRICS_PROVIDER",
     "METRICS_PROVIDERS",
     "MIDDLEWARE_TYPES",
-    "PATH_FORMATS",
     "ApiFormat",
     "Config",
     "LimitsConfig",
@@ -29,10 +30,7 @@ __all__ = [
     "TimeoutsConfig",
     "TokenizerConfig",
     "UpstreamConfig",
-    "route_format",
 ]
-
-ApiFormat = Literal["openai", "anthropic"]
 
 MiB = 1024 * 1024
 
@@ -103,7 +101,7 @@ class RouteConfig:
     @property
     def format(self) -> ApiFormat:
         """The API format this path serves; derived from the path, never configured."""
-        return route_format(self.path)
+        return path_format(self.path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,19 +158,6 @@ class Config:
         return f"{host}:{self.listen_port}"
 
 
-# API format served by each known path; any other path is openai-style passthrough.
-PATH_FORMATS: dict[str, ApiFormat] = {
-    "/v1/chat/completions": "openai",
-    "/v1/completions": "openai",
-    "/v1/responses": "openai",
-    "/v1/embeddings": "openai",
-    "/v1/messages": "anthropic",
-}
-
 MIDDLEWARE_TYPES = ("metrics_collector", "token_limiter")
 METRICS_PROVIDERS = ("prometheus",)
 DEFAULT_METRICS_PROVIDER = "prometheus"
-
-
-def route_format(path: str) -> ApiFormat:
-    return PATH_FORMATS.get(path, "openai")

@@ -5,12 +5,12 @@ tokenizer) is read with the walk in ``yaml_lines`` and the converters in
 ``values``; every problem is recorded on the context rather than raised, so
 one pass reports them all.
 
-A route's API format follows its path: ``/v1/messages`` is anthropic;
-``/v1/chat/completions``, ``/v1/completions``, ``/v1/responses``,
-``/v1/embeddings`` and any other path are openai (other paths are passed
-through as is). Every upstream of a route must speak the route's format:
-relaying bytes of one format to a client expecting the other would be wrong,
-and translation does not exist yet.
+A route's API format follows its path, by ``sidecar.endpoints.path_format``:
+a path ending in ``/messages`` is anthropic; ``/v1/chat/completions``,
+``/v1/completions``, ``/v1/responses``, ``/v1/embeddings`` and any other path
+are openai (other paths are passed through as is). Every upstream of a route
+must speak the route's format: relaying bytes of one format to a client
+expecting the other would be wrong, and translation does not exist yet.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from sidecar.config.model import (
     TimeoutsConfig,
     TokenizerConfig,
     UpstreamConfig,
-    route_format,
 )
 from sidecar.config.targets import _c_listen, _c_url, _known_format, _Registry, _Url
 from sidecar.config.values import (
@@ -62,6 +61,7 @@ from sidecar.config.yaml_lines import (
     _mapping,
     _sequence,
 )
+from sidecar.endpoints import path_format
 
 
 def _config(ctx: _Ctx, root: MappingNode) -> Config:
@@ -212,7 +212,7 @@ def _route(ctx: _Ctx, node: Node, path: str, reg: _Registry) -> RouteConfig | No
         route_path = _convert(ctx, _c_route_path, m["path"][1], f"{path}.path")
     else:
         ctx.error(node, f"{path}.path", "is required")
-    fmt = route_format(route_path) if route_path is not None else None
+    fmt = path_format(route_path) if route_path is not None else None
 
     ups: list[RouteUpstream] = []
     if "upstreams" not in m:
