@@ -39,6 +39,7 @@ from sidecar.config.yaml_lines import (
     _show,
     _Val,
 )
+from sidecar.durations import parse_seconds
 
 _INT_TEXT = re.compile(r"[-+]?[0-9][0-9_]*\Z")
 _TRUE = frozenset({"true", "yes", "on", "1"})
@@ -96,34 +97,16 @@ def _choice(options: Collection[str]) -> Conv:
     return conv
 
 
-_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def _parse_duration(text: str, bare_scale: float) -> float | None:
-    """'500ms', '30s', '5m', '1h', '1d', '1h30m'; a bare number times bare_scale."""
-    s = text.strip()
-    try:
-        return float(s) * bare_scale
-    except ValueError:
-        pass
-    total = 0.0
-    pos = 0
-    for m in _DURATION_PART.finditer(s):
-        if m.start() != pos:
-            return None
-        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-        pos = m.end()
-    return total if pos == len(s) and pos > 0 else None
-
-
 def _duration_seconds(ctx: _Ctx, node: Node, expected: str, bare_scale: float) -> float:
     v = _read(ctx, node, expected)
     secs: float | None = None
     if isinstance(v.value, (int, float)) and not isinstance(v.value, bool):
         secs = float(v.value) * bare_scale
     elif isinstance(v.value, str):
-        secs = _parse_duration(v.value, bare_scale)
+        try:
+            secs = parse_seconds(v.value, bare_unit=bare_scale)
+        except ValueError:
+            secs = None  # reported below with what this field expects
     if secs is None or not math.isfinite(secs):
         raise _Bad(f"must be {expected}, got {_show(v)}")
     return secs
