@@ -11,7 +11,6 @@ import csv
 import datetime as dt
 import io
 import os
-import re
 import sqlite3
 import time
 import urllib.parse
@@ -22,6 +21,7 @@ import click
 import orjson
 
 from sidecar.config import MeterConfig
+from sidecar.durations import parse_seconds
 from sidecar.meter import BUSY_TIMEOUT_MS, TABLE
 
 # How often `tail -f` looks for new rows.
@@ -29,9 +29,6 @@ TAIL_POLL_S: Final = 0.5
 TAIL_DEFAULT_ROWS: Final = 20
 # Rows fetched per round trip when streaming an export or a followed tail.
 FETCH_ROWS: Final = 1_000
-
-_UNIT_MS: Final = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
-_DURATION_RE: Final = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$", re.IGNORECASE)
 
 # --by choice -> SQL expression for the group. Day is the UTC calendar day.
 GROUPS: Final = {
@@ -79,10 +76,11 @@ _NO_GROUP: Final = "(none)"  # table label for a NULL or empty group value
 
 def parse_duration(text: str) -> int:
     """ "30m" / "24h" / "7d" -> milliseconds."""
-    m = _DURATION_RE.match(text)
-    if m is None:
-        raise ValueError(f"{text!r} is not a duration like 30m, 24h or 7d")
-    return int(m.group(1)) * _UNIT_MS[m.group(2).lower()]
+    try:
+        seconds = parse_seconds(text)  # no bare_unit: "7" alone is an error, not a guess
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration like 30m, 24h or 7d") from None
+    return round(seconds * 1000)
 
 
 class _Since(click.ParamType[int | None]):

@@ -1,0 +1,163 @@
+"""The config model: the frozen dataclasses runtime code reads, with every default.
+
+Every default lives in this module (the dataclass field defaults below); nothing
+else in the sidecar invents a limit or a timeout of its own. No YAML and no
+validation here: ``sidecar.config.load`` builds these from a file, and code
+(tests, the demo) may build them directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sidecar.endpoints import ApiFormat, path_format
+
+__all__ = [
+    "ALL_INTERFACES",
+    "DEFAULT_LISTEN_HOST",
+    "DEFAULT_METRICS_PROVIDER",
+    "METRICS_PROVIDERS",
+    "MIDDLEWARE_TYPES",
+    "ApiFormat",
+    "Config",
+    "LimitsConfig",
+    "MeterConfig",
+    "MiB",
+    "MiddlewareConfig",
+    "RouteConfig",
+    "RouteUpstream",
+    "TimeoutsConfig",
+    "TokenizerConfig",
+    "UpstreamConfig",
+]
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutsConfig:
+    connect: float = 10.0  # TCP+TLS connect to a provider
+    first_byte: float = 300.0  # request sent -> response head (reasoning models think long)
+    idle: float = 300.0  # max gap between two body reads from the provider
+    total: float = 3600.0  # whole request; LLM streams can last many minutes
+    client_idle: float = 75.0  # keep-alive connection with no request in flight
+    shutdown_grace: float = 30.0  # SIGTERM: how long in-flight streams may finish
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_body_bytes: int = 8 * MiB  # request JSON must be read whole to inspect it
+    max_header_bytes: int = 64 * 1024  # request/response head
+    max_connections: int = 10_000  # open downstream connections per worker
+    max_pipelined_bytes: int = 1 * MiB  # buffered bytes of requests queued behind one in flight
+    write_high_water: int = 256 * 1024  # downstream buffer that pauses upstream reads
+    write_low_water: int = 64 * 1024
+    tap_body_bytes: int = 4 * MiB  # non-streaming body copy kept for usage extraction
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    name: str
+    url: str  # normalised: scheme://host[:port][/base]
+    scheme: Literal["http", "https"]
+    host: str  # lower-case; an IPv6 address without brackets
+    port: int
+    base_path: str = ""  # prefix prepended to the request path ("" or "/something")
+    format: ApiFormat = "openai"
+    api_key: str | None = field(default=None, repr=False)  # secret: never logged
+    forward_client_auth: bool = False  # pass the client's own credential through
+    anthropic_version: str = "2023-06-01"
+    ca_bundle: str | None = None
+    tls_verify: bool = True
+    pool_max_idle: int = 64  # idle keep-alive connections kept per upstream
+    pool_idle_ttl: float = 60.0  # seconds an idle connection is kept
+
+
+@dataclass(frozen=True, slots=True)
+class RouteUpstream:
+    upstream: UpstreamConfig
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class MiddlewareConfig:
+    """A validated middleware entry.
+
+    ``config`` holds normalised values: token_limiter ``{"limit": int,
+    "period": float seconds}``; metrics_collector ``{"provider": "prometheus"}``.
+    """
+
+    type: str
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    path: str
+    upstreams: tuple[RouteUpstream, ...]
+    middleware: tuple[MiddlewareConfig, ...] = ()
+
+    @property
+    def format(self) -> ApiFormat:
+        """The API format this path serves; derived from the path, never configured."""
+        return path_format(self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class MeterConfig:
+    db: str = "./meter.db"
+    queue_size: int = 100_000  # records buffered between hot path and writer
+    batch_rows: int = 500  # commit at most this many rows at once
+    flush_ms: int = 50  # ... or at least this often
+    spill: str | None = None  # overflow JSONL file; default: <db>.spill.jsonl
+
+    @property
+    def spill_path(self) -> str:
+        return self.spill if self.spill is not None else self.db + ".spill.jsonl"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizerConfig:
+    dir: str | None = None
+
+
+DEFAULT_LISTEN_HOST = "127.0.0.1"  # loopback: exposing the sidecar must be a decision
+ALL_INTERFACES = "0.0.0.0"  # what ":PORT" means
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen_host: str = DEFAULT_LISTEN_HOST
+    listen_port: int = 8080
+    workers: int = 1
+    routes: tuple[RouteConfig, ...] = ()
+    # Every upstream a route can use: named ones and those generated from inline targets.
+    upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
+    meter: MeterConfig = field(default_factory=MeterConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    source: str = "<defaults>"
+    # Derived from routes, for exact-path lookup on the hot path.
+    routes_by_path: dict[str, RouteConfig] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "routes_by_path", {r.path: r for r in self.routes})
+
+    def route_for(self, path: str) -> RouteConfig | None:
+        """The route whose path equals ``path`` exactly (a query string is ignored)."""
+        q = path.find("?")
+        return self.routes_by_path.get(path if q < 0 else path[:q])
+
+    @property
+    def listen(self) -> str:
+        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
+        return f"{host}:{self.listen_port}"
+
+
+MIDDLEWARE_TYPES = ("metrics_collector", "token_limiter")
+METRICS_PROVIDERS = ("prometheus",)
+DEFAULT_METRICS_PROVIDER = "prometheus"

@@ -1,0 +1,396 @@
+"""The sections of a config file, validated and converted into the model.
+
+Each section (upstreams, routes and their middleware, meter, limits, timeouts,
+tokenizer) is read with the walk in ``yaml_lines`` and the converters in
+``values``; every problem is recorded on the context rather than raised, so
+one pass reports them all.
+
+A route's API format follows its path, by ``sidecar.endpoints.path_format``:
+a path ending in ``/messages`` is anthropic; ``/v1/chat/completions``,
+``/v1/completions``, ``/v1/responses``, ``/v1/embeddings`` and any other path
+are openai (other paths are passed through as is). Every upstream of a route
+must speak the route's format: relaying bytes of one format to a client
+expecting the other would be wrong, and translation does not exist yet.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from yaml.nodes import MappingNode, Node, ScalarNode
+
+from sidecar.config.model import (
+    DEFAULT_METRICS_PROVIDER,
+    METRICS_PROVIDERS,
+    MIDDLEWARE_TYPES,
+    ApiFormat,
+    Config,
+    LimitsConfig,
+    MeterConfig,
+    MiddlewareConfig,
+    RouteConfig,
+    RouteUpstream,
+    TimeoutsConfig,
+    TokenizerConfig,
+    UpstreamConfig,
+)
+from sidecar.config.targets import _c_listen, _c_url, _known_format, _Registry, _Url
+from sidecar.config.values import (
+    _c_api_key,
+    _c_bool,
+    _c_db_path,
+    _c_millis,
+    _c_str,
+    _choice,
+    _duration,
+    _int,
+    _path,
+    _size,
+)
+from sidecar.config.yaml_lines import (
+    Conv,
+    _Bad,
+    _clip,
+    _convert,
+    _Ctx,
+    _fields,
+    _is_null,
+    _join,
+    _line,
+    _mapping,
+    _sequence,
+)
+from sidecar.endpoints import path_format
+
+
+def _config(ctx: _Ctx, root: MappingNode) -> Config:
+    top = _mapping(
+        ctx,
+        root,
+        "",
+        ("listen", "workers", "upstreams", "routes", "meter", "limits", "timeouts", "tokenizer"),
+    )
+    kwargs: dict[str, Any] = {"source": ctx.file}
+    if "listen" in top:
+        hp = _convert(ctx, _c_listen, top["listen"][1], "listen")
+        if hp is not None:
+            kwargs["listen_host"], kwargs["listen_port"] = hp
+    if "workers" in top:
+        w = _convert(ctx, _int(1), top["workers"][1], "workers")
+        if w is not None:
+            kwargs["workers"] = w
+
+    named: dict[str, UpstreamConfig | None] = {}
+    if "upstreams" in top:
+        for name, (knode, vnode) in _mapping(ctx, top["upstreams"][1], "upstreams", None).items():
+            named[name] = _named_upstream(ctx, name, knode, vnode, _join("upstreams", name))
+    reg = _Registry(ctx, named)
+    if "routes" in top:
+        kwargs["routes"] = _routes(ctx, top["routes"][1], reg)
+    kwargs["upstreams"] = reg.all()
+
+    meter_node = top["meter"][1] if "meter" in top else None
+    kwargs["meter"] = _meter(ctx, meter_node)
+    if "limits" in top:
+        kwargs["limits"] = _limits(ctx, top["limits"][1])
+    if "timeouts" in top:
+        kwargs["timeouts"] = _timeouts(ctx, top["timeouts"][1])
+    if "tokenizer" in top:
+        vals, _ = _fields(ctx, top["tokenizer"][1], "tokenizer", {"dir": _path("dir")})
+        kwargs["tokenizer"] = TokenizerConfig(**vals)
+    return Config(**kwargs)
+
+
+_UPSTREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*\Z")
+
+_UPSTREAM_FIELDS: dict[str, Conv] = {
+    "url": _c_url,
+    "format": _choice(("openai", "anthropic")),
+    "api_key": _c_api_key,
+    "forward_client_auth": _c_bool,
+    "anthropic_version": _c_str,
+    "ca_bundle": _path("file"),
+    "tls_verify": _c_bool,
+    "pool_max_idle": _int(0),
+    "pool_idle_ttl": _duration(),
+}
+
+
+def _named_upstream(
+    ctx: _Ctx, name: str, knode: Node, node: Node, path: str
+) -> UpstreamConfig | None:
+    n_errors = len(ctx.errors)
+    if not _UPSTREAM_NAME.match(name):
+        ctx.error(
+            knode,
+            path,
+            "upstream names use letters, digits and . _ : - (starting with a letter or digit)",
+        )
+    vals, nodes = _fields(ctx, node, path, _UPSTREAM_FIELDS, required=("url",))
+    url: _Url | None = vals.pop("url", None)
+    if url is not None:
+        fmt = vals.get("format") or _known_format(url.host)
+        vals["format"] = fmt
+        if url.scheme == "http" and vals.get("ca_bundle"):
+            ctx.error(
+                nodes["ca_bundle"][1], _join(path, "ca_bundle"), "only applies to https upstreams"
+            )
+        if "anthropic_version" in vals and fmt != "anthropic":
+            ctx.error(
+                nodes["anthropic_version"][1],
+                _join(path, "anthropic_version"),
+                "only applies to format: anthropic",
+            )
+    if vals.get("forward_client_auth") and vals.get("api_key"):
+        # Both would send two credentials to the provider; one must be chosen.
+        ctx.error(
+            nodes["forward_client_auth"][1],
+            _join(path, "forward_client_auth"),
+            "cannot be true when api_key is set; choose one credential",
+        )
+    if url is None or len(ctx.errors) != n_errors:
+        return None
+    return UpstreamConfig(
+        name=name,
+        url=url.url,
+        scheme=url.scheme,
+        host=url.host,
+        port=url.port,
+        base_path=url.base_path,
+        **vals,
+    )
+
+
+def _routes(ctx: _Ctx, node: Node, reg: _Registry) -> tuple[RouteConfig, ...]:
+    if _is_null(node):
+        return ()
+    items = _sequence(ctx, node, "routes")
+    if items is None:
+        return ()
+    routes: list[RouteConfig] = []
+    first_line: dict[str, int | None] = {}
+    for i, item in enumerate(items):
+        path = f"routes[{i}]"
+        route = _route(ctx, item, path, reg)
+        if route is None:
+            continue
+        if route.path in first_line:
+            ctx.error(
+                _mapping_value(item, "path"),
+                f"{path}.path",
+                f"duplicate route path {route.path!r} (first at line {first_line[route.path]})",
+            )
+            continue
+        first_line[route.path] = _line(_mapping_value(item, "path"))
+        routes.append(route)
+    return tuple(routes)
+
+
+def _mapping_value(node: Node, key: str) -> Node:
+    if isinstance(node, MappingNode):
+        for k, v in node.value:
+            if isinstance(k, ScalarNode) and k.value == key and isinstance(v, Node):
+                return v
+    return node
+
+
+def _c_route_path(ctx: _Ctx, node: Node) -> str:
+    p = _c_str(ctx, node)
+    if not p.startswith("/") or any(c.isspace() or c in "?#" for c in p):
+        raise _Bad(f"must start with '/' and contain no spaces, '?' or '#', got {_clip(p)!r}")
+    return p
+
+
+def _route(ctx: _Ctx, node: Node, path: str, reg: _Registry) -> RouteConfig | None:
+    n_errors = len(ctx.errors)
+    m = _mapping(ctx, node, path, ("path", "upstreams", "middleware"))
+    if not isinstance(node, MappingNode):
+        return None
+    route_path: str | None = None
+    if "path" in m:
+        route_path = _convert(ctx, _c_route_path, m["path"][1], f"{path}.path")
+    else:
+        ctx.error(node, f"{path}.path", "is required")
+    fmt = path_format(route_path) if route_path is not None else None
+
+    ups: list[RouteUpstream] = []
+    if "upstreams" not in m:
+        ctx.error(node, f"{path}.upstreams", "is required")
+    else:
+        # Whole-list problems point at the key: a block list starts on the line below it.
+        ups_key, ups_node = m["upstreams"]
+        items = _sequence(ctx, ups_node, f"{path}.upstreams")
+        if items is not None and not items:
+            ctx.error(ups_key, f"{path}.upstreams", "must be a non-empty list")
+        seen: dict[str, int | None] = {}
+        for j, item in enumerate(items or ()):
+            ru = _route_upstream(ctx, item, f"{path}.upstreams[{j}]", reg, route_path, fmt, seen)
+            if ru is not None:
+                ups.append(ru)
+        if ups and len(ctx.errors) == n_errors and not any(u.weight > 0 for u in ups):
+            ctx.error(ups_key, f"{path}.upstreams", "at least one upstream needs a weight > 0")
+
+    middleware: list[MiddlewareConfig] = []
+    if "middleware" in m:
+        mw_node = m["middleware"][1]
+        if not _is_null(mw_node):
+            has_metrics = False
+            for k, item in enumerate(_sequence(ctx, mw_node, f"{path}.middleware") or ()):
+                mw = _middleware(ctx, item, f"{path}.middleware[{k}]")
+                if mw is None:
+                    continue
+                if mw.type == "metrics_collector":
+                    if has_metrics:  # two collectors would count every request twice
+                        ctx.error(item, f"{path}.middleware[{k}].type", "metrics_collector twice")
+                        continue
+                    has_metrics = True
+                middleware.append(mw)
+
+    if route_path is None or len(ctx.errors) != n_errors:
+        return None
+    return RouteConfig(route_path, tuple(ups), tuple(middleware))
+
+
+_FORMAT_TITLE = {"openai": "OpenAI", "anthropic": "Anthropic"}
+
+
+def _route_upstream(
+    ctx: _Ctx,
+    node: Node,
+    path: str,
+    reg: _Registry,
+    route_path: str | None,
+    fmt: ApiFormat | None,
+    seen: dict[str, int | None],
+) -> RouteUpstream | None:
+    vals, nodes = _fields(
+        ctx, node, path, {"target": _c_str, "weight": _int(0)}, required=("target",)
+    )
+    if "target" not in vals:
+        return None
+    tnode = nodes["target"][1]
+    target = vals["target"].strip()
+    try:
+        up = reg.resolve(target)
+    except _Bad as e:
+        ctx.error(tnode, f"{path}.target", e.problem)
+        return None
+    if up is None:  # a named upstream whose own errors are already reported
+        return None
+    if up.name in seen:
+        ctx.error(
+            tnode,
+            f"{path}.target",
+            f"upstream {up.name!r} is already listed at line {seen[up.name]}",
+        )
+        return None
+    seen[up.name] = _line(tnode)
+    if fmt is not None and up.format != fmt:
+        ctx.error(
+            tnode,
+            f"{path}.target",
+            f"route path {route_path} serves {_FORMAT_TITLE[fmt]} format but upstream "
+            f"{up.name!r} is {up.format}; cross-format translation is not supported yet",
+        )
+        return None
+    if "weight" not in vals and "weight" in nodes:
+        return None  # bad weight, already reported
+    return RouteUpstream(up, **{k: v for k, v in vals.items() if k == "weight"})
+
+
+_MIDDLEWARE_FIELDS: dict[str, dict[str, Conv]] = {
+    "token_limiter": {"limit": _int(1), "period": _duration()},
+    "metrics_collector": {"provider": _choice(METRICS_PROVIDERS)},
+}
+_MIDDLEWARE_REQUIRED: dict[str, tuple[str, ...]] = {
+    "token_limiter": ("limit", "period"),
+    "metrics_collector": (),
+}
+_MIDDLEWARE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "token_limiter": {},
+    "metrics_collector": {"provider": DEFAULT_METRICS_PROVIDER},
+}
+
+
+def _c_middleware_type(ctx: _Ctx, node: Node) -> str:
+    t = _c_str(ctx, node)
+    if t not in _MIDDLEWARE_FIELDS:
+        raise _Bad(f"unknown middleware type {_clip(t)!r}; known: {', '.join(MIDDLEWARE_TYPES)}")
+    return t
+
+
+def _middleware(ctx: _Ctx, node: Node, path: str) -> MiddlewareConfig | None:
+    n_errors = len(ctx.errors)
+    m = _mapping(ctx, node, path, ("type", "config"))
+    if not isinstance(node, MappingNode):
+        return None
+    if "type" not in m:
+        ctx.error(node, f"{path}.type", "is required")
+        return None
+    mtype = _convert(ctx, _c_middleware_type, m["type"][1], f"{path}.type")
+    if mtype is None:
+        return None
+    conf_node = m["config"][1] if "config" in m else None
+    values = dict(_MIDDLEWARE_DEFAULTS[mtype])
+    required = _MIDDLEWARE_REQUIRED[mtype]
+    if conf_node is None:
+        if required:
+            ctx.error(node, f"{path}.config", f"is required ({', '.join(required)})")
+    else:
+        vals, _ = _fields(ctx, conf_node, f"{path}.config", _MIDDLEWARE_FIELDS[mtype], required)
+        values.update(vals)
+    if len(ctx.errors) != n_errors:
+        return None
+    return MiddlewareConfig(mtype, values)
+
+
+def _meter(ctx: _Ctx, node: Node | None) -> MeterConfig:
+    spec: dict[str, Conv] = {
+        "db": _c_db_path,
+        "queue_size": _int(1),
+        "batch_rows": _int(1),
+        "flush_ms": _c_millis,
+        "spill": _path(),
+    }
+    vals: dict[str, Any] = {}
+    if node is not None:
+        vals, _ = _fields(ctx, node, "meter", spec)
+    vals.setdefault("db", ctx.resolve_path(MeterConfig().db))  # the default sits beside the file
+    return MeterConfig(**vals)
+
+
+def _limits(ctx: _Ctx, node: Node) -> LimitsConfig:
+    spec: dict[str, Conv] = {
+        "max_body_bytes": _size(),
+        "max_header_bytes": _size(),
+        "max_connections": _int(1),
+        "max_pipelined_bytes": _size(),
+        "write_high_water": _size(),
+        "write_low_water": _size(0),
+        "tap_body_bytes": _size(),
+    }
+    vals, nodes = _fields(ctx, node, "limits", spec)
+    cfg = LimitsConfig(**vals)
+    if cfg.write_low_water > cfg.write_high_water:
+        bad = "write_low_water" if "write_low_water" in nodes else "write_high_water"
+        ctx.error(
+            nodes[bad][1] if bad in nodes else node,
+            f"limits.{bad}",
+            f"write_low_water ({cfg.write_low_water}) must not exceed write_high_water "
+            f"({cfg.write_high_water})",
+        )
+    return cfg
+
+
+def _timeouts(ctx: _Ctx, node: Node) -> TimeoutsConfig:
+    spec: dict[str, Conv] = {
+        "connect": _duration(),
+        "first_byte": _duration(),
+        "idle": _duration(),
+        "total": _duration(),
+        "client_idle": _duration(),
+        "shutdown_grace": _duration(allow_zero=True),  # 0: stop at once on SIGTERM
+    }
+    vals, _ = _fields(ctx, node, "timeouts", spec)
+    return TimeoutsConfig(**vals)
