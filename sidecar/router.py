@@ -18,9 +18,8 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Literal
 
-from sidecar.config import RouteConfig, UpstreamConfig
+from sidecar.config import RouteConfig, Strategy, UpstreamConfig
 from sidecar.endpoints import USAGE_OPT_IN, kind_for_path
 from sidecar.health import UpstreamHealth
 
@@ -58,8 +57,6 @@ class RouteTable:
         return self.upstreams[bisect_right(self.cumulative, point)]
 
 
-Strategy = Literal["weighted", "priority", "least_inflight", "latency"]
-STRATEGIES: tuple[Strategy, ...] = ("weighted", "priority", "least_inflight", "latency")
 
 
 class Balancer:

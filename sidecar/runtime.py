@@ -12,17 +12,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sidecar.config import Config, LimitsConfig, RouteConfig, TimeoutsConfig
+from sidecar.config import Config, LimitsConfig, RouteConfig, Strategy, TimeoutsConfig
 from sidecar.health import UpstreamHealth
 from sidecar.registry import UpstreamRegistry
 from sidecar.retry import DEFAULT_RETRY_ON, RetryBudget, RetryReason
-from sidecar.router import Balancer, RouteTable, Strategy
+from sidecar.router import Balancer, RouteTable
 from sidecar.upstream import UpstreamPool
 
 
 @dataclass(frozen=True, slots=True)
 class RoutePolicy:
-    """How a route chooses and fails over (defaults until the config names them)."""
+    """How a route chooses and fails over, from its config."""
 
     strategy: Strategy = "weighted"
     retry_on: frozenset[RetryReason] = DEFAULT_RETRY_ON
@@ -31,7 +31,10 @@ class RoutePolicy:
 
     @classmethod
     def of(cls, route: RouteConfig) -> RoutePolicy:
-        return cls()
+        retry_on = DEFAULT_RETRY_ON if route.retry_on is None \
+            else frozenset(RetryReason(r) for r in route.retry_on)
+        return cls(strategy=route.strategy, retry_on=retry_on,
+                   max_attempts=route.max_attempts, retry_budget=route.retry_budget)
 
 
 @dataclass(frozen=True, slots=True)

@@ -463,7 +463,7 @@ def test_unknown_keys_at_every_depth(tmp_path: pathlib.Path) -> None:
         "ca_bundle, format, forward_client_auth, pool_idle_ttl, pool_max_idle, tls_verify, url",
         "c.yaml:7: routes[0].upstreams: is required",
         "c.yaml:8: routes[0].upstream: unknown key (did you mean 'upstreams'?); allowed: "
-        "middleware, path, upstreams",
+        "max_attempts, middleware, path, retry_budget, retry_on, strategy, upstreams",
         "c.yaml:12: routes[1].upstreams[0].wieght: unknown key (did you mean 'weight'?); "
         "allowed: target, weight",
         "c.yaml:15: routes[1].middleware[0].config.burst: unknown key; allowed: limit, period",
@@ -941,3 +941,39 @@ def test_parse_config_text_resolves_against_base_dir(tmp_path: pathlib.Path) -> 
     with pytest.raises(ConfigError) as info:
         parse_config_text("workers: x\n", "<stdin>", env={})
     assert str(info.value) == "<stdin>:1: workers: must be an integer >= 1, got 'x'"
+
+
+# --------------------------------------------------------------------------- failover keys
+
+FAILOVER_ROUTE = """\
+routes:
+  - path: /v1/chat/completions
+    upstreams:
+      - target: http://127.0.0.1:9000
+      - target: http://127.0.0.1:9001
+"""
+
+
+def test_failover_keys_load_and_default(tmp_path: pathlib.Path) -> None:
+    plain = load(tmp_path, FAILOVER_ROUTE).routes[0]
+    assert (plain.strategy, plain.retry_on, plain.max_attempts, plain.retry_budget) == (
+        "weighted", None, 3, 0.2)
+    cfg = load(tmp_path, FAILOVER_ROUTE + "    strategy: priority\n"
+               "    retry_on: [connect, 429, 503, first_byte_timeout]\n"
+               "    max_attempts: 2\n    retry_budget: 0.5\n")
+    r = cfg.routes[0]
+    assert r.strategy == "priority" and r.max_attempts == 2 and r.retry_budget == 0.5
+    assert r.retry_on == ("connect", "429", "503", "first_byte_timeout")
+
+
+@pytest.mark.parametrize(("line", "problem"), [
+    ("    strategy: fastest\n",
+     "c.yaml:6: routes[0].strategy: must be one of weighted, priority, least_inflight, latency"),
+    ("    retry_on: [429, 418]\n", "c.yaml:6: routes[0].retry_on: must be one of connect,"),
+    ("    retry_on: 429\n", "c.yaml:6: routes[0].retry_on: must be a list of connect,"),
+    ("    max_attempts: 0\n", "c.yaml:6: routes[0].max_attempts: must be an integer >= 1"),
+    ("    retry_budget: 1.5\n", "c.yaml:6: routes[0].retry_budget: must be a number from 0 to 1"),
+])
+def test_bad_failover_keys_name_file_line_and_field(
+        tmp_path: pathlib.Path, line: str, problem: str) -> None:
+    assert only_problem(tmp_path, FAILOVER_ROUTE + line).startswith(problem)

@@ -57,10 +57,9 @@ class TwoMocks(Stack):
             await self.primary.start()
         await self.secondary.start()
         p_port = self._primary_port if self._primary_port is not None else self.primary.port
-        # Weights 100:1 make the smooth weighted round-robin's first pick the primary.
-        route = RouteConfig(path=PATH, upstreams=(
-            RouteUpstream(_up("primary", p_port), 100),
-            RouteUpstream(_up("secondary", self.secondary.port), 1)))
+        route = RouteConfig(path=PATH, strategy="priority", upstreams=(
+            RouteUpstream(_up("primary", p_port)),
+            RouteUpstream(_up("secondary", self.secondary.port))))
         config = Config(listen_host="127.0.0.1", listen_port=0, routes=(route,),
                         meter=MeterConfig(db=self.db), source="<test>")
         if self._edit is not None:
@@ -189,3 +188,21 @@ def test_the_retry_budget_bounds_provider_attempts_in_an_outage(
     # 20% budget, plus its floor and one request's own attempts
     assert attempts <= int(1.2 * n) + 3 + 3, attempts
     assert attempts > n  # some did fail over
+
+
+def test_a_status_left_out_of_retry_on_is_relayed_not_retried(
+        two_mocks: Callable[..., TwoMocks]) -> None:
+    import dataclasses
+
+    def connect_only(config: Config) -> Config:
+        route = dataclasses.replace(config.routes[0], retry_on=("connect",))
+        return dataclasses.replace(config, routes=(route,))
+
+    stack = two_mocks(primary={"fault": "status:429"}, edit=connect_only)
+    resp = _post(stack.port, chat_body())
+    assert resp.status == 429 and resp.header("x-sidecar-upstream") == "primary"
+    assert len(stack.secondary.requests) == 0
+    stack.stop()
+    (row,) = stack.rows()
+    assert row["outcome"] == "rate_limited" and row["attempts"] == 1
+    assert row["failed_attempts"] is None

@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_METRICS_PROVIDER",
     "METRICS_PROVIDERS",
     "MIDDLEWARE_TYPES",
+    "STRATEGIES",
     "ApiFormat",
     "Config",
     "LimitsConfig",
@@ -27,6 +28,7 @@ __all__ = [
     "MiddlewareConfig",
     "RouteConfig",
     "RouteUpstream",
+    "Strategy",
     "TimeoutsConfig",
     "TokenizerConfig",
     "UpstreamConfig",
@@ -92,11 +94,23 @@ class MiddlewareConfig:
     config: dict[str, Any]
 
 
+# How a route picks the upstream of an attempt (sidecar.router.Balancer).
+Strategy = Literal["weighted", "priority", "least_inflight", "latency"]
+STRATEGIES: tuple[Strategy, ...] = ("weighted", "priority", "least_inflight", "latency")
+
+
 @dataclass(frozen=True, slots=True)
 class RouteConfig:
     path: str
     upstreams: tuple[RouteUpstream, ...]
     middleware: tuple[MiddlewareConfig, ...] = ()
+    # Failover (see sidecar.retry and sidecar.router): how the upstream of an attempt is
+    # picked, which failures before the first byte try another, how many attempts a
+    # request may make, and what share of the route's requests may be retried.
+    strategy: Strategy = "weighted"
+    retry_on: tuple[str, ...] | None = None  # None: sidecar.retry.DEFAULT_RETRY_ON
+    max_attempts: int = 3
+    retry_budget: float = 0.2
 
     @property
     def format(self) -> ApiFormat:

@@ -18,12 +18,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from yaml.nodes import MappingNode, Node, ScalarNode
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from sidecar.config.model import (
     DEFAULT_METRICS_PROVIDER,
     METRICS_PROVIDERS,
     MIDDLEWARE_TYPES,
+    STRATEGIES,
     ApiFormat,
     Config,
     LimitsConfig,
@@ -44,6 +45,7 @@ from sidecar.config.values import (
     _c_str,
     _choice,
     _duration,
+    _fraction,
     _int,
     _path,
     _size,
@@ -59,9 +61,12 @@ from sidecar.config.yaml_lines import (
     _join,
     _line,
     _mapping,
+    _read,
     _sequence,
+    _show,
 )
 from sidecar.endpoints import path_format
+from sidecar.retry import RetryReason
 
 
 def _config(ctx: _Ctx, root: MappingNode) -> Config:
@@ -204,7 +209,7 @@ def _c_route_path(ctx: _Ctx, node: Node) -> str:
 
 def _route(ctx: _Ctx, node: Node, path: str, reg: _Registry) -> RouteConfig | None:
     n_errors = len(ctx.errors)
-    m = _mapping(ctx, node, path, ("path", "upstreams", "middleware"))
+    m = _mapping(ctx, node, path, ("path", "upstreams", "middleware", *_FAILOVER_KEYS))
     if not isinstance(node, MappingNode):
         return None
     route_path: str | None = None
@@ -247,9 +252,41 @@ def _route(ctx: _Ctx, node: Node, path: str, reg: _Registry) -> RouteConfig | No
                     has_metrics = True
                 middleware.append(mw)
 
+    failover: dict[str, Any] = {}
+    for key, conv in _FAILOVER_KEYS.items():
+        if key in m:
+            value = _convert(ctx, conv, m[key][1], f"{path}.{key}")
+            if value is not None:
+                failover[key] = value
+
     if route_path is None or len(ctx.errors) != n_errors:
         return None
-    return RouteConfig(route_path, tuple(ups), tuple(middleware))
+    return RouteConfig(route_path, tuple(ups), tuple(middleware), **failover)
+
+
+def _c_retry_on(ctx: _Ctx, node: Node) -> tuple[str, ...]:
+    """A list of failure names (``connect``, ``first_byte_timeout``, ``reset``) and
+    statuses (429, 500, 502, 503, 504)."""
+    if not isinstance(node, SequenceNode):
+        raise _Bad("must be a list of " + ", ".join(_RETRY_NAMES))
+    out: list[str] = []
+    for item in node.value:
+        v = _read(ctx, item, "a failure name or status")
+        name = str(v.value) if isinstance(v.value, int | str) and not isinstance(
+            v.value, bool) else None
+        if name not in _RETRY_NAMES:
+            raise _Bad(f"must be one of {', '.join(_RETRY_NAMES)}, got {_show(v)}", item)
+        out.append(name)
+    return tuple(dict.fromkeys(out))
+
+
+_RETRY_NAMES = tuple(r.value for r in RetryReason)
+_FAILOVER_KEYS: dict[str, Conv] = {
+    "strategy": _choice(STRATEGIES),
+    "retry_on": _c_retry_on,
+    "max_attempts": _int(1),
+    "retry_budget": _fraction,
+}
 
 
 _FORMAT_TITLE = {"openai": "OpenAI", "anthropic": "Anthropic"}

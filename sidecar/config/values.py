@@ -85,6 +85,20 @@ def _int(lo: int) -> Conv:
     return conv
 
 
+def _fraction(ctx: _Ctx, node: Node) -> float:
+    """A number from 0 to 1 (a share of requests)."""
+    v = _read(ctx, node, "a number from 0 to 1")
+    x = v.value
+    if isinstance(x, str) and v.from_env:
+        try:
+            x = float(x)
+        except ValueError:
+            pass
+    if isinstance(x, int | float) and not isinstance(x, bool) and 0.0 <= x <= 1.0:
+        return float(x)
+    raise _Bad(f"must be a number from 0 to 1, got {_show(v)}")
+
+
 def _choice(options: Collection[str]) -> Conv:
     expected = "one of " + ", ".join(options)
 
