@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final
 
+from sidecar.window import SlidingCounts
+
 # Sliding window of the error-rate rule: this many buckets of BUCKET_S seconds.
 WINDOW_BUCKETS: Final = 10
 BUCKET_S: Final = 1.0
@@ -45,8 +47,18 @@ class State(IntEnum):
 
 
 class UpstreamHealth:
-    __slots__ = ("_buckets", "_ejected_until", "_ejections", "_failures_in_row", "_probing",
-                 "cool_until", "ewma_ttfb", "inflight", "name", "policy")
+    __slots__ = (
+        "_ejected_until",
+        "_ejections",
+        "_failures_in_row",
+        "_probing",
+        "_window",
+        "cool_until",
+        "ewma_ttfb",
+        "inflight",
+        "name",
+        "policy",
+    )
 
     def __init__(self, name: str, policy: EjectionPolicy | None = None) -> None:
         self.name = name
@@ -58,8 +70,7 @@ class UpstreamHealth:
         self._ejections = 0  # in a row, for the back-off
         self._failures_in_row = 0
         self._probing = False
-        # [bucket index, attempts, failures] per bucket of the sliding window.
-        self._buckets: list[list[int]] = [[-1, 0, 0] for _ in range(WINDOW_BUCKETS)]
+        self._window = SlidingCounts(WINDOW_BUCKETS, BUCKET_S)  # (attempts, failures)
 
     # -- what the router asks -----------------------------------------------------------
     def state(self, now: float) -> State:
@@ -85,7 +96,7 @@ class UpstreamHealth:
 
     # -- what an attempt reports ----------------------------------------------------------
     def record_success(self, now: float, ttfb: float | None = None) -> None:
-        self._bucket(now)[1] += 1  # the window is summed only when a failure asks
+        self._window.bucket(now)[1] += 1  # the window is summed only when a failure asks
         self._failures_in_row = 0
         self._ejections = 0
         self._probing = False
@@ -119,25 +130,11 @@ class UpstreamHealth:
                                         p.base_ejection * 2 ** (self._ejections - 1))
         self._failures_in_row = 0
         self._probing = False
-        for bucket in self._buckets:  # a fresh window after the ejection
-            bucket[0] = -1
-
-    def _bucket(self, now: float) -> list[int]:
-        index = int(now // BUCKET_S)
-        bucket = self._buckets[index % WINDOW_BUCKETS]
-        if bucket[0] != index:
-            bucket[0], bucket[1], bucket[2] = index, 0, 0
-        return bucket
+        self._window.clear()  # a fresh window after the ejection
 
     def _count(self, now: float, failed: bool) -> tuple[int, int]:
-        bucket = self._bucket(now)
+        bucket = self._window.bucket(now)
         bucket[1] += 1
         if failed:
             bucket[2] += 1
-        oldest = bucket[0] - WINDOW_BUCKETS
-        attempts = failures = 0
-        for i, a, f in self._buckets:
-            if i > oldest:
-                attempts += a
-                failures += f
-        return attempts, failures
+        return self._window.totals(now)

@@ -13,6 +13,8 @@ import email.utils
 from enum import StrEnum
 from typing import Final
 
+from sidecar.window import SlidingCounts
+
 
 class RetryReason(StrEnum):
     CONNECT = "connect"  # refused, reset or timed out while connecting, TLS failure
@@ -45,32 +47,19 @@ BUDGET_MIN_RETRIES: Final = 3
 class RetryBudget:
     """At most ``ratio`` retries per request over the last ``window`` seconds."""
 
-    __slots__ = ("_buckets", "ratio")
+    __slots__ = ("_window", "ratio")
 
     def __init__(self, ratio: float = 0.2) -> None:
         self.ratio = ratio
-        # [bucket index, requests, retries]
-        self._buckets: list[list[int]] = [[-1, 0, 0] for _ in range(BUDGET_BUCKETS)]
-
-    def _bucket(self, now: float) -> list[int]:
-        index = int(now // BUDGET_BUCKET_S)
-        bucket = self._buckets[index % BUDGET_BUCKETS]
-        if bucket[0] != index:
-            bucket[0], bucket[1], bucket[2] = index, 0, 0
-        return bucket
+        self._window = SlidingCounts(BUDGET_BUCKETS, BUDGET_BUCKET_S)  # (requests, retries)
 
     def request(self, now: float) -> None:
-        self._bucket(now)[1] += 1
+        self._window.bucket(now)[1] += 1
 
     def try_spend(self, now: float) -> bool:
         """Take one retry from the budget if it has one left."""
-        current = self._bucket(now)
-        oldest = int(now // BUDGET_BUCKET_S) - BUDGET_BUCKETS
-        requests = retries = 0
-        for i, req, ret in self._buckets:
-            if i > oldest:
-                requests += req
-                retries += ret
+        current = self._window.bucket(now)
+        requests, retries = self._window.totals(now)
         if retries >= BUDGET_MIN_RETRIES and retries >= self.ratio * requests:
             return False
         current[2] += 1

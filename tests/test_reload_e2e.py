@@ -23,15 +23,21 @@ def _config(mock_port: int) -> str:
             "  db: ./meter.db\n")
 
 
+def _read_all(sock: socket.socket) -> ResponseParser:
+    """Read one response to its end (or to the connection's)."""
+    parser = ResponseParser(65536)
+    while not parser.done:
+        data = sock.recv(65536)
+        if not data:
+            break
+        parser.feed(data)
+    return parser
+
+
 def _one(port: int) -> tuple[int, str | None]:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(chat_request({**CHAT, "stream": False}, CLOSE))
-        parser = ResponseParser(65536)
-        while not parser.done:
-            data = s.recv(65536)
-            if not data:
-                break
-            parser.feed(data)
+        parser = _read_all(s)
         assert parser.head is not None
         up = parser.head.get(b"x-sidecar-upstream")
         return parser.head.status, up.decode() if up else None
@@ -65,12 +71,7 @@ def test_sighup_swaps_the_config_without_breaking_streams_and_refuses_a_bad_one(
 
     broken = 0
     for s in socks:
-        parser = ResponseParser(65536)
-        while not parser.done:
-            data = s.recv(65536)
-            if not data:
-                break
-            parser.feed(data)
+        parser = _read_all(s)
         broken += not (parser.head is not None and parser.head.status == 200 and parser.done)
         s.close()
     assert broken == 0
