@@ -14,10 +14,8 @@ Tried upstreams are a bit mask, so a failover costs no set per request.
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import accumulate
 
 from sidecar.config import RouteConfig, Strategy, UpstreamConfig
 from sidecar.endpoints import USAGE_OPT_IN, kind_for_path
@@ -26,11 +24,11 @@ from sidecar.health import UpstreamHealth
 
 @dataclass(frozen=True, slots=True)
 class RouteTable:
-    """A route with its cumulative weights precomputed once at start-up."""
+    """A route with the upstreams that take traffic (weight > 0), fixed at start-up."""
 
     route: RouteConfig
     upstreams: tuple[UpstreamConfig, ...]
-    cumulative: tuple[int, ...]
+    weights: tuple[int, ...]
     # An OpenAI-format stream on this route reports usage only when asked for it.
     usage_opt_in: bool = False
 
@@ -40,23 +38,9 @@ class RouteTable:
         return cls(
             route=route,
             upstreams=tuple(ru.upstream for ru in live),
-            cumulative=tuple(accumulate(ru.weight for ru in live)),
+            weights=tuple(ru.weight for ru in live),
             usage_opt_in=kind_for_path(route.path) in USAGE_OPT_IN,
         )
-
-    def weights(self) -> tuple[int, ...]:
-        """The weights themselves, from their running sums."""
-        c = self.cumulative
-        return tuple(w - p for w, p in zip(c, (0, *c[:-1]), strict=True))
-
-    def choose(self, r: float) -> UpstreamConfig:
-        """Weighted pick; ``r`` is uniform in [0, 1) so tests can drive it directly."""
-        if len(self.upstreams) == 1:
-            return self.upstreams[0]
-        point = r * self.cumulative[-1]
-        return self.upstreams[bisect_right(self.cumulative, point)]
-
-
 
 
 class Balancer:

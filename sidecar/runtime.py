@@ -57,7 +57,7 @@ class Route:
         policy = RoutePolicy.of(route)
         return cls(table=table, pools=pools, health=tuple(p.health for p in pools),
                    panic=tuple(UpstreamHealth(p.cfg.name) for p in pools),
-                   balancer=Balancer(policy.strategy, table.weights()),
+                   balancer=Balancer(policy.strategy, table.weights),
                    budget=RetryBudget(policy.retry_budget), policy=policy,
                    can_fail_over=len(pools) > 1)
 
