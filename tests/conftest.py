@@ -47,16 +47,24 @@ class Stack:
             self._error = exc
             self._ready.set()
 
-    async def _serve(self) -> None:
+    async def _start_upstreams(self) -> Any:
+        """Start the provider(s) on the loop; return the sidecar's config for them."""
         from sidecar.demo import _demo_config
         from sidecar.mock import MockUpstream
+
+        self.mock = MockUpstream(host="127.0.0.1", port=0, **self._mock_kwargs)
+        await self.mock.start()
+        return _demo_config(self.mock.port, self.db)
+
+    async def _stop_upstreams(self) -> None:
+        await self.mock.stop()
+
+    async def _serve(self) -> None:
         from sidecar.server import Server
 
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self.mock = MockUpstream(host="127.0.0.1", port=0, **self._mock_kwargs)
-        await self.mock.start()
-        config = _demo_config(self.mock.port, self.db)
+        config = await self._start_upstreams()
         if self._config_edit is not None:
             config = self._config_edit(config)
         self.server = Server(config)
@@ -68,7 +76,7 @@ class Stack:
             await self._stop.wait()
         finally:
             await self.server.stop()
-            await self.mock.stop()
+            await self._stop_upstreams()
 
     def start(self) -> Stack:
         self.thread.start()

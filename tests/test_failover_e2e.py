@@ -4,7 +4,6 @@ the meter DB behind."""
 
 from __future__ import annotations
 
-import asyncio
 import pathlib
 import time
 from collections.abc import Callable, Iterator
@@ -38,18 +37,14 @@ class TwoMocks(Stack):
     def __init__(self, tmp_path: pathlib.Path, primary: dict[str, Any],
                  secondary: dict[str, Any], primary_port: int | None,
                  edit: Callable[[Config], Config] | None) -> None:
-        super().__init__(tmp_path, {}, None)
+        super().__init__(tmp_path, {}, edit)
         self._primary_kwargs = primary
         self._secondary_kwargs = secondary
         self._primary_port = primary_port  # a port of our own (e.g. nothing listening)
-        self._edit = edit
 
-    async def _serve(self) -> None:
+    async def _start_upstreams(self) -> Config:
         from sidecar.mock import MockUpstream
-        from sidecar.server import Server
 
-        self.loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
         self.primary = MockUpstream(host="127.0.0.1", port=0, **self._primary_kwargs)
         self.secondary = MockUpstream(host="127.0.0.1", port=0, **self._secondary_kwargs)
         self.mock = self.secondary
@@ -60,22 +55,13 @@ class TwoMocks(Stack):
         route = RouteConfig(path=PATH, strategy="priority", upstreams=(
             RouteUpstream(_up("primary", p_port)),
             RouteUpstream(_up("secondary", self.secondary.port))))
-        config = Config(listen_host="127.0.0.1", listen_port=0, routes=(route,),
-                        meter=MeterConfig(db=self.db), source="<test>")
-        if self._edit is not None:
-            config = self._edit(config)
-        self.server = Server(config)
-        await self.server.start()
-        self.port = self.server.port
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._ready.set()
-        try:
-            await self._stop.wait()
-        finally:
-            await self.server.stop()
-            if self._primary_port is None:
-                await self.primary.stop()
-            await self.secondary.stop()
+        return Config(listen_host="127.0.0.1", listen_port=0, routes=(route,),
+                      meter=MeterConfig(db=self.db), source="<test>")
+
+    async def _stop_upstreams(self) -> None:
+        if self._primary_port is None:
+            await self.primary.stop()
+        await self.secondary.stop()
 
 
 @pytest.fixture
