@@ -49,6 +49,12 @@ class NotFound(RequestError):
     code = "not_found"
 
 
+class ModelNotFound(NotFound):
+    """No route on the path serves the requested model (OpenAI's code for it)."""
+
+    code = "model_not_found"
+
+
 class MethodNotAllowed(RequestError):
     status = 405
     code = "method_not_allowed"

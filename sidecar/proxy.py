@@ -26,6 +26,7 @@ from sidecar.config import Config, LimitsConfig
 from sidecar.context import RequestContext
 from sidecar.errors import (
     MethodNotAllowed,
+    ModelNotFound,
     NotFound,
     Overloaded,
     RequestError,
@@ -294,12 +295,15 @@ class Proxy:
         flight = Flight(req, client, ctx, self, route, runtime.limits)
         try:
             flight.body = self._inspect(req, ctx)
+            if route.table.route.models:  # this path's routes match by model
+                flight.route = self._route_for_model(runtime, path, ctx.model)
             pending = self.admission.admit(req, flight.body, ctx)
         except SidecarError as exc:
             self._refuse(flight, exc)
             return
         client.follow(flight)
         self.flights.add(flight)
+        route = flight.route
         if route.can_fail_over:  # a one-upstream route has nothing to spend a budget on
             route.budget.request(self.loop.time())
         if pending is None:
@@ -321,6 +325,15 @@ class Proxy:
         ctx.model = model if isinstance(model, str) else None
         ctx.stream = body.get("stream") is True
         return body
+
+    @staticmethod
+    def _route_for_model(runtime: Runtime, path: str, model: str | None) -> Route:
+        route = runtime.route_for_model(path, model)
+        if route is None:
+            raise ModelNotFound(f"no route for model {model!r} on {path}"
+                                if model is not None else
+                                f"requests to {path} must name a model")
+        return route
 
     async def _admit_then_attempt(self, flight: Flight, pending: Awaitable[None]) -> None:
         try:
@@ -360,7 +373,7 @@ class Proxy:
         ctx.upstream = upstream.name
         ctx.api_format = upstream.format
         ctx.attempts += 1
-        flight.payload = self._payload(flight, upstream.format)
+        flight.payload = self._payload(flight, upstream.format, route.table.renames[i])
         pool.health.begin(now)
         conn = None if fresh else pool.take_idle()
         if conn is not None:
@@ -369,20 +382,27 @@ class Proxy:
             flight.advance(CONNECTING)
             flight.task = self.spawn(self._connect_and_launch(flight))
 
-    def _payload(self, flight: Flight, api_format: str) -> bytes:
-        """The body this upstream gets: the client's bytes, unless usage must be asked for."""
+    def _payload(self, flight: Flight, api_format: str, rename: str | None) -> bytes:
+        """The body this upstream gets: the client's bytes, unless usage must be asked
+        for or the route sends this upstream another model name."""
         body = flight.body
         flight.strip = False
-        if body is None or not (flight.ctx.stream and api_format == "openai"
-                                and flight.route.table.usage_opt_in):
+        flight.ctx.upstream_model = rename
+        if body is None:
             return flight.req.body
-        opts = body.get("stream_options")
-        if isinstance(opts, dict) and opts.get("include_usage") is True:
+        edits: dict[str, Any] = {}
+        if rename is not None:
+            edits["model"] = rename
+        if flight.ctx.stream and api_format == "openai" and flight.route.table.usage_opt_in:
+            opts = body.get("stream_options")
+            if not (isinstance(opts, dict) and opts.get("include_usage") is True):
+                # Ask the provider for usage; hide the extra chunk from a client that did not.
+                flight.strip = True
+                edits["stream_options"] = {
+                    **(opts if isinstance(opts, dict) else {}), "include_usage": True}
+        if not edits:
             return flight.req.body
-        # Ask the provider for usage; hide the extra chunk from a client that did not.
-        flight.strip = True
-        return orjson.dumps({**body, "stream_options": {
-            **(opts if isinstance(opts, dict) else {}), "include_usage": True}})
+        return orjson.dumps({**body, **edits})
 
     async def _connect_and_launch(self, flight: Flight) -> None:
         try:

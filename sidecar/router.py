@@ -16,10 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Generic, TypeVar
 
 from sidecar.config import RouteConfig, Strategy, UpstreamConfig
 from sidecar.endpoints import USAGE_OPT_IN, kind_for_path
 from sidecar.health import UpstreamHealth
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +35,8 @@ class RouteTable:
     weights: tuple[int, ...]
     # An OpenAI-format stream on this route reports usage only when asked for it.
     usage_opt_in: bool = False
+    # Per upstream: the model name it is sent instead of the client's (None: as asked).
+    renames: tuple[str | None, ...] = ()
 
     @classmethod
     def build(cls, route: RouteConfig) -> RouteTable:
@@ -40,7 +46,44 @@ class RouteTable:
             upstreams=tuple(ru.upstream for ru in live),
             weights=tuple(ru.weight for ru in live),
             usage_opt_in=kind_for_path(route.path) in USAGE_OPT_IN,
+            renames=tuple(ru.model for ru in live),
         )
+
+
+class ModelMatch(Generic[T]):
+    """Which of the routes sharing a path serves a requested model (pure).
+
+    Routes are tried in file order; exact names are one dict lookup, globs
+    (fnmatch) are tried only when no exact name matched, and the route with no
+    ``model:`` (validation puts it last) catches the rest.
+    """
+
+    __slots__ = ("_exact", "_globs", "fallback")
+
+    def __init__(self, routes: Sequence[tuple[tuple[str, ...], T]]) -> None:
+        self._exact: dict[str, tuple[int, T]] = {}
+        self._globs: list[tuple[int, str, T]] = []
+        self.fallback: T | None = None
+        for order, (patterns, target) in enumerate(routes):
+            if not patterns:
+                self.fallback = target
+            for p in patterns:
+                if any(c in p for c in "*?["):
+                    self._globs.append((order, p, target))
+                else:
+                    self._exact.setdefault(p, (order, target))
+
+    def pick(self, model: str | None) -> T | None:
+        if model is None:
+            return self.fallback
+        exact = self._exact.get(model)
+        # A glob in an earlier route wins over an exact name in a later one: file order.
+        for order, pattern, target in self._globs:
+            if exact is not None and order > exact[0]:
+                break
+            if fnmatchcase(model, pattern):
+                return target
+        return exact[1] if exact is not None else self.fallback
 
 
 class Balancer:

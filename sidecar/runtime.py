@@ -16,7 +16,7 @@ from sidecar.config import Config, LimitsConfig, RouteConfig, Strategy, Timeouts
 from sidecar.health import UpstreamHealth
 from sidecar.registry import UpstreamRegistry
 from sidecar.retry import DEFAULT_RETRY_ON, RetryBudget, RetryReason
-from sidecar.router import Balancer, RouteTable
+from sidecar.router import Balancer, ModelMatch, RouteTable
 from sidecar.upstream import UpstreamPool
 
 
@@ -65,7 +65,10 @@ class Route:
 @dataclass(frozen=True, slots=True)
 class Runtime:
     config: Config
+    # The first route of each path: the one a request gets unless the path's routes
+    # match by model, in which case ``by_model`` has the path's matcher.
     routes: Mapping[str, Route]
+    by_model: Mapping[str, ModelMatch[Route]]
     upstreams: UpstreamRegistry
     limits: LimitsConfig
     timeouts: TimeoutsConfig
@@ -78,6 +81,17 @@ class Runtime:
             config.timeouts,
             previous.upstreams if previous is not None else None,
         )
-        routes = {r.path: Route.build(r, upstreams) for r in config.routes}
-        return cls(config=config, routes=routes, upstreams=upstreams,
+        routes: dict[str, Route] = {}
+        per_path: dict[str, list[tuple[tuple[str, ...], Route]]] = {}
+        for r in config.routes:
+            built = Route.build(r, upstreams)
+            routes.setdefault(r.path, built)
+            per_path.setdefault(r.path, []).append((r.models, built))
+        by_model = {path: ModelMatch(choices) for path, choices in per_path.items()
+                    if any(models for models, _ in choices)}
+        return cls(config=config, routes=routes, by_model=by_model, upstreams=upstreams,
                    limits=config.limits, timeouts=config.timeouts)
+
+    def route_for_model(self, path: str, model: str | None) -> Route | None:
+        """The route serving ``model`` on ``path``, a path whose routes match by model."""
+        return self.by_model[path].pick(model)

@@ -458,14 +458,16 @@ def test_unknown_keys_at_every_depth(tmp_path: pathlib.Path) -> None:
         """
     assert problems(tmp_path, text) == [
         "c.yaml:1: listne: unknown key (did you mean 'listen'?); allowed: limits, listen, "
-        "meter, routes, timeouts, tokenizer, upstreams, workers",
-        "c.yaml:5: upstreams.u.timeout: unknown key; allowed: anthropic_version, api_key, "
-        "ca_bundle, format, forward_client_auth, pool_idle_ttl, pool_max_idle, tls_verify, url",
+        "meter, routes, tiers, timeouts, tokenizer, trusted_peers, upstreams, workers",
+        "c.yaml:5: upstreams.u.timeout: unknown key (did you mean 'queue_timeout'?); "
+        "allowed: anthropic_version, api_key, "
+        "ca_bundle, format, forward_client_auth, health_check, max_concurrent, max_queue, "
+        "pool_idle_ttl, pool_max_idle, queue_timeout, tls_verify, url",
         "c.yaml:7: routes[0].upstreams: is required",
         "c.yaml:8: routes[0].upstream: unknown key (did you mean 'upstreams'?); allowed: "
-        "max_attempts, middleware, path, retry_budget, retry_on, strategy, upstreams",
+        "max_attempts, middleware, model, path, retry_budget, retry_on, strategy, upstreams",
         "c.yaml:12: routes[1].upstreams[0].wieght: unknown key (did you mean 'weight'?); "
-        "allowed: target, weight",
+        "allowed: model, target, weight",
         "c.yaml:15: routes[1].middleware[0].config.burst: unknown key; allowed: limit, period",
         "c.yaml:18: meter.flush: unknown key (did you mean 'flush_ms'?); allowed: batch_rows, "
         "db, flush_ms, queue_size, spill",
@@ -977,3 +979,96 @@ def test_failover_keys_load_and_default(tmp_path: pathlib.Path) -> None:
 def test_bad_failover_keys_name_file_line_and_field(
         tmp_path: pathlib.Path, line: str, problem: str) -> None:
     assert only_problem(tmp_path, FAILOVER_ROUTE + line).startswith(problem)
+
+
+# -- routing and avalanche keys -------------------------------------------------------
+
+def test_model_routes_rename_gate_health_check_and_tiers_load(tmp_path: pathlib.Path) -> None:
+    cfg = load(tmp_path, """\
+        trusted_peers: [127.0.0.1, "10.0.0.0/8", "::1"]
+        tiers: [enterprise, pro, free]
+        upstreams:
+          primary:
+            url: http://127.0.0.1:9001
+            max_concurrent: 8
+            max_queue: 20
+            queue_timeout: 2s
+            health_check: { path: /health, interval: 5s, timeout: 1s }
+        routes:
+          - path: /v1/chat/completions
+            model: [gpt-4o, "gpt-4o-*"]
+            upstreams:
+              - { target: primary }
+              - { target: http://127.0.0.1:9002, model: deepseek-chat }
+          - path: /v1/chat/completions
+            upstreams: [{ target: primary }]
+        """)
+    assert cfg.trusted_peers == ("127.0.0.1/32", "10.0.0.0/8", "::1/128")
+    assert cfg.tiers == ("enterprise", "pro", "free")
+    up = cfg.upstreams["primary"]
+    assert (up.max_concurrent, up.max_queue, up.queue_timeout) == (8, 20, 2.0)
+    assert up.health_check is not None
+    assert (up.health_check.path, up.health_check.interval, up.health_check.timeout) == (
+        "/health", 5.0, 1.0)
+    first, fallback = cfg.routes
+    assert first.models == ("gpt-4o", "gpt-4o-*") and fallback.models == ()
+    assert [ru.model for ru in first.upstreams] == [None, "deepseek-chat"]
+    assert cfg.route_for("/v1/chat/completions") is first
+    assert cfg.upstreams["127.0.0.1:9002"].max_concurrent is None  # default: no limit
+
+
+def test_routing_key_problems(tmp_path: pathlib.Path) -> None:
+    text = """\
+        trusted_peers: [nginx.local]
+        tiers: [pro, pro]
+        upstreams:
+          u:
+            url: http://u.internal
+            max_concurrent: 0
+            health_check: { path: health, interval: 1s, timeout: 2s }
+        routes:
+          - path: /v1/chat/completions
+            upstreams: [{ target: u }]
+          - path: /v1/chat/completions
+            model: gpt-4o
+            upstreams: [{ target: u, model: "gpt-*" }]
+          - path: /v1/embeddings
+            model: [text-embedding-3-small]
+            upstreams: [{ target: u }]
+          - path: /v1/embeddings
+            model: text-embedding-3-small
+            upstreams: [{ target: u }]
+        """
+    assert problems(tmp_path, text) == [
+        "c.yaml:1: trusted_peers: must be an IP address or CIDR network, got 'nginx.local'",
+        "c.yaml:2: tiers: tier 'pro' is listed twice",
+        "c.yaml:6: upstreams.u.max_concurrent: must be an integer >= 1, got 0",
+        "c.yaml:7: upstreams.u.health_check.path: must start with '/' and contain no "
+        "spaces, '?' or '#', got 'health'",
+        "c.yaml:13: routes[1].upstreams[0].model: must be the model name sent to this "
+        "upstream, got 'gpt-*'",
+        "c.yaml:17: routes[3].path: duplicate route for models text-embedding-3-small on "
+        "path '/v1/embeddings' (first at line 14)",
+    ]
+    # A route serving every model on a path shadows those after it.
+    text = """\
+        routes:
+          - path: /v1/chat/completions
+            upstreams: [{ target: http://127.0.0.1:9 }]
+          - path: /v1/chat/completions
+            model: gpt-4o
+            upstreams: [{ target: http://127.0.0.1:9 }]
+        """
+    assert problems(tmp_path, text) == [
+        "c.yaml:4: routes[1].path: unreachable: the route at line 2 serves every model on "
+        "'/v1/chat/completions'; put model-matched routes before it",
+    ]
+    text = """\
+        upstreams:
+          u: { url: "http://u.internal", health_check: { interval: 1s, timeout: 1s } }
+        routes: [{ path: /x, upstreams: [{ target: u }] }]
+        """
+    assert problems(tmp_path, text) == [
+        "c.yaml:2: upstreams.u.health_check.timeout: must be shorter than interval "
+        "(1s >= 1s)",
+    ]

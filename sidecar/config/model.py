@@ -17,11 +17,13 @@ __all__ = [
     "ALL_INTERFACES",
     "DEFAULT_LISTEN_HOST",
     "DEFAULT_METRICS_PROVIDER",
+    "DEFAULT_TIERS",
     "METRICS_PROVIDERS",
     "MIDDLEWARE_TYPES",
     "STRATEGIES",
     "ApiFormat",
     "Config",
+    "HealthCheckConfig",
     "LimitsConfig",
     "MeterConfig",
     "MiB",
@@ -59,6 +61,17 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    """An active check: ``GET path`` every ``interval`` s, healthy on a 2xx within
+    ``timeout`` s. Runs off the hot path (sidecar.health_check); routing reads its
+    verdict as one flag."""
+
+    path: str = "/health"
+    interval: float = 10.0
+    timeout: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
     url: str  # normalised: scheme://host[:port][/base]
@@ -74,12 +87,22 @@ class UpstreamConfig:
     tls_verify: bool = True
     pool_max_idle: int = 64  # idle keep-alive connections kept per upstream
     pool_idle_ttl: float = 60.0  # seconds an idle connection is kept
+    # Avalanche protection (sidecar.gate): at most max_concurrent attempts run on this
+    # upstream; more wait in a tier-ordered queue of at most max_queue for at most
+    # queue_timeout s, then are shed (503 + retry-after). None: no limit, no queue.
+    max_concurrent: int | None = None
+    max_queue: int = 100
+    queue_timeout: float = 10.0
+    health_check: HealthCheckConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class RouteUpstream:
     upstream: UpstreamConfig
     weight: int = 1
+    # The model name this upstream is sent instead of the one asked for (gpt-4o asked,
+    # deepseek-chat sent); the meter keeps both. None: the client's model as is.
+    model: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +126,10 @@ STRATEGIES: tuple[Strategy, ...] = ("weighted", "priority", "least_inflight", "l
 class RouteConfig:
     path: str
     upstreams: tuple[RouteUpstream, ...]
+    # Requested models this route serves: exact names or globs (fnmatch: * ? [..]).
+    # Empty: any model. Routes sharing a path are tried in file order; the first whose
+    # patterns match the body's "model" serves (a route with none is the fallback).
+    models: tuple[str, ...] = ()
     middleware: tuple[MiddlewareConfig, ...] = ()
     # Failover (see sidecar.retry and sidecar.router): how the upstream of an attempt is
     # picked, which failures before the first byte try another, how many attempts a
@@ -136,6 +163,11 @@ class TokenizerConfig:
     dir: str | None = None
 
 
+# Queue order under max_concurrent: earlier tiers are served first; the last is the
+# tier of a request that names none, names an unknown one, or comes from an untrusted peer.
+DEFAULT_TIERS: tuple[str, ...] = ("pro", "free")
+
+
 DEFAULT_LISTEN_HOST = "127.0.0.1"  # loopback: exposing the sidecar must be a decision
 ALL_INTERFACES = "0.0.0.0"  # what ":PORT" means
 
@@ -152,17 +184,25 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # Peers (the Nginx in front) whose x-sidecar-* identity headers are believed:
+    # addresses or CIDR networks, as strings. Empty: the headers are ignored.
+    trusted_peers: tuple[str, ...] = ()
+    tiers: tuple[str, ...] = DEFAULT_TIERS
     source: str = "<defaults>"
-    # Derived from routes, for exact-path lookup on the hot path.
+    # Derived from routes, for exact-path lookup on the hot path: the first route of
+    # each path (model-matched routes sharing it are in Runtime).
     routes_by_path: dict[str, RouteConfig] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "routes_by_path", {r.path: r for r in self.routes})
+        by_path: dict[str, RouteConfig] = {}
+        for r in self.routes:
+            by_path.setdefault(r.path, r)
+        object.__setattr__(self, "routes_by_path", by_path)
 
     def route_for(self, path: str) -> RouteConfig | None:
-        """The route whose path equals ``path`` exactly (a query string is ignored)."""
+        """The first route whose path equals ``path`` exactly (a query string is ignored)."""
         q = path.find("?")
         return self.routes_by_path.get(path if q < 0 else path[:q])
 

@@ -15,6 +15,7 @@ expecting the other would be wrong, and translation does not exist yet.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any
 
@@ -27,6 +28,7 @@ from sidecar.config.model import (
     STRATEGIES,
     ApiFormat,
     Config,
+    HealthCheckConfig,
     LimitsConfig,
     MeterConfig,
     MiddlewareConfig,
@@ -74,7 +76,8 @@ def _config(ctx: _Ctx, root: MappingNode) -> Config:
         ctx,
         root,
         "",
-        ("listen", "workers", "upstreams", "routes", "meter", "limits", "timeouts", "tokenizer"),
+        ("listen", "workers", "upstreams", "routes", "meter", "limits", "timeouts", "tokenizer",
+         "trusted_peers", "tiers"),
     )
     kwargs: dict[str, Any] = {"source": ctx.file}
     if "listen" in top:
@@ -104,7 +107,69 @@ def _config(ctx: _Ctx, root: MappingNode) -> Config:
     if "tokenizer" in top:
         vals, _ = _fields(ctx, top["tokenizer"][1], "tokenizer", {"dir": _path("dir")})
         kwargs["tokenizer"] = TokenizerConfig(**vals)
+    for key, conv in (("trusted_peers", _c_peers), ("tiers", _c_tiers)):
+        if key in top:
+            value = _convert(ctx, conv, top[key][1], key)
+            if value is not None:
+                kwargs[key] = value
     return Config(**kwargs)
+
+
+def _c_names(ctx: _Ctx, node: Node, what: str) -> list[tuple[str, Node]]:
+    """A string or a list of non-empty strings, each with its node."""
+    items = node.value if isinstance(node, SequenceNode) else [node]
+    if not items:
+        raise _Bad(f"must be {what} or a non-empty list of them")
+    out: list[tuple[str, Node]] = []
+    for item in items:
+        v = _read(ctx, item, what)
+        if not isinstance(v.value, str) or not v.value.strip():
+            raise _Bad(f"must be {what}, got {_show(v)}", item)
+        out.append((v.value.strip(), item))
+    return out
+
+
+def _c_peers(ctx: _Ctx, node: Node) -> tuple[str, ...]:
+    """Addresses or CIDR networks (``127.0.0.1``, ``10.0.0.0/8``, ``::1``)."""
+    out: list[str] = []
+    for text, item in _c_names(ctx, node, "an IP address or CIDR network"):
+        try:
+            out.append(str(ipaddress.ip_network(text, strict=False)))
+        except ValueError:
+            raise _Bad(f"must be an IP address or CIDR network, got {_clip(text)!r}",
+                       item) from None
+    return tuple(dict.fromkeys(out))
+
+
+def _c_tiers(ctx: _Ctx, node: Node) -> tuple[str, ...]:
+    """Tier names, served first to last; the last is the default tier."""
+    names = _c_names(ctx, node, "a tier name")
+    seen: set[str] = set()
+    for name, item in names:
+        if name in seen:
+            raise _Bad(f"tier {_clip(name)!r} is listed twice", item)
+        seen.add(name)
+    return tuple(n for n, _ in names)
+
+
+def _c_models(ctx: _Ctx, node: Node) -> tuple[str, ...]:
+    """Model names or globs (``gpt-4o``, ``gpt-4o-*``, ``claude-?-sonnet``)."""
+    return tuple(dict.fromkeys(n for n, _ in _c_names(ctx, node, "a model name or glob")))
+
+
+def _health_check(ctx: _Ctx, node: Node, path: str) -> HealthCheckConfig | None:
+    n_errors = len(ctx.errors)
+    vals, nodes = _fields(ctx, node, path, {"path": _c_route_path, "interval": _duration(),
+                                            "timeout": _duration()})
+    if len(ctx.errors) != n_errors:
+        return None
+    cfg = HealthCheckConfig(**vals)
+    if cfg.timeout >= cfg.interval:
+        where = nodes["timeout"][1] if "timeout" in nodes else node
+        ctx.error(where, _join(path, "timeout"), f"must be shorter than interval "
+                  f"({cfg.timeout:g}s >= {cfg.interval:g}s)")
+        return None
+    return cfg
 
 
 _UPSTREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*\Z")
@@ -119,6 +184,10 @@ _UPSTREAM_FIELDS: dict[str, Conv] = {
     "tls_verify": _c_bool,
     "pool_max_idle": _int(0),
     "pool_idle_ttl": _duration(),
+    "max_concurrent": _int(1),
+    "max_queue": _int(0),
+    "queue_timeout": _duration(),
+    "health_check": lambda ctx, node: node,  # a section: read by _health_check
 }
 
 
@@ -133,6 +202,9 @@ def _named_upstream(
             "upstream names use letters, digits and . _ : - (starting with a letter or digit)",
         )
     vals, nodes = _fields(ctx, node, path, _UPSTREAM_FIELDS, required=("url",))
+    if "health_check" in vals:
+        vals["health_check"] = _health_check(ctx, vals["health_check"],
+                                             _join(path, "health_check"))
     url: _Url | None = vals.pop("url", None)
     if url is not None:
         fmt = vals.get("format") or _known_format(url.host)
@@ -174,20 +246,31 @@ def _routes(ctx: _Ctx, node: Node, reg: _Registry) -> tuple[RouteConfig, ...]:
     if items is None:
         return ()
     routes: list[RouteConfig] = []
-    first_line: dict[str, int | None] = {}
+    # Routes may share a path when they match different models; a route matching every
+    # model on a path (no ``model:``) must come last there, or those after it are dead.
+    catch_all: dict[str, int | None] = {}
+    first_line: dict[tuple[str, tuple[str, ...]], int | None] = {}
     for i, item in enumerate(items):
         path = f"routes[{i}]"
         route = _route(ctx, item, path, reg)
         if route is None:
             continue
-        if route.path in first_line:
-            ctx.error(
-                _mapping_value(item, "path"),
-                f"{path}.path",
-                f"duplicate route path {route.path!r} (first at line {first_line[route.path]})",
-            )
+        key = (route.path, route.models)
+        where = _mapping_value(item, "path")
+        if key in first_line:
+            what = f"for models {', '.join(route.models)} on " if route.models else ""
+            ctx.error(where, f"{path}.path",
+                      f"duplicate route {what}path {route.path!r} "
+                      f"(first at line {first_line[key]})")
             continue
-        first_line[route.path] = _line(_mapping_value(item, "path"))
+        if route.path in catch_all:
+            ctx.error(where, f"{path}.path",
+                      f"unreachable: the route at line {catch_all[route.path]} serves every "
+                      f"model on {route.path!r}; put model-matched routes before it")
+            continue
+        first_line[key] = _line(where)
+        if not route.models:
+            catch_all[route.path] = _line(where)
         routes.append(route)
     return tuple(routes)
 
@@ -209,7 +292,7 @@ def _c_route_path(ctx: _Ctx, node: Node) -> str:
 
 def _route(ctx: _Ctx, node: Node, path: str, reg: _Registry) -> RouteConfig | None:
     n_errors = len(ctx.errors)
-    m = _mapping(ctx, node, path, ("path", "upstreams", "middleware", *_FAILOVER_KEYS))
+    m = _mapping(ctx, node, path, ("path", "model", "upstreams", "middleware", *_FAILOVER_KEYS))
     if not isinstance(node, MappingNode):
         return None
     route_path: str | None = None
@@ -259,9 +342,11 @@ def _route(ctx: _Ctx, node: Node, path: str, reg: _Registry) -> RouteConfig | No
             if value is not None:
                 failover[key] = value
 
+    models = _convert(ctx, _c_models, m["model"][1], f"{path}.model") if "model" in m else None
+
     if route_path is None or len(ctx.errors) != n_errors:
         return None
-    return RouteConfig(route_path, tuple(ups), tuple(middleware), **failover)
+    return RouteConfig(route_path, tuple(ups), models or (), tuple(middleware), **failover)
 
 
 def _c_retry_on(ctx: _Ctx, node: Node) -> tuple[str, ...]:
@@ -302,7 +387,8 @@ def _route_upstream(
     seen: dict[str, int | None],
 ) -> RouteUpstream | None:
     vals, nodes = _fields(
-        ctx, node, path, {"target": _c_str, "weight": _int(0)}, required=("target",)
+        ctx, node, path, {"target": _c_str, "weight": _int(0), "model": _c_model_name},
+        required=("target",),
     )
     if "target" not in vals:
         return None
@@ -331,9 +417,16 @@ def _route_upstream(
             f"{up.name!r} is {up.format}; cross-format translation is not supported yet",
         )
         return None
-    if "weight" not in vals and "weight" in nodes:
-        return None  # bad weight, already reported
-    return RouteUpstream(up, **{k: v for k, v in vals.items() if k == "weight"})
+    if any(k not in vals for k in nodes):
+        return None  # a bad weight or model, already reported
+    return RouteUpstream(up, **{k: v for k, v in vals.items() if k in ("weight", "model")})
+
+
+def _c_model_name(ctx: _Ctx, node: Node) -> str:
+    name = _c_str(ctx, node).strip()
+    if not name or any(c in name for c in "*?["):
+        raise _Bad(f"must be the model name sent to this upstream, got {_clip(name)!r}")
+    return name
 
 
 _MIDDLEWARE_FIELDS: dict[str, dict[str, Conv]] = {

@@ -21,7 +21,7 @@ class Outcome(StrEnum):
     REJECTED = "rejected"  # refused: bad request, a 4xx from the provider
     SHUTDOWN = "shutdown"  # cut at the shutdown deadline
     INTERRUPTED = "interrupted"  # reserved: in flight when the process died
-    SHED = "shed"  # reserved: refused by load shedding
+    SHED = "shed"  # refused by load shedding (queue full, or waited past queue_timeout)
 
 
 class UsageSource(StrEnum):
@@ -68,3 +68,7 @@ class MeterRecord:
     error: str | None = None  # short, secret-free reason when outcome != 'ok'
     # JSON list of {"upstream", "reason"} for each attempt that failed over (None: none).
     failed_attempts: str | None = None
+    # The model name the serving upstream was sent, when the route renamed it
+    # (``model`` keeps the one the client asked for). None: not renamed.
+    upstream_model: str | None = None
+    tier: str | None = None  # the queue tier the request was served in

@@ -74,6 +74,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # Failover: the attempts that failed before the one that served.
     (f"ALTER TABLE {TABLE} ADD COLUMN failed_attempts TEXT",),
+    # Routing: the model sent upstream when a route renamed it; the queue tier.
+    (f"ALTER TABLE {TABLE} ADD COLUMN upstream_model TEXT",
+     f"ALTER TABLE {TABLE} ADD COLUMN tier TEXT"),
 )
 
 COLUMNS: Final[tuple[str, ...]] = tuple(f.name for f in dataclasses.fields(MeterRecord))
