@@ -59,6 +59,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "limits",
         "paused_reading",
         "paused_writing",
+        "peer_trusted",
         "reader",
         "request",
         "transport",
@@ -81,6 +82,9 @@ class DownstreamProtocol(asyncio.Protocol):
         self.paused_writing = False
         self.paused_reading = False
         self.closed = False
+        # The peer is one of the configured trusted_peers (the Nginx in front), whose
+        # x-sidecar-* identity headers are believed; decided once, at connect.
+        self.peer_trusted = False
         # loop.time() when the connection last became idle, -1 while a request is
         # being read or answered; the proxy's idle sweep closes the long-idle ones.
         self.idle_since = -1.0
@@ -102,6 +106,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if not self.handler.connection_opened(self):
             self._fail_request(Overloaded("too many open connections"), close=True)
             return
+        self.peer_trusted = self.handler.trusts(self.transport)
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:

@@ -85,5 +85,11 @@ class Overloaded(SidecarError):
     code = "overloaded"
 
 
+class Shed(Overloaded):
+    """An upstream at max_concurrent with a full queue, or a wait past queue_timeout."""
+
+    code = "upstream_overloaded"
+
+
 class ShuttingDown(Overloaded):
     code = "shutting_down"

@@ -113,6 +113,11 @@ class ClientSide(ResponseWriter, Protocol):
     @property
     def paused_writing(self) -> bool: ...
 
+    @property
+    def peer_trusted(self) -> bool:
+        """The peer may set x-sidecar-* identity headers (it is a trusted_peers address)."""
+        ...
+
     def follow(self, events: ClientEvents | None) -> None:
         """Send this connection's events (gone, pause, resume) to ``events``."""
         ...
@@ -154,6 +159,10 @@ class RequestHandler(Protocol):
         ...
 
     def connection_closed(self, conn: ClientConnection) -> None: ...
+
+    def trusts(self, transport: asyncio.BaseTransport) -> bool:
+        """Is this connection's peer a trusted one (may it set identity headers)?"""
+        ...
 
     def handle(self, req: ParsedRequest, client: ClientSide) -> None:
         """Answer one complete request; ``client.cycle_done`` says when it is over."""

@@ -35,18 +35,25 @@ class Phase(IntEnum):
     STREAMING = 3
     DRAINING = 4
     SETTLED = 5
+    QUEUED = 6  # waiting for a slot on an upstream at max_concurrent (sidecar.gate)
 
 
 # Every legal move. Anything else is a bug in the proxy and raises LifecycleError.
 TRANSITIONS: Final[Mapping[Phase, frozenset[Phase]]] = {
     # Refused before any attempt (bad JSON, no upstream, admission) goes straight to
     # DRAINING; a free kept-alive connection skips CONNECTING.
-    Phase.ADMITTED: frozenset({Phase.CONNECTING, Phase.AWAITING_HEAD, Phase.DRAINING}),
+    # An attempt on an upstream at max_concurrent waits QUEUED first (any attempt:
+    # the first, a failover, a replay).
+    Phase.ADMITTED: frozenset({Phase.CONNECTING, Phase.AWAITING_HEAD, Phase.QUEUED,
+                               Phase.DRAINING}),
+    # Given a slot it connects or takes a kept-alive connection; shed or left: DRAINING.
+    Phase.QUEUED: frozenset({Phase.CONNECTING, Phase.AWAITING_HEAD, Phase.DRAINING}),
     # A failed connect may fail over to another upstream's connect.
-    Phase.CONNECTING: frozenset({Phase.CONNECTING, Phase.AWAITING_HEAD, Phase.DRAINING}),
+    Phase.CONNECTING: frozenset({Phase.CONNECTING, Phase.AWAITING_HEAD, Phase.QUEUED,
+                                 Phase.DRAINING}),
     # Retry before the first byte: on a new connection or on a free kept-alive one.
     Phase.AWAITING_HEAD: frozenset({Phase.STREAMING, Phase.CONNECTING, Phase.AWAITING_HEAD,
-                                    Phase.DRAINING}),
+                                    Phase.QUEUED, Phase.DRAINING}),
     Phase.STREAMING: frozenset({Phase.DRAINING}),
     Phase.DRAINING: frozenset({Phase.SETTLED}),
     Phase.SETTLED: frozenset(),
@@ -66,6 +73,7 @@ AWAITING_HEAD: Final = Phase.AWAITING_HEAD
 STREAMING: Final = Phase.STREAMING
 DRAINING: Final = Phase.DRAINING
 SETTLED: Final = Phase.SETTLED
+QUEUED: Final = Phase.QUEUED
 
 
 class LifecycleError(SidecarError):

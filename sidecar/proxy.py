@@ -30,9 +30,11 @@ from sidecar.errors import (
     NotFound,
     Overloaded,
     RequestError,
+    Shed,
     SidecarError,
     UpstreamError,
 )
+from sidecar.gate import Gate, QueueFull, Waiter
 from sidecar.handler import ClientConnection, ClientSide
 from sidecar.http1 import ResponseHead
 from sidecar.lifecycle import (
@@ -40,6 +42,7 @@ from sidecar.lifecycle import (
     AWAITING_HEAD,
     CONNECTING,
     DRAINING,
+    QUEUED,
     SETTLED,
     STREAMING,
     Decision,
@@ -78,6 +81,12 @@ _REJECTED: Final = Outcome.REJECTED
 _UPSTREAM_ERROR: Final = Outcome.UPSTREAM_ERROR
 _CAUSE_CONNECT: Final = RetryReason.CONNECT
 _CAUSE_429: Final = RetryReason.STATUS_429
+_SHED: Final = Outcome.SHED
+TIER_HEADER: Final = b"x-sidecar-tier"
+
+# A queued attempt: the flight, the upstream index it waits for, and whether it must
+# run on a fresh connection (a replay).
+Queued = tuple["Flight", int, bool]
 
 
 def _is_event_stream(head: ResponseHead) -> bool:
@@ -95,7 +104,7 @@ class Flight(Lifecycle):
 
     __slots__ = ("body", "client", "ctx", "ended_by", "exchange", "failed", "index", "limits",
                  "payload", "pool", "proxy", "replays", "req", "route", "sse", "strip",
-                 "task", "tried")
+                 "task", "tried", "waiter")
 
     def __init__(self, req: ParsedRequest, client: ClientSide, ctx: RequestContext,
                  proxy: Proxy, route: Route, limits: LimitsConfig) -> None:
@@ -122,6 +131,7 @@ class Flight(Lifecycle):
         self.strip = False  # hide the usage chunk we asked for from the client
         self.exchange: Exchange | None = None
         self.task: asyncio.Task[None] | None = None  # connecting (or admitting)
+        self.waiter: Waiter[Queued] | None = None  # queued for a slot (sidecar.gate)
         # Set when the sidecar itself ends the request (shutdown's deadline): the row's
         # outcome, whatever the attempt saw, and no further attempt.
         self.ended_by: Outcome | None = None
@@ -175,6 +185,8 @@ class Flight(Lifecycle):
         ex = self.exchange
         if ex is not None:
             ex.client_gone()  # settles through on_end
+        elif self.waiter is not None:
+            self.proxy._unqueue(self, outcome)
         elif self.task is not None and not self.task.done():
             self.task.cancel()
 
@@ -183,6 +195,8 @@ class Flight(Lifecycle):
         ex = self.exchange
         if ex is not None:
             ex.client_gone()
+        elif self.waiter is not None:
+            self.proxy._unqueue(self, _CLIENT_DISCONNECT)
         elif self.task is not None and not self.task.done():
             # Still connecting: nothing upstream to abort yet, so stop the task.
             self.task.cancel()
@@ -262,6 +276,13 @@ class Proxy:
     def connection_closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
 
+    def trusts(self, transport: asyncio.BaseTransport) -> bool:
+        runtime = self.runtime
+        if not runtime.trusted:  # the default: no peer sets identity headers
+            return False
+        peer = transport.get_extra_info("peername")
+        return isinstance(peer, tuple) and runtime.trusts(str(peer[0]))
+
     def handle(self, req: ParsedRequest, client: ClientSide) -> None:
         """Answer one complete request, synchronously when it can be.
 
@@ -291,6 +312,7 @@ class Proxy:
             path=path,
             route=path,
             bytes_in=len(req.body),
+            tier=self._tier(req, runtime) if client.peer_trusted else runtime.default_tier,
         )
         flight = Flight(req, client, ctx, self, route, runtime.limits)
         try:
@@ -325,6 +347,14 @@ class Proxy:
         ctx.model = model if isinstance(model, str) else None
         ctx.stream = body.get("stream") is True
         return body
+
+    @staticmethod
+    def _tier(req: ParsedRequest, runtime: Runtime) -> str:
+        """The tier a trusted peer (the Nginx in front) named; unknown or none: the last."""
+        for name, value in req.headers:
+            if name == TIER_HEADER:
+                return runtime.tier_names.get(value, runtime.default_tier)
+        return runtime.default_tier
 
     @staticmethod
     def _route_for_model(runtime: Runtime, path: str, model: str | None) -> Route:
@@ -362,10 +392,26 @@ class Proxy:
                 self._refuse(flight, Overloaded(
                     f"route {flight.ctx.route} has no upstream to serve it"))
                 return
+        gate = route.pools[i].gate
+        if gate is not None and route.can_fail_over and gate.running >= gate.limit:
+            # The pick is full: another available upstream with a free slot serves at once
+            # rather than the request queueing (queue on the first pick when none has).
+            j = route.balancer.pick(route.health, now, flight.tried | 1 << i)
+            if j is not None:
+                other = route.pools[j].gate
+                if other is None or other.running < other.limit:
+                    i = j
         self._start_attempt(flight, i, now, fresh=False)
 
-    def _start_attempt(self, flight: Flight, i: int, now: float, fresh: bool) -> None:
+    def _start_attempt(self, flight: Flight, i: int, now: float, fresh: bool,
+                       entered: bool = False) -> None:
+        """Run an attempt on the route's upstream ``i`` (``entered``: its slot is held)."""
         route, ctx = flight.route, flight.ctx
+        if not entered:
+            gate = route.pools[i].gate
+            if gate is not None and not gate.try_enter():
+                self._queue(flight, i, fresh, gate)
+                return
         flight.index = i
         flight.tried |= 1 << i
         upstream = route.table.upstreams[i]
@@ -414,13 +460,13 @@ class Proxy:
             self._refuse(flight, exc)
             return
         except asyncio.CancelledError:
-            flight.pool.health.end()
+            self._release(flight)
             self._cancelled(flight)
             raise
         flight.task = None
         if flight.client.closed:
             conn.close()
-            flight.pool.health.end()
+            self._release(flight)
             flight.ctx.outcome = _CLIENT_DISCONNECT
             flight.advance(DRAINING)
             self._complete(flight, reusable=False)
@@ -430,7 +476,7 @@ class Proxy:
     def _connect_failed(self, flight: Flight, exc: SidecarError) -> bool:
         """A connect failed: count it against the upstream; True when failing over."""
         pool, now = flight.pool, self.loop.time()
-        pool.health.end()
+        self._release(flight)
         pool.health.record_failure(now)
         if not self._may_fail_over(flight, _CAUSE_CONNECT, now):
             return False
@@ -497,7 +543,7 @@ class Proxy:
         """An attempt ended (completed, failed, cut): fail over, retry, or settle."""
         flight.exchange = None
         ctx, health, now = flight.ctx, flight.pool.health, self.loop.time()
-        health.end()
+        self._release(flight)
         retry = ex.retry
         if ex.committed:
             status = ex.head.status if ex.head is not None else 0
@@ -531,14 +577,81 @@ class Proxy:
         flight.advance(DRAINING)
         self._complete(flight, reusable=ex.outcome is _OK)
 
-    def _refuse(self, flight: Flight, exc: SidecarError) -> None:
+    # -- max_concurrent: slots, the wait queue, shedding ---------------------------------
+    def _release(self, flight: Flight) -> None:
+        """The attempt on flight.pool is over: free its slot, to the next waiter if any."""
+        pool = flight.pool
+        pool.health.end()
+        gate = pool.gate
+        if gate is not None:
+            waiter = gate.leave()
+            if waiter is not None:
+                self._dequeue(waiter)
+
+    def _queue(self, flight: Flight, i: int, fresh: bool, gate: Gate[Queued]) -> None:
+        """Upstream ``i`` is at max_concurrent: wait for a slot in tier order, or be shed."""
+        rank = self.runtime.tier_rank.get(flight.ctx.tier or "", len(self.runtime.tier_rank))
+        try:
+            waiter = gate.wait(rank, (flight, i, fresh))
+        except QueueFull:
+            self._shed(flight, i, gate, f"{gate.limit} requests running and {gate.queued} "
+                                        f"waiting (max_queue)")
+            return
+        waiter.handle = self.loop.call_later(gate.timeout, self._waited_too_long, waiter, gate)
+        flight.waiter = waiter
+        flight.advance(QUEUED)
+
+    def _dequeue(self, waiter: Waiter[Queued]) -> None:
+        """A slot passed to ``waiter``: its attempt runs now."""
+        flight, i, fresh = waiter.item
+        flight.waiter = None
+        handle = waiter.handle
+        if isinstance(handle, asyncio.TimerHandle):
+            handle.cancel()
+        self._start_attempt(flight, i, self.loop.time(), fresh, entered=True)
+
+    def _waited_too_long(self, waiter: Waiter[Queued], gate: Gate[Queued]) -> None:
+        flight, i, _ = waiter.item
+        gate.cancel(waiter)
+        flight.waiter = None
+        self._shed(flight, i, gate, f"no slot within queue_timeout ({gate.timeout:g}s)")
+
+    def _unqueue(self, flight: Flight, outcome: Outcome) -> None:
+        """A queued request ends before its turn (client gone, shutdown)."""
+        waiter = flight.waiter
+        assert waiter is not None
+        _, i, _ = waiter.item
+        gate = flight.route.pools[i].gate
+        assert gate is not None
+        gate.cancel(waiter)
+        if isinstance(waiter.handle, asyncio.TimerHandle):
+            waiter.handle.cancel()
+        flight.waiter = None
+        ctx = flight.ctx
+        ctx.outcome, ctx.error = outcome, "left the queue before a slot was free"
+        ctx.upstream = flight.route.table.upstreams[i].name
+        flight.advance(DRAINING)
+        self._complete(flight, reusable=False)
+
+    def _shed(self, flight: Flight, i: int, gate: Gate[Queued], why: str) -> None:
+        """Refuse at once with 503 + retry-after: the upstream is at capacity."""
+        ctx = flight.ctx
+        name = flight.route.table.upstreams[i].name
+        ctx.upstream = name
+        ctx.outcome = _SHED
+        self._refuse(flight, Shed(f"upstream '{name}' is at capacity: {why}; retry later"),
+                     ((b"retry-after", b"%d" % gate.retry_after()),))
+
+    def _refuse(self, flight: Flight, exc: SidecarError,
+                extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         """Answer with an OpenAI-style error (nothing was sent yet) and settle the row."""
         flight.advance(DRAINING)
         ctx = flight.ctx
         ctx.status, ctx.error = exc.status, str(exc)
         if ctx.outcome == _OK:
             ctx.outcome = _REJECTED if isinstance(exc, RequestError) else _UPSTREAM_ERROR
-        extra = flight.pool.response_headers(ctx.attempts) if ctx.attempts else ()
+        if ctx.attempts:
+            extra = (*flight.pool.response_headers(ctx.attempts), *extra)
         ctx.bytes_out += self._reply_error(flight.client, exc, extra)
         self._complete(flight, reusable=True)
 

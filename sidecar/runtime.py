@@ -10,9 +10,17 @@ of one config and half of another.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
-from sidecar.config import Config, LimitsConfig, RouteConfig, Strategy, TimeoutsConfig
+from sidecar.config import (
+    DEFAULT_TIERS,
+    Config,
+    LimitsConfig,
+    RouteConfig,
+    Strategy,
+    TimeoutsConfig,
+)
 from sidecar.health import UpstreamHealth
 from sidecar.registry import UpstreamRegistry
 from sidecar.retry import DEFAULT_RETRY_ON, RetryBudget, RetryReason
@@ -72,6 +80,12 @@ class Runtime:
     upstreams: UpstreamRegistry
     limits: LimitsConfig
     timeouts: TimeoutsConfig
+    # Peers whose x-sidecar-tier header is believed; the tiers by header value, their
+    # queue rank (0 is served first), and the tier of everyone else (the last one).
+    trusted: tuple[IPv4Network | IPv6Network, ...] = ()
+    tier_names: Mapping[bytes, str] = field(default_factory=dict)
+    tier_rank: Mapping[str, int] = field(default_factory=dict)
+    default_tier: str = DEFAULT_TIERS[-1]
 
     @classmethod
     def build(cls, config: Config, previous: Runtime | None = None) -> Runtime:
@@ -89,8 +103,22 @@ class Runtime:
             per_path.setdefault(r.path, []).append((r.models, built))
         by_model = {path: ModelMatch(choices) for path, choices in per_path.items()
                     if any(models for models, _ in choices)}
+        tiers = config.tiers
         return cls(config=config, routes=routes, by_model=by_model, upstreams=upstreams,
-                   limits=config.limits, timeouts=config.timeouts)
+                   limits=config.limits, timeouts=config.timeouts,
+                   trusted=tuple(ip_network(p) for p in config.trusted_peers),
+                   tier_names={t.encode(): t for t in tiers},
+                   tier_rank={t: i for i, t in enumerate(tiers)}, default_tier=tiers[-1])
+
+    def trusts(self, host: str) -> bool:
+        """Is ``host`` (a peer's IP address) one of the trusted peers?"""
+        try:
+            ip = ip_address(host.split("%", 1)[0])  # an IPv6 zone id is not part of it
+        except ValueError:
+            return False
+        if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # ::ffff:10.0.0.1 on a dual-stack socket is 10.0.0.1
+        return any(ip in net for net in self.trusted)
 
     def route_for_model(self, path: str, model: str | None) -> Route | None:
         """The route serving ``model`` on ``path``, a path whose routes match by model."""

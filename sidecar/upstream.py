@@ -12,11 +12,12 @@ import logging
 import ssl
 import time
 from enum import IntEnum
-from typing import Final, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
 from sidecar.addresses import is_ip_literal
 from sidecar.config import TimeoutsConfig, UpstreamConfig
 from sidecar.errors import UpstreamError, UpstreamTimeout
+from sidecar.gate import Gate
 from sidecar.health import UpstreamHealth
 from sidecar.http1 import HOP_BY_HOP, ResponseParser
 
@@ -133,6 +134,9 @@ class UpstreamPool:
         self.retired = False
         # What routing knows of this upstream (kept across a reload with the pool).
         self.health = UpstreamHealth(cfg.name)
+        # Its max_concurrent slots and their wait queue; None: no limit (no cost).
+        self.gate: Gate[Any] | None = None if cfg.max_concurrent is None else Gate(
+            cfg.max_concurrent, cfg.max_queue, cfg.queue_timeout)
         # The response headers naming it, encoded once (for a first attempt, the
         # whole pair: most responses need nothing else).
         self._name = cfg.name.encode("ascii", "replace")

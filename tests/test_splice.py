@@ -114,6 +114,9 @@ class FakeProxy:
     def connection_opened(self, conn: Any) -> bool:
         return True
 
+    def trusts(self, transport: Any) -> bool:
+        return False
+
     def connection_closed(self, conn: Any) -> None:
         pass
 
