@@ -335,13 +335,14 @@ class Exchange:
             return
         error = UpstreamError("upstream closed the connection mid-response")
         if self.stage is _WAIT_HEAD and not self._parser.seen:
-            # No byte came back. Only a kept-alive connection that failed on our write,
-            # or closed before the provider could have read the request, proves the
-            # request was not processed; any other close may come after the provider
-            # started generating, so replaying the POST is a failover decision (cause
-            # RESET), never an invisible retry.
+            # No byte came back. Only a kept-alive connection that failed on our write
+            # (EPIPE: the peer had closed it before the request went out) or closed
+            # before the provider could have read the request proves the request was
+            # not processed. A reset while reading (ECONNRESET) or any later close may
+            # come after the provider started generating, so replaying the POST is a
+            # failover decision (cause RESET), never an invisible retry.
             safe = self.conn.reused and (
-                exc is not None
+                isinstance(exc, BrokenPipeError)
                 or self.sweeper.loop.time() - self.started <= STALE_CLOSE_WINDOW)
             self.retry = Retry(_UPSTREAM_ERROR, error, cause=_CAUSE_RESET, replay_safe=safe)
         self._fail(error, _UPSTREAM_ERROR)

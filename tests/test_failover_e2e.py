@@ -16,6 +16,7 @@ from conftest import Stack
 from e2e_helpers import (
     ClientConn,
     assert_ends_with_stream_error,
+    assert_openai_error,
     chat_body,
     closed_port,
     request_bytes,
@@ -192,3 +193,98 @@ def test_a_status_left_out_of_retry_on_is_relayed_not_retried(
     (row,) = stack.rows()
     assert row["outcome"] == "rate_limited" and row["attempts"] == 1
     assert row["failed_attempts"] is None
+
+
+def _with_routes(*routes: Callable[[UpstreamConfig, UpstreamConfig], RouteConfig]
+                 ) -> Callable[[Config], Config]:
+    """A config edit replacing the routes, each built from (primary, secondary)."""
+    import dataclasses
+
+    def edit(config: Config) -> Config:
+        primary, secondary = (ru.upstream for ru in config.routes[0].upstreams)
+        return dataclasses.replace(config, routes=tuple(r(primary, secondary) for r in routes))
+
+    return edit
+
+
+def test_weighted_50_50_over_1000_requests(two_mocks: Callable[..., TwoMocks]) -> None:
+    stack = two_mocks(edit=_with_routes(lambda p, s: RouteConfig(
+        path=PATH, strategy="weighted", upstreams=(RouteUpstream(p, 50), RouteUpstream(s, 50)))))
+    served: dict[str, int] = {}
+    with ClientConn(stack.port) as c:
+        for _ in range(1000):
+            c.send(request_bytes("POST", PATH, chat_body()))
+            resp = c.read_response()
+            assert resp.status == 200
+            up = resp.header("x-sidecar-upstream") or ""
+            served[up] = served.get(up, 0) + 1
+    assert set(served) == {"primary", "secondary"}
+    assert all(450 <= n <= 550 for n in served.values()), served
+    assert (len(stack.primary.requests), len(stack.secondary.requests)) == (
+        served["primary"], served["secondary"])
+
+
+def test_model_matched_routes_and_a_renamed_model(two_mocks: Callable[..., TwoMocks]) -> None:
+    stack = two_mocks(edit=_with_routes(
+        lambda p, s: RouteConfig(path=PATH, models=("gpt-4o", "gpt-4o-*"),
+                                 upstreams=(RouteUpstream(p, model="deepseek-chat"),)),
+        lambda p, s: RouteConfig(path=PATH, upstreams=(RouteUpstream(s),)),
+        lambda p, s: RouteConfig(path="/v1/embeddings", models=("text-embedding-3-*",),
+                                 upstreams=(RouteUpstream(s),)),
+    ))
+    # Streamed, so the body gets both edits: the model renamed and usage asked for.
+    for model, upstream in [("gpt-4o", "primary"), ("gpt-4o-2024-08-06", "primary"),
+                            ("gpt-3.5-turbo", "secondary")]:
+        resp = _post(stack.port, chat_body(model=model, stream=True))
+        assert resp.status == 200 and resp.header("x-sidecar-upstream") == upstream, model
+        assert not any(b'"usage"' in d for d in resp.sse_data())  # the client did not ask
+    sent = [orjson.loads(r.body) for r in stack.primary.requests]
+    assert [b["model"] for b in sent] == ["deepseek-chat", "deepseek-chat"]
+    assert all(b["stream_options"] == {"include_usage": True} for b in sent)
+    assert orjson.loads(stack.secondary.requests[0].body)["model"] == "gpt-3.5-turbo"
+    # A path whose routes all match by model: another model is OpenAI's 404.
+    with ClientConn(stack.port) as c:
+        c.send(request_bytes("POST", "/v1/embeddings",
+                             {"model": "ada-002", "input": "x"}))
+        err = assert_openai_error(c.read_response(), 404, "model_not_found")
+    assert "ada-002" in err["message"]
+    stack.stop()
+    rows = [r for r in stack.rows() if r["route"] == PATH]
+    assert [(r["model"], r["upstream_model"], r["upstream"]) for r in rows] == [
+        ("gpt-4o", "deepseek-chat", "primary"),
+        ("gpt-4o-2024-08-06", "deepseek-chat", "primary"),
+        ("gpt-3.5-turbo", None, "secondary")]
+    assert all(r["usage_source"] == "reported" for r in rows)
+
+
+@pytest.mark.parametrize("retry_on", [None, ("connect", "reset")])
+def test_a_post_the_provider_read_on_a_reused_connection_is_never_sent_twice(
+        two_mocks: Callable[..., TwoMocks], retry_on: tuple[str, ...] | None) -> None:
+    import dataclasses
+
+    def edit(config: Config) -> Config:
+        return dataclasses.replace(config, routes=(
+            dataclasses.replace(config.routes[0], retry_on=retry_on),))
+
+    stack = two_mocks(edit=edit)
+    with ClientConn(stack.port) as c:
+        c.send(request_bytes("POST", PATH, chat_body()))
+        assert c.read_response().header("x-sidecar-upstream") == "primary"  # now pooled
+        # The provider reads the next POST on that kept-alive connection, then drops it
+        # 100 ms later without a byte back: it may have started (and billed) it.
+        stack.call(lambda: stack.primary.set_fault("close-after-read:100"))
+        c.send(request_bytes("POST", PATH, chat_body(text="read then dropped")))
+        resp = c.read_response()
+    assert len(stack.primary.requests) == 2  # once each, never replayed on a fresh one
+    assert stack.primary.requests[1].connection is stack.primary.requests[0].connection
+    stack.stop()
+    row = stack.rows()[1]
+    if retry_on is None:  # reset is not in the default retry_on: a visible failure
+        assert_openai_error(resp, 502)
+        assert row["outcome"] == "upstream_error" and row["attempts"] == 1
+        assert row["upstream"] == "primary" and row["error"]
+    else:  # the route opted in: a counted failover to the other upstream
+        assert resp.status == 200 and resp.header("x-sidecar-upstream") == "secondary"
+        assert len(stack.secondary.requests) == 1 and row["attempts"] == 2
+        assert orjson.loads(row["failed_attempts"]) == [
+            {"upstream": "primary", "reason": "reset"}]

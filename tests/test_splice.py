@@ -451,7 +451,9 @@ def test_the_moves_a_failover_needs_are_legal_and_others_raise() -> None:
 @pytest.mark.parametrize(("lost", "safe"), [
     (None, False),  # a plain close 1.5 s after the write: the provider may have read it
     (BrokenPipeError(32, "Broken pipe"), True),  # the write failed: it never got there
-], ids=["late-close", "write-error"])
+    # A reset while reading: the provider may have read the request first.
+    (ConnectionResetError(104, "Connection reset by peer"), False),
+], ids=["late-close", "write-error", "read-reset"])
 def test_replay_safety_of_a_reused_connection_lost_before_any_byte(
         lost: Exception | None, safe: bool) -> None:
     async def main() -> Exchange:

@@ -7,7 +7,8 @@ CLI) and overridable per request with x-mock-* headers, so one instance serves m
     x-mock-first-byte-ms: F     pause before the response head
     x-mock-bytes: 50MB          big mode: stream until the response is at least this long
     x-mock-always-usage: 1      OpenAI: send the usage chunk even without include_usage
-    x-mock-fault: F[,F...]      status:NNN | disconnect-after:N | no-usage | hang | malformed
+    x-mock-fault: F[,F...]      status:NNN | disconnect-after:N | no-usage | hang | malformed |
+                                close-after-read:MS (read the request, close MS ms later, no reply)
     x-mock-retry-after: S       retry-after value on 429/503 (default 1)
     x-mock-cache-read-tokens / x-mock-cache-write-tokens: N   cached prompt tokens to report
 """
@@ -26,6 +27,7 @@ class Faults:
     no_usage: bool = False
     hang: bool = False
     malformed: bool = False
+    close_after_read: float | None = None  # seconds
 
 
 def parse_faults(spec: str | None) -> Faults:
@@ -50,6 +52,8 @@ def parse_faults(spec: str | None) -> Faults:
             faults = replace(faults, hang=True)
         elif name == "malformed":
             faults = replace(faults, malformed=True)
+        elif name == "close-after-read":
+            faults = replace(faults, close_after_read=max(0, int(arg or 0)) / 1000)
         else:
             raise ValueError(f"unknown mock fault {item!r}")
     return faults

@@ -238,6 +238,11 @@ class MockProtocol(asyncio.Protocol):
             return self._simple(req, plan.reply, close)
         if faults.hang:
             return False  # busy for good: this connection answers nothing more
+        if faults.close_after_read is not None:
+            # The provider read the request (it may be generating, and billing) and then
+            # drops the connection without a byte back.
+            asyncio.get_running_loop().call_later(faults.close_after_read, self.close)
+            return False
         if faults.malformed:
             self._write(req, _MALFORMED)
             self.close()

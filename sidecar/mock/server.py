@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from dataclasses import replace
 from types import TracebackType
 from typing import Final
 
@@ -82,6 +83,13 @@ class MockUpstream:
         self._ids = 0
         self._due: dict[int, list[MockProtocol]] = {}  # pacer slot -> streams due then
         self._planner = Planner(self._knobs, api_format, model)
+
+    def set_fault(self, spec: str | None) -> None:
+        """From now on, answer with these faults (``--fault`` syntax) unless a request's
+        x-mock-fault says otherwise: a test can make one mock of several misbehave
+        after it has served normally. Call on the mock's loop."""
+        self._knobs = replace(self._knobs, faults=parse_faults(spec))
+        self._planner = Planner(self._knobs, self._planner.api_format, self._planner.model)
 
     # -- lifecycle
 
