@@ -72,6 +72,8 @@ class Runtime:
     upstreams: UpstreamRegistry
     limits: LimitsConfig
     timeouts: TimeoutsConfig
+    # Every route in file order, model-matched ones included (readiness reports them).
+    all_routes: tuple[Route, ...] = ()
 
     @classmethod
     def build(cls, config: Config, previous: Runtime | None = None) -> Runtime:
@@ -83,14 +85,16 @@ class Runtime:
         )
         routes: dict[str, Route] = {}
         per_path: dict[str, list[tuple[tuple[str, ...], Route]]] = {}
+        every: list[Route] = []
         for r in config.routes:
             built = Route.build(r, upstreams)
+            every.append(built)
             routes.setdefault(r.path, built)
             per_path.setdefault(r.path, []).append((r.models, built))
         by_model = {path: ModelMatch(choices) for path, choices in per_path.items()
                     if any(models for models, _ in choices)}
         return cls(config=config, routes=routes, by_model=by_model, upstreams=upstreams,
-                   limits=config.limits, timeouts=config.timeouts)
+                   limits=config.limits, timeouts=config.timeouts, all_routes=tuple(every))
 
     def route_for_model(self, path: str, model: str | None) -> Route | None:
         """The route serving ``model`` on ``path``, a path whose routes match by model."""
