@@ -9,9 +9,19 @@ success makes the upstream healthy again (and resets the back-off), its failure
 ejects it again for twice as long. A provider's ``retry-after`` puts it in a
 cool-down of its own, which neither counts as a failure nor resets the back-off.
 
+Active checks (``health_check``, run by ``sidecar.health_check`` in a task of their
+own, off the hot path) report through :meth:`check_failed` / :meth:`check_passed`
+into one flag, ``active_down``, kept apart from the passive counts: an upstream
+failing its check is unavailable whatever its passive state, and a failed check
+never counts as a failed request (nor a passed one as a success). When a check
+passes again after failing, an ejection still running is cut short to half-open,
+so the next real request probes the upstream at once instead of waiting out the
+back-off; the back-off itself is kept until that probe succeeds. A check that
+keeps passing does not shorten ejections: an upstream that answers its health
+path but fails real requests stays ejected for as long as its failures say.
+
 Routing asks :meth:`UpstreamHealth.available` per candidate: a few comparisons,
-O(1), no lock and no I/O. Active checks (``health_check``) report through the same
-``record_success`` / ``record_failure`` from their own task, off the hot path.
+O(1), no lock and no I/O.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ class State(IntEnum):
     EJECTED = 2  # failing: no request until the ejection ends
     HALF_OPEN = 3  # the ejection ended: one probe request may go
     PROBING = 4  # the probe is in flight: nothing else until it answers
+    CHECK_FAILING = 5  # the active health check fails: no request until it passes
 
 
 class UpstreamHealth:
@@ -53,6 +64,7 @@ class UpstreamHealth:
         "_failures_in_row",
         "_probing",
         "_window",
+        "active_down",
         "cool_until",
         "ewma_ttfb",
         "inflight",
@@ -66,6 +78,7 @@ class UpstreamHealth:
         self.inflight = 0  # attempts running on it now (least_inflight, max_concurrent)
         self.ewma_ttfb: float | None = None  # seconds; None until the first sample
         self.cool_until = 0.0
+        self.active_down = False  # the last active health check failed
         self._ejected_until = 0.0
         self._ejections = 0  # in a row, for the back-off
         self._failures_in_row = 0
@@ -74,6 +87,8 @@ class UpstreamHealth:
 
     # -- what the router asks -----------------------------------------------------------
     def state(self, now: float) -> State:
+        if self.active_down:
+            return State.CHECK_FAILING
         if self._ejections and now < self._ejected_until:
             return State.EJECTED
         if self._ejections:
@@ -84,6 +99,8 @@ class UpstreamHealth:
 
     def available(self, now: float) -> bool:
         """May a request go here now? (A half-open upstream takes one probe.)"""
+        if self.active_down:
+            return False
         if self._ejections:
             return now >= self._ejected_until and not self._probing
         return now >= self.cool_until
@@ -121,6 +138,24 @@ class UpstreamHealth:
     def cool_down(self, now: float, seconds: float) -> None:
         """The provider asked for a pause (retry-after on a 429/503)."""
         self.cool_until = max(self.cool_until, now + max(0.0, seconds))
+
+    # -- what the active health check reports (its own task, off the hot path) ---------
+    def check_failed(self, now: float) -> bool:
+        """The active check failed; True when that is news (the upstream was up)."""
+        if self.active_down:
+            return False
+        self.active_down = True
+        return True
+
+    def check_passed(self, now: float) -> bool:
+        """The active check passed; True when that is news (it had failed). Coming
+        back cuts a running ejection short to half-open (see the module's docstring)."""
+        if not self.active_down:
+            return False
+        self.active_down = False
+        if self._ejections and now < self._ejected_until:
+            self._ejected_until = now
+        return True
 
     # -- internals ------------------------------------------------------------------------
     def _eject(self, now: float) -> None:

@@ -36,6 +36,7 @@ from sidecar.errors import (
 )
 from sidecar.gate import Gate, QueueFull, Waiter
 from sidecar.handler import ClientConnection, ClientSide
+from sidecar.health_check import HealthCheckers
 from sidecar.http1 import ResponseHead
 from sidecar.lifecycle import (
     ADMITTED,
@@ -52,6 +53,7 @@ from sidecar.lifecycle import (
 )
 from sidecar.meter import Meter
 from sidecar.outcome import estimate_usage, outcome_of, take_attempt
+from sidecar.readiness import readiness
 from sidecar.request_reader import ParsedRequest
 from sidecar.responses import error_for, stream_error_event
 from sidecar.retry import STATUS_REASONS, RetryReason, parse_retry_after
@@ -218,6 +220,10 @@ class Proxy:
         self.admission: Admission = admission if admission is not None else OpenAdmission()
         self.loop = asyncio.get_running_loop()
         self.runtime = Runtime.build(config)
+        # Active health checks (health_check upstreams): tasks of their own; routing
+        # reads only their verdict, a flag on each pool's health.
+        self.health_checks = HealthCheckers()
+        self.health_checks.sync(self.runtime.upstreams)
         self.connections: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.flights: set[Flight] = set()
@@ -242,6 +248,7 @@ class Proxy:
         old = self.runtime
         self.runtime = new = Runtime.build(config, previous=old)
         old.upstreams.retire_except(new.upstreams)
+        self.health_checks.sync(new.upstreams)
         self.sweeper.interval = Sweeper.interval_for(config.timeouts)
         self._idle_period = min(IDLE_SWEEP_MAX_INTERVAL, config.timeouts.client_idle / 4)
         return new
@@ -686,8 +693,8 @@ class Proxy:
 
     # -- local answers ----------------------------------------------------------------
     def _local(self, req: ParsedRequest, client: ClientSide) -> None:
-        if req.path == "/readyz" and self.draining:
-            status, body = 503, b'{"status":"draining"}'
+        if req.path == "/readyz":
+            status, body = readiness(self.runtime, self.loop.time(), self.draining)
         else:
             status, body = 200, b'{"status":"ok"}'
         client.reply(status, body)
@@ -721,6 +728,7 @@ class Proxy:
         self.draining = True
         for conn in list(self.connections):
             conn.close_if_idle()
+        await self.health_checks.close()
         deadline = self.loop.time() + grace
         while (self.flights or self.tasks) and self.loop.time() < deadline:
             await asyncio.sleep(min(DRAIN_POLL_S, max(0.0, deadline - self.loop.time())))

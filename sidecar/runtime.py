@@ -86,6 +86,8 @@ class Runtime:
     tier_names: Mapping[bytes, str] = field(default_factory=dict)
     tier_rank: Mapping[str, int] = field(default_factory=dict)
     default_tier: str = DEFAULT_TIERS[-1]
+    # Every route in file order, model-matched ones included (readiness reports them).
+    all_routes: tuple[Route, ...] = ()
 
     @classmethod
     def build(cls, config: Config, previous: Runtime | None = None) -> Runtime:
@@ -97,15 +99,17 @@ class Runtime:
         )
         routes: dict[str, Route] = {}
         per_path: dict[str, list[tuple[tuple[str, ...], Route]]] = {}
+        every: list[Route] = []
         for r in config.routes:
             built = Route.build(r, upstreams)
+            every.append(built)
             routes.setdefault(r.path, built)
             per_path.setdefault(r.path, []).append((r.models, built))
         by_model = {path: ModelMatch(choices) for path, choices in per_path.items()
                     if any(models for models, _ in choices)}
         tiers = config.tiers
         return cls(config=config, routes=routes, by_model=by_model, upstreams=upstreams,
-                   limits=config.limits, timeouts=config.timeouts,
+                   limits=config.limits, timeouts=config.timeouts, all_routes=tuple(every),
                    trusted=tuple(ip_network(p) for p in config.trusted_peers),
                    tier_names={t.encode(): t for t in tiers},
                    tier_rank={t: i for i, t in enumerate(tiers)}, default_tier=tiers[-1])

@@ -142,6 +142,11 @@ class UpstreamPool:
         self._name = cfg.name.encode("ascii", "replace")
         self._first = ((b"x-sidecar-upstream", self._name), (b"x-sidecar-attempts", b"1"))
 
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of this upstream's connections (None for http)."""
+        return self._ssl
+
     def response_headers(self, attempts: int) -> tuple[tuple[bytes, bytes], ...]:
         """What a client response served (or refused) here says about routing."""
         if attempts == 1:
@@ -240,6 +245,15 @@ _DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"accept-encoding", b"
 _CLIENT_AUTH = frozenset({b"authorization", b"x-api-key", b"api-key"})
 
 
+def host_header(cfg: UpstreamConfig) -> bytes:
+    """The ``host`` header value for requests to this upstream (IDNA, [IPv6], :port)."""
+    host = cfg.host.encode("idna") if not is_ip_literal(cfg.host) else cfg.host.encode()
+    default_port = 443 if cfg.scheme == "https" else 80
+    if ":" in cfg.host:
+        host = b"[" + host + b"]"
+    return host if cfg.port == default_port else b"%b:%d" % (host, cfg.port)
+
+
 class HeadTemplate:
     """What a provider request head takes from the upstream's config, encoded once.
 
@@ -250,13 +264,8 @@ class HeadTemplate:
     __slots__ = ("_anthropic", "_auth", "_forward_auth", "_host", "_prefix", "_version")
 
     def __init__(self, cfg: UpstreamConfig) -> None:
-        host = cfg.host.encode("idna") if not is_ip_literal(cfg.host) else cfg.host.encode()
-        default_port = 443 if cfg.scheme == "https" else 80
-        if ":" in cfg.host:
-            host = b"[" + host + b"]"
-        host_value = host if cfg.port == default_port else b"%b:%d" % (host, cfg.port)
         self._prefix = cfg.base_path.encode()
-        self._host = b" HTTP/1.1\r\nhost: " + host_value + b"\r\ncontent-length: "
+        self._host = b" HTTP/1.1\r\nhost: " + host_header(cfg) + b"\r\ncontent-length: "
         self._forward_auth = cfg.forward_client_auth
         self._anthropic = cfg.format == "anthropic"
         self._auth = b""

@@ -504,7 +504,9 @@ def test_healthz_and_readyz(stack_factory: Any) -> None:
         c.send(request_bytes("HEAD", "/healthz"))
         hd = c.read_response(head_request=True)
     assert h.status == 200 and h.json == {"status": "ok"} and h.header("x-request-id")
-    assert rd.status == 200 and rd.json == {"status": "ok"} and rd.header("x-request-id")
+    assert rd.status == 200 and rd.json["status"] == "ok" and rd.header("x-request-id")
+    assert rd.json["routes"]["/v1/chat/completions"] == {
+        "ready": True, "upstreams": {"mock-openai": "healthy"}}
     assert hd.status == 200 and hd.header("x-request-id")
     # Local answers never reach the provider nor the meter.
     assert stack.mock.requests_total == 0

@@ -36,6 +36,32 @@ def test_consecutive_failures_eject_with_doubling_back_off_and_one_probe() -> No
     assert h.available(205.0) and not h.available(204.9)
 
 
+def test_a_failing_active_check_takes_an_upstream_out_whatever_its_passive_state() -> None:
+    h = UpstreamHealth("a")
+    h.check_failed(10.0)
+    assert not h.available(10.0) and h.state(10.0) is State.CHECK_FAILING
+    h.record_success(10.5)  # a request that went anyway (panic) does not clear the check
+    assert not h.available(11.0) and h.active_down
+    h.check_passed(12.0)
+    assert h.available(12.0) and h.state(12.0) is State.HEALTHY
+
+
+def test_an_active_check_pass_after_a_failure_lets_an_ejected_upstream_be_probed() -> None:
+    h = UpstreamHealth("a")
+    for _ in range(h.policy.consecutive_failures):
+        h.record_failure(100.0)
+    assert h.state(100.0) is State.EJECTED
+    assert h.check_failed(100.5) and not h.check_failed(100.6)  # news once
+    assert h.check_passed(101.0) and not h.check_passed(101.1)
+    assert h.state(101.0) is State.HALF_OPEN and h.available(101.0)
+    h.begin(101.0)
+    h.record_failure(101.2)  # the probe failed: the back-off was kept, so twice as long
+    h.end()
+    assert not h.available(101.2 + 2 * h.policy.base_ejection - 0.1)
+    # A check that merely keeps passing does not cut the ejection short.
+    assert not h.check_passed(102.0) and h.state(102.0) is State.EJECTED
+
+
 def test_error_rate_over_the_window_ejects() -> None:
     h = UpstreamHealth("a", EjectionPolicy(consecutive_failures=100, error_rate=0.5,
                                            min_requests=10))

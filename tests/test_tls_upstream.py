@@ -138,3 +138,29 @@ def test_https_upstream_with_unknown_ca_fails_closed_with_clear_502(
     (row,) = stack.rows()
     assert row["outcome"] == "upstream_error" and row["status"] == 502
     assert row["usage_source"] == "none"
+
+
+def test_an_active_check_uses_the_pools_tls_context(
+        provider: TlsProvider, certs: pathlib.Path) -> None:
+    import uvloop
+
+    from sidecar.config import HealthCheckConfig, TimeoutsConfig
+    from sidecar.health_check import probe
+    from sidecar.upstream import UpstreamPool
+
+    check = HealthCheckConfig(path="/health", interval=5.0, timeout=3.0)
+
+    def pool(ca: str | None) -> UpstreamPool:
+        up = UpstreamConfig(name="tls", url=f"https://localhost:{provider.port}",
+                            scheme="https", host="localhost", port=provider.port,
+                            ca_bundle=ca, health_check=check)
+        return UpstreamPool(up, TimeoutsConfig())
+
+    async def main() -> tuple[str | None, str | None]:
+        good, bad = pool(str(certs / "ca.pem")), pool(None)
+        return (await probe(good.cfg, check, good.ssl_context),
+                await probe(bad.cfg, check, bad.ssl_context))
+
+    verified, unknown_ca = uvloop.run(main())
+    assert verified is None and provider.sni[0] == "localhost"
+    assert unknown_ca is not None and "CERTIFICATE_VERIFY_FAILED" in unknown_ca
