@@ -115,10 +115,11 @@ def _config(ctx: _Ctx, root: MappingNode) -> Config:
     return Config(**kwargs)
 
 
-def _c_names(ctx: _Ctx, node: Node, what: str) -> list[tuple[str, Node]]:
+def _c_names(ctx: _Ctx, node: Node, what: str,
+             allow_empty: bool = False) -> list[tuple[str, Node]]:
     """A string or a list of non-empty strings, each with its node."""
     items = node.value if isinstance(node, SequenceNode) else [node]
-    if not items:
+    if not items and not allow_empty:
         raise _Bad(f"must be {what} or a non-empty list of them")
     out: list[tuple[str, Node]] = []
     for item in items:
@@ -132,7 +133,7 @@ def _c_names(ctx: _Ctx, node: Node, what: str) -> list[tuple[str, Node]]:
 def _c_peers(ctx: _Ctx, node: Node) -> tuple[str, ...]:
     """Addresses or CIDR networks (``127.0.0.1``, ``10.0.0.0/8``, ``::1``)."""
     out: list[str] = []
-    for text, item in _c_names(ctx, node, "an IP address or CIDR network"):
+    for text, item in _c_names(ctx, node, "an IP address or CIDR network", allow_empty=True):
         try:
             out.append(str(ipaddress.ip_network(text, strict=False)))
         except ValueError:
