@@ -19,14 +19,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from sidecar.context import RequestContext
+    from sidecar.handler import ClientSide
     from sidecar.request_reader import ParsedRequest
+    from sidecar.runtime import Route
 
 
 class Admission(Protocol):
-    def admit(self, req: ParsedRequest, body: dict[str, Any],
-              ctx: RequestContext) -> Awaitable[None] | None: ...
+    def admit(self, req: ParsedRequest, body: dict[str, Any], ctx: RequestContext,
+              route: Route, client: ClientSide) -> Awaitable[None] | None: ...
 
     def settle(self, ctx: RequestContext) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class OpenAdmission:
@@ -34,9 +38,12 @@ class OpenAdmission:
 
     __slots__ = ()
 
-    def admit(self, req: ParsedRequest, body: dict[str, Any],
-              ctx: RequestContext) -> Awaitable[None] | None:
+    def admit(self, req: ParsedRequest, body: dict[str, Any], ctx: RequestContext,
+              route: Route, client: ClientSide) -> Awaitable[None] | None:
         return None
 
     def settle(self, ctx: RequestContext) -> None:
+        return None
+
+    def close(self) -> None:
         return None

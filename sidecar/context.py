@@ -9,6 +9,7 @@ and timing columns are filled in and it goes to the meter as it is.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sidecar.meter import MeterRecord
 from sidecar.sse import Tap
@@ -28,6 +29,13 @@ class RequestContext(MeterRecord):
     # (raw request JSON, the response's tap or None, path) when no usage was reported
     # and the row needs a tiktoken estimate, computed off the event loop before queueing.
     pending_estimate: tuple[bytes, Tap | None, str] | None = None
+    # Admission (sidecar.ratelimit): the identity's key record, the bucket charged and
+    # its size, the tokens reserved there, and the x-ratelimit-* headers to send.
+    api_key: Any = None
+    bucket: str | None = None
+    bucket_limits: Any = None
+    reserved: int = 0
+    rate_headers: tuple[tuple[bytes, bytes], ...] = ()
 
     def to_record(self, t_end: float) -> MeterRecord:
         """Complete the row (tokens, timings) and hand it over; not changed after."""

@@ -147,6 +147,13 @@ class DownstreamProtocol(asyncio.Protocol):
         if self._events is not None:
             self._events.resume()
 
+    @property
+    def peer_ip(self) -> str | None:
+        """The client's address (asked of the transport when needed: a limit keyed by
+        client address is the only reader)."""
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return str(peer[0]) if isinstance(peer, tuple) and peer else None
+
     # -- ResponseWriter: HTTP/1.1 framing of the response in flight ------------------
     @property
     def keep_alive(self) -> bool:

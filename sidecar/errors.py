@@ -14,6 +14,8 @@ class SidecarError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str = "internal_error"
+    # Response headers the error's answer carries (retry-after, x-ratelimit-*).
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 class ConfigError(SidecarError):
@@ -58,6 +60,33 @@ class ModelNotFound(NotFound):
 class MethodNotAllowed(RequestError):
     status = 405
     code = "method_not_allowed"
+
+
+class Unauthorized(RequestError):
+    """No sidecar API key, or an unknown or revoked one, on a route that needs one."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class RateLimited(SidecarError):
+    """A token or request bucket of this identity is empty: retry after ``headers``."""
+
+    status = 429
+    type = "tokens"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, headers: tuple[tuple[bytes, bytes], ...]) -> None:
+        super().__init__(message)
+        self.headers = headers
+
+
+class QuotaExceeded(RateLimited):
+    """The key's money budget for the day or month is spent."""
+
+    type = "insufficient_quota"
+    code = "insufficient_quota"
 
 
 class UpstreamError(SidecarError):

@@ -114,6 +114,9 @@ class ClientSide(ResponseWriter, Protocol):
     def paused_writing(self) -> bool: ...
 
     @property
+    def peer_ip(self) -> str | None: ...
+
+    @property
     def peer_trusted(self) -> bool:
         """The peer may set x-sidecar-* identity headers (it is a trusted_peers address)."""
         ...

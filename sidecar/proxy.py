@@ -17,11 +17,11 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Coroutine
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
-from sidecar.admission import Admission, OpenAdmission
+from sidecar.admission import Admission
 from sidecar.config import Config, LimitsConfig
 from sidecar.context import RequestContext
 from sidecar.errors import (
@@ -38,6 +38,7 @@ from sidecar.gate import Gate, QueueFull, Waiter
 from sidecar.handler import ClientConnection, ClientSide
 from sidecar.health_check import HealthCheckers
 from sidecar.http1 import ResponseHead
+from sidecar.identity import identify
 from sidecar.lifecycle import (
     ADMITTED,
     AWAITING_HEAD,
@@ -53,6 +54,8 @@ from sidecar.lifecycle import (
 )
 from sidecar.meter import Meter
 from sidecar.outcome import estimate_usage, outcome_of, take_attempt
+from sidecar.ratelimit.backends import limit_backend
+from sidecar.ratelimit.limiter import Limiter
 from sidecar.readiness import readiness
 from sidecar.request_reader import ParsedRequest
 from sidecar.responses import error_for, stream_error_event
@@ -62,6 +65,9 @@ from sidecar.splice import Exchange, Sweeper
 from sidecar.sse import UsageChunkStripper, make_tap
 from sidecar.tokenizer import Tokenizer
 from sidecar.upstream import UpstreamConnection, UpstreamPool
+
+if TYPE_CHECKING:
+    from sidecar.auth import KeyWatcher
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -159,6 +165,8 @@ class Flight(Lifecycle):
         self.req.forget_head()
         self.body = None
         extra = self.pool.response_headers(self.ctx.attempts)
+        if self.ctx.rate_headers:
+            extra = (*extra, *self.ctx.rate_headers)
         if not head.has_body:
             return None, None, extra
         sse = self.sse = _is_event_stream(head)
@@ -217,9 +225,17 @@ class Proxy:
                  admission: Admission | None = None) -> None:
         self.meter = meter
         self.tokenizer = tokenizer
-        self.admission: Admission = admission if admission is not None else OpenAdmission()
         self.loop = asyncio.get_running_loop()
         self.runtime = Runtime.build(config)
+        # Token buckets (sidecar.ratelimit): a route without a token_limiter pays one
+        # attribute test. The backend is chosen at start (limits.backend is restart-only).
+        self.admission: Admission = admission if admission is not None else Limiter(
+            limit_backend(config.limits), tokenizer)
+        # API keys (identity: api_key routes): an index of the keys file, refreshed by a
+        # task of its own when `sidecar keys` changes it; the hot path reads .current.
+        self.keys: KeyWatcher | None = None
+        self._keys_task: asyncio.Task[None] | None = None
+        self._watch_keys(config)
         # Active health checks (health_check upstreams): tasks of their own; routing
         # reads only their verdict, a flag on each pool's health.
         self.health_checks = HealthCheckers()
@@ -248,10 +264,19 @@ class Proxy:
         old = self.runtime
         self.runtime = new = Runtime.build(config, previous=old)
         old.upstreams.retire_except(new.upstreams)
+        self._watch_keys(config)
         self.health_checks.sync(new.upstreams)
         self.sweeper.interval = Sweeper.interval_for(config.timeouts)
         self._idle_period = min(IDLE_SWEEP_MAX_INTERVAL, config.timeouts.client_idle / 4)
         return new
+
+    def _watch_keys(self, config: Config) -> None:
+        if self.keys is not None or not any(r.identity == "api_key" for r in config.routes):
+            return
+        from sidecar.auth import KeyWatcher
+
+        self.keys = KeyWatcher(config.auth.keys_db, config.auth.refresh)
+        self._keys_task = self.loop.create_task(self.keys.run(), name="keys-watch")
 
     def _sweep_idle(self) -> None:
         deadline = self.loop.time() - self.runtime.timeouts.client_idle
@@ -326,7 +351,10 @@ class Proxy:
             flight.body = self._inspect(req, ctx)
             if route.table.route.models:  # this path's routes match by model
                 flight.route = self._route_for_model(runtime, path, ctx.model)
-            pending = self.admission.admit(req, flight.body, ctx)
+            route = flight.route
+            if route.identity != "none":
+                self._identify(route, req, client, ctx)
+            pending = self.admission.admit(req, flight.body, ctx, route, client)
         except SidecarError as exc:
             self._refuse(flight, exc)
             return
@@ -354,6 +382,11 @@ class Proxy:
         ctx.model = model if isinstance(model, str) else None
         ctx.stream = body.get("stream") is True
         return body
+
+    def _identify(self, route: Route, req: ParsedRequest, client: ClientSide,
+                  ctx: RequestContext) -> None:
+        keys = self.keys.current if self.keys is not None else None
+        identify(route.identity, req.headers, client.peer_trusted, keys, self.runtime, ctx)
 
     @staticmethod
     def _tier(req: ParsedRequest, runtime: Runtime) -> str:
@@ -703,6 +736,8 @@ class Proxy:
     def _reply_error(self, client: ClientSide, exc: SidecarError,
                      extra: tuple[tuple[bytes, bytes], ...] = ()) -> int:
         status, body = error_for(exc)
+        if exc.headers:
+            extra = (*extra, *exc.headers)
         if isinstance(exc, MethodNotAllowed):
             extra = (*extra, (b"allow", b"POST"))
         return client.reply(status, body, extra)
@@ -729,6 +764,9 @@ class Proxy:
         for conn in list(self.connections):
             conn.close_if_idle()
         await self.health_checks.close()
+        if self._keys_task is not None:
+            self._keys_task.cancel()
+            await asyncio.gather(self._keys_task, return_exceptions=True)
         deadline = self.loop.time() + grace
         while (self.flights or self.tasks) and self.loop.time() < deadline:
             await asyncio.sleep(min(DRAIN_POLL_S, max(0.0, deadline - self.loop.time())))
@@ -743,6 +781,7 @@ class Proxy:
         for conn in list(self.connections):
             conn.abort()
         self.runtime.upstreams.close()
+        self.admission.close()
         self.sweeper.close()
         if self._idle_handle is not None:
             self._idle_handle.cancel()

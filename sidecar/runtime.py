@@ -16,12 +16,14 @@ from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_netw
 from sidecar.config import (
     DEFAULT_TIERS,
     Config,
+    Identity,
     LimitsConfig,
     RouteConfig,
     Strategy,
     TimeoutsConfig,
 )
 from sidecar.health import UpstreamHealth
+from sidecar.ratelimit.policy import LimitPolicy
 from sidecar.registry import UpstreamRegistry
 from sidecar.retry import DEFAULT_RETRY_ON, RetryBudget, RetryReason
 from sidecar.router import Balancer, ModelMatch, RouteTable
@@ -58,6 +60,8 @@ class Route:
     budget: RetryBudget
     policy: RoutePolicy
     can_fail_over: bool  # more than one upstream to try
+    limit: LimitPolicy | None  # its token_limiter (sidecar.ratelimit), if any
+    identity: Identity
     @classmethod
     def build(cls, route: RouteConfig, upstreams: UpstreamRegistry) -> Route:
         table = RouteTable.build(route)
@@ -67,7 +71,8 @@ class Route:
                    panic=tuple(UpstreamHealth(p.cfg.name) for p in pools),
                    balancer=Balancer(policy.strategy, table.weights),
                    budget=RetryBudget(policy.retry_budget), policy=policy,
-                   can_fail_over=len(pools) > 1)
+                   can_fail_over=len(pools) > 1, limit=LimitPolicy.of(route),
+                   identity=route.identity)
 
 
 @dataclass(frozen=True, slots=True)

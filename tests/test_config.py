@@ -104,7 +104,8 @@ def test_migration_shape_loads_as_is(tmp_path: pathlib.Path) -> None:
         api_key=None,
     )
     assert [(m.type, m.config) for m in route.middleware] == [
-        ("token_limiter", {"limit": 1000, "period": 60.0}),
+        ("token_limiter", {"limit": 1000, "period": 60.0, "requests": None, "key": None,
+                           "reserve": 256, "tiers": {}}),
         ("metrics_collector", {"provider": "prometheus"}),
     ]
     assert set(cfg.upstreams) == {"api.openai.com", "127.0.0.1:9000"}
@@ -457,23 +458,25 @@ def test_unknown_keys_at_every_depth(tmp_path: pathlib.Path) -> None:
         tokenizer: { path: x }
         """
     assert problems(tmp_path, text) == [
-        "c.yaml:1: listne: unknown key (did you mean 'listen'?); allowed: limits, listen, "
-        "meter, routes, tiers, timeouts, tokenizer, trusted_peers, upstreams, workers",
+        "c.yaml:1: listne: unknown key (did you mean 'listen'?); allowed: auth, limits, "
+        "listen, meter, routes, tiers, timeouts, tokenizer, trusted_peers, upstreams, workers",
         "c.yaml:5: upstreams.u.timeout: unknown key (did you mean 'queue_timeout'?); "
         "allowed: anthropic_version, api_key, "
         "ca_bundle, format, forward_client_auth, health_check, max_concurrent, max_queue, "
         "pool_idle_ttl, pool_max_idle, queue_timeout, tls_verify, url",
         "c.yaml:7: routes[0].upstreams: is required",
         "c.yaml:8: routes[0].upstream: unknown key (did you mean 'upstreams'?); allowed: "
-        "max_attempts, middleware, model, path, retry_budget, retry_on, strategy, upstreams",
+        "identity, max_attempts, middleware, model, path, retry_budget, retry_on, strategy, "
+        "upstreams",
         "c.yaml:12: routes[1].upstreams[0].wieght: unknown key (did you mean 'weight'?); "
         "allowed: model, target, weight",
-        "c.yaml:15: routes[1].middleware[0].config.burst: unknown key; allowed: limit, period",
+        "c.yaml:15: routes[1].middleware[0].config.burst: unknown key; allowed: key, limit, "
+        "period, requests, reserve, tiers",
         "c.yaml:18: meter.flush: unknown key (did you mean 'flush_ms'?); allowed: batch_rows, "
         "db, flush_ms, queue_size, spill",
         "c.yaml:19: limits.max_body: unknown key (did you mean 'max_body_bytes'?); allowed: "
-        "max_body_bytes, max_connections, max_header_bytes, max_pipelined_bytes, "
-        "tap_body_bytes, write_high_water, write_low_water",
+        "backend, max_body_bytes, max_connections, max_header_bytes, max_pipelined_bytes, "
+        "redis_failure, tap_body_bytes, write_high_water, write_low_water",
         "c.yaml:20: timeouts.conect: unknown key (did you mean 'connect'?); allowed: "
         "client_idle, connect, first_byte, idle, shutdown_grace, total",
         "c.yaml:21: tokenizer.path: unknown key; allowed: dir",

@@ -18,12 +18,15 @@ __all__ = [
     "DEFAULT_LISTEN_HOST",
     "DEFAULT_METRICS_PROVIDER",
     "DEFAULT_TIERS",
+    "IDENTITIES",
     "METRICS_PROVIDERS",
     "MIDDLEWARE_TYPES",
     "STRATEGIES",
     "ApiFormat",
+    "AuthConfig",
     "Config",
     "HealthCheckConfig",
+    "Identity",
     "LimitsConfig",
     "MeterConfig",
     "MiB",
@@ -58,6 +61,11 @@ class LimitsConfig:
     write_high_water: int = 256 * 1024  # downstream buffer that pauses upstream reads
     write_low_water: int = 64 * 1024
     tap_body_bytes: int = 4 * MiB  # non-streaming body copy kept for usage extraction
+    # Where token buckets live: "memory" (this process; workers: 1 only) or a
+    # redis:// URL shared by every worker and host. When Redis cannot be reached,
+    # "open" lets requests through uncharged, "closed" refuses them with 503.
+    backend: str = "memory"
+    redis_failure: Literal["open", "closed"] = "open"
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,11 +114,29 @@ class RouteUpstream:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """Sidecar API keys (``sidecar keys ...``): the file, and how often a running
+    sidecar looks for keys created, revoked or rotated since it read it."""
+
+    keys_db: str = "./keys.db"
+    refresh: float = 1.0
+
+
+# Who a request is, per route: nobody in particular; a sidecar API key
+# (Authorization: Bearer / x-api-key, 401 without a good one); or the
+# x-sidecar-user header set by a trusted peer (the Nginx in front).
+Identity = Literal["none", "api_key", "header"]
+IDENTITIES: tuple[Identity, ...] = ("none", "api_key", "header")
+
+
+@dataclass(frozen=True, slots=True)
 class MiddlewareConfig:
     """A validated middleware entry.
 
-    ``config`` holds normalised values: token_limiter ``{"limit": int,
-    "period": float seconds}``; metrics_collector ``{"provider": "prometheus"}``.
+    ``config`` holds normalised values: token_limiter ``{"limit": int, "period":
+    float seconds, "requests": int | None, "key": "api_key" | "route" | "client_ip"
+    | "header:NAME" | None, "reserve": int, "tiers": {name: {"limit": int,
+    "requests": int | None}}}``; metrics_collector ``{"provider": "prometheus"}``.
     """
 
     type: str
@@ -138,6 +164,7 @@ class RouteConfig:
     retry_on: tuple[str, ...] | None = None  # None: sidecar.retry.DEFAULT_RETRY_ON
     max_attempts: int = 3
     retry_budget: float = 0.2
+    identity: Identity = "none"
 
     @property
     def format(self) -> ApiFormat:
@@ -188,6 +215,7 @@ class Config:
     # addresses or CIDR networks, as strings. Empty: the headers are ignored.
     trusted_peers: tuple[str, ...] = ()
     tiers: tuple[str, ...] = DEFAULT_TIERS
+    auth: AuthConfig = field(default_factory=AuthConfig)
     source: str = "<defaults>"
     # Derived from routes, for exact-path lookup on the hot path: the first route of
     # each path (model-matched routes sharing it are in Runtime).

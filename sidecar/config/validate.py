@@ -23,10 +23,12 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from sidecar.config.model import (
     DEFAULT_METRICS_PROVIDER,
+    IDENTITIES,
     METRICS_PROVIDERS,
     MIDDLEWARE_TYPES,
     STRATEGIES,
     ApiFormat,
+    AuthConfig,
     Config,
     HealthCheckConfig,
     LimitsConfig,
@@ -77,7 +79,7 @@ def _config(ctx: _Ctx, root: MappingNode) -> Config:
         root,
         "",
         ("listen", "workers", "upstreams", "routes", "meter", "limits", "timeouts", "tokenizer",
-         "trusted_peers", "tiers"),
+         "trusted_peers", "tiers", "auth"),
     )
     kwargs: dict[str, Any] = {"source": ctx.file}
     if "listen" in top:
@@ -112,7 +114,25 @@ def _config(ctx: _Ctx, root: MappingNode) -> Config:
             value = _convert(ctx, conv, top[key][1], key)
             if value is not None:
                 kwargs[key] = value
-    return Config(**kwargs)
+    if "auth" in top:
+        vals, _ = _fields(ctx, top["auth"][1], "auth",
+                          {"keys_db": _c_db_path, "refresh": _duration()})
+        kwargs["auth"] = AuthConfig(**vals)
+    elif "routes" in kwargs:
+        kwargs["auth"] = AuthConfig(keys_db=ctx.resolve_path(AuthConfig().keys_db))
+    config = Config(**kwargs)
+    _check_limits_backend(ctx, top, config)
+    return config
+
+
+def _check_limits_backend(ctx: _Ctx, top: dict[str, tuple[Node, Node]], config: Config) -> None:
+    """Token buckets in one worker's memory would give each of N workers the whole limit."""
+    limited = any(mw.type == "token_limiter" for r in config.routes for mw in r.middleware)
+    if limited and config.workers > 1 and config.limits.backend == "memory":
+        ctx.error(top["workers"][1], "workers",
+                  f"{config.workers} workers with a token_limiter need a shared backend "
+                  f"(limits.backend: redis://HOST:PORT); in-process buckets would let each "
+                  f"worker spend the whole limit")
 
 
 def _c_names(ctx: _Ctx, node: Node, what: str,
@@ -345,6 +365,13 @@ def _route(ctx: _Ctx, node: Node, path: str, reg: _Registry) -> RouteConfig | No
 
     models = _convert(ctx, _c_models, m["model"][1], f"{path}.model") if "model" in m else None
 
+    if failover.get("identity") == "api_key":
+        for ru in ups:
+            if ru.upstream.forward_client_auth:
+                # The client's credential is its sidecar key: it must not reach a provider.
+                ctx.error(m["identity"][1], f"{path}.identity",
+                          f"api_key cannot be used with upstream {ru.upstream.name!r}, "
+                          f"which has forward_client_auth: true")
     if route_path is None or len(ctx.errors) != n_errors:
         return None
     return RouteConfig(route_path, tuple(ups), models or (), tuple(middleware), **failover)
@@ -368,6 +395,7 @@ def _c_retry_on(ctx: _Ctx, node: Node) -> tuple[str, ...]:
 
 _RETRY_NAMES = tuple(r.value for r in RetryReason)
 _FAILOVER_KEYS: dict[str, Conv] = {
+    "identity": _choice(IDENTITIES),
     "strategy": _choice(STRATEGIES),
     "retry_on": _c_retry_on,
     "max_attempts": _int(1),
@@ -430,8 +458,36 @@ def _c_model_name(ctx: _Ctx, node: Node) -> str:
     return name
 
 
+def _c_limit_key(ctx: _Ctx, node: Node) -> str:
+    """Whose bucket a request draws from: api_key, route, client_ip or header:NAME."""
+    key = _c_str(ctx, node).strip()
+    if key in ("api_key", "route", "client_ip"):
+        return key
+    name = key[7:].strip().lower() if key.startswith("header:") else ""
+    if name and re.fullmatch(r"[a-z0-9!#$%&'*+.^_`|~-]+", name):
+        return "header:" + name
+    raise _Bad(f"must be api_key, route, client_ip or header:NAME, got {_clip(key)!r}")
+
+
+def _c_limit_tiers(ctx: _Ctx, node: Node) -> dict[str, dict[str, Any]]:
+    """Per-tier overrides: ``{pro: {limit: 100000, requests: 600}}``."""
+    if not isinstance(node, MappingNode):
+        raise _Bad("must be a mapping of tier name -> {limit, requests}")
+    out: dict[str, dict[str, Any]] = {}
+    for knode, vnode in node.value:
+        name = str(knode.value)
+        n_errors = len(ctx.errors)
+        vals, _ = _fields(ctx, vnode, f"tiers.{name}", {"limit": _int(1), "requests": _int(1)},
+                          required=("limit",))
+        if len(ctx.errors) != n_errors:
+            raise _Bad(f"tier {name!r} has bad fields (see above)", vnode)
+        out[name] = {"limit": vals["limit"], "requests": vals.get("requests")}
+    return out
+
+
 _MIDDLEWARE_FIELDS: dict[str, dict[str, Conv]] = {
-    "token_limiter": {"limit": _int(1), "period": _duration()},
+    "token_limiter": {"limit": _int(1), "period": _duration(), "requests": _int(1),
+                      "key": _c_limit_key, "reserve": _int(0), "tiers": _c_limit_tiers},
     "metrics_collector": {"provider": _choice(METRICS_PROVIDERS)},
 }
 _MIDDLEWARE_REQUIRED: dict[str, tuple[str, ...]] = {
@@ -439,7 +495,9 @@ _MIDDLEWARE_REQUIRED: dict[str, tuple[str, ...]] = {
     "metrics_collector": (),
 }
 _MIDDLEWARE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "token_limiter": {},
+    # key None: api_key when the route authenticates, else route. reserve: completion
+    # tokens held at admission when the request names no max_tokens.
+    "token_limiter": {"requests": None, "key": None, "reserve": 256, "tiers": {}},
     "metrics_collector": {"provider": DEFAULT_METRICS_PROVIDER},
 }
 
@@ -500,6 +558,8 @@ def _limits(ctx: _Ctx, node: Node) -> LimitsConfig:
         "write_high_water": _size(),
         "write_low_water": _size(0),
         "tap_body_bytes": _size(),
+        "backend": _c_limits_backend,
+        "redis_failure": _choice(("open", "closed")),
     }
     vals, nodes = _fields(ctx, node, "limits", spec)
     cfg = LimitsConfig(**vals)
@@ -512,6 +572,14 @@ def _limits(ctx: _Ctx, node: Node) -> LimitsConfig:
             f"({cfg.write_high_water})",
         )
     return cfg
+
+
+def _c_limits_backend(ctx: _Ctx, node: Node) -> str:
+    text = _c_str(ctx, node).strip()
+    if text == "memory" or text.startswith(("redis://", "rediss://", "unix://")):
+        return text
+    # Only what follows an '@' is echoed: a URL may carry a password.
+    raise _Bad(f"must be memory or a redis:// URL, got {_clip(text.split('@')[-1])!r}")
 
 
 def _timeouts(ctx: _Ctx, node: Node) -> TimeoutsConfig:

@@ -1,0 +1,143 @@
+"""The token limiter as the proxy's Admission: reserve at admission, settle at the end.
+
+``admit`` estimates the request (prompt tokens by tiktoken plus its max_tokens),
+reserves that in the identity's bucket and either lets it in (with the
+x-ratelimit-* headers for its response) or refuses it with 429 and the time after
+which the same request would fit. ``settle`` runs once per request, failover or
+not, with the final usage (reported, or estimated for a disconnect), and replaces
+the reservation with it: a refund, or an extra charge. On the in-process backend
+both are synchronous; a remote backend's reservation is an awaitable.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final
+
+from sidecar.errors import RateLimited
+from sidecar.ratelimit.bucket import Grant
+from sidecar.ratelimit.headers import rate_headers, retry_after
+from sidecar.ratelimit.policy import (
+    BYTES_PER_TOKEN_BOUND,
+    EXACT_ESTIMATE_MAX_BYTES,
+    LimitPolicy,
+    Limits,
+    completion_reserve,
+)
+
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    from sidecar.context import RequestContext
+    from sidecar.handler import ClientSide
+    from sidecar.request_reader import ParsedRequest
+    from sidecar.runtime import Route
+    from sidecar.tokenizer import Tokenizer
+
+    class Backend(Protocol):
+        def reserve(self, name: str, limits: Limits, cost: int,
+                    now: float) -> Grant | Awaitable[Grant]: ...
+
+        def settle(self, name: str, limits: Limits, delta: int, now: float) -> None: ...
+
+        def close(self) -> None: ...
+
+_NO_PEER: Final = "-"
+
+
+class Limiter:
+    __slots__ = ("backend", "clock", "tokenizer")
+
+    def __init__(self, backend: Backend, tokenizer: Tokenizer,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.clock = clock
+
+    # -- Admission -------------------------------------------------------------------
+    def admit(self, req: ParsedRequest, body: dict[str, Any], ctx: RequestContext,
+              route: Route, client: ClientSide) -> Awaitable[None] | None:
+        policy = route.limit
+        if policy is None:
+            return None
+        name, limits = self._bucket(policy, req, ctx, client)
+        cost = self.estimate(req, body, ctx, route, policy)
+        result = self.backend.reserve(name, limits, cost, self.clock())
+        if isinstance(result, Grant):
+            self._apply(ctx, policy, result, name, limits, cost)
+            return None
+        return self._await(result, ctx, policy, name, limits, cost)
+
+    async def _await(self, pending: Awaitable[Grant], ctx: RequestContext,
+                     policy: LimitPolicy, name: str, limits: Limits, cost: int) -> None:
+        self._apply(ctx, policy, await pending, name, limits, cost)
+
+    def settle(self, ctx: RequestContext) -> None:
+        name = ctx.bucket
+        if name is None:
+            return
+        ctx.bucket = None  # once, whatever calls it again
+        u = ctx.usage
+        used = 0  # nothing the provider may have billed: the reservation goes back
+        if u is not None:
+            used = u.total_tokens if u.total_tokens is not None else (
+                (u.prompt_tokens or 0) + (u.completion_tokens or 0))
+        delta = used - ctx.reserved
+        if delta:
+            self.backend.settle(name, ctx.bucket_limits, delta, self.clock())
+
+    def close(self) -> None:
+        self.backend.close()
+
+    # -- the pieces ---------------------------------------------------------------------
+    def _apply(self, ctx: RequestContext, policy: LimitPolicy, grant: Grant, name: str,
+               limits: Limits, cost: int) -> None:
+        headers = rate_headers(grant)
+        if not grant.ok:
+            raise RateLimited(
+                f"rate limit reached on {policy.route} for {_whom(policy, ctx)}: "
+                f"{grant.limit_tokens} tokens per {limits.period:g}s, this request needs "
+                f"~{cost}, {grant.remaining_tokens} remain; retry in "
+                f"{grant.retry_after:.1f}s", (*headers, retry_after(grant.retry_after)))
+        ctx.rate_headers = headers
+        if cost:  # a backend that failed open grants without holding anything
+            ctx.bucket, ctx.bucket_limits, ctx.reserved = name, limits, cost
+
+    @staticmethod
+    def _bucket(policy: LimitPolicy, req: ParsedRequest, ctx: RequestContext,
+                client: ClientSide) -> tuple[str, Limits]:
+        key = ctx.api_key
+        limits, own = policy.limits_for(ctx.tier, getattr(key, "tpm", None),
+                                        getattr(key, "rpm", None))
+        kind = policy.key
+        if own:  # the key's own tpm/rpm: one bucket for the key, across routes
+            return "k:" + str(ctx.key_id), limits
+        if kind == "route" or (kind == "api_key" and ctx.key_id is None):
+            return "r:" + policy.route, limits
+        if kind == "api_key":
+            return f"r:{policy.route}|k:{ctx.key_id}", limits
+        if kind == "client_ip":
+            return f"r:{policy.route}|ip:{client.peer_ip or _NO_PEER}", limits
+        header = kind[7:].encode()
+        value = next((v for n, v in req.headers if n == header), b"")
+        return f"r:{policy.route}|h:{value.decode('latin-1') or _NO_PEER}", limits
+
+    def estimate(self, req: ParsedRequest, body: dict[str, Any], ctx: RequestContext,
+                 route: Route, policy: LimitPolicy) -> int:
+        """Tokens to hold: the prompt, counted, plus the most the completion may take."""
+        path = route.table.route.path
+        if len(req.body) > EXACT_ESTIMATE_MAX_BYTES:
+            prompt = len(req.body) // BYTES_PER_TOKEN_BOUND
+        else:
+            prompt, _ = self.tokenizer.count_prompt(body, route.table.route.format, path,
+                                                    ctx.model)
+        if path.endswith("/embeddings"):
+            return prompt
+        return prompt + completion_reserve(body, policy.reserve)
+
+
+def _whom(policy: LimitPolicy, ctx: RequestContext) -> str:
+    if ctx.key_id is not None and policy.key == "api_key":
+        return f"key {ctx.key_id}"
+    return "this route" if policy.key == "route" else policy.key.replace("_", " ")

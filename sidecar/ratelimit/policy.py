@@ -1,0 +1,80 @@
+"""A route's token limiter, from its ``token_limiter`` middleware entry (pure).
+
+Which bucket a request draws from (``key``: the API key, the route, the client
+address, or a header's value), how big that bucket is (the entry's ``limit`` per
+``period``, replaced by the tier's override, replaced by the key's own ``tpm`` /
+``rpm``), and how much a request reserves at admission (its prompt counted with
+tiktoken plus its ``max_tokens``, or the entry's ``reserve`` when it names none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from sidecar.config import MiddlewareConfig, RouteConfig
+
+# Prompts above this many body bytes are estimated from their size, not counted:
+# tiktoken on the loop costs ~1 us per 10 bytes, and the reservation is only a hold
+# (settlement replaces it with the reported usage). ~3 bytes a token errs high.
+EXACT_ESTIMATE_MAX_BYTES: Final = 32 * 1024
+BYTES_PER_TOKEN_BOUND: Final = 3
+# Body fields that cap a response's length, by API.
+_MAX_TOKEN_FIELDS: Final = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+KEY_PERIOD_S: Final = 60.0  # a key's own tpm / rpm are per minute
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """One bucket pair's size: ``tokens`` (and ``requests``) per ``period`` seconds."""
+
+    tokens: int
+    period: float
+    requests: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitPolicy:
+    route: str
+    key: str  # api_key | route | client_ip | header:NAME
+    limits: Limits
+    reserve: int
+    tiers: Mapping[str, Limits] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, route: RouteConfig) -> LimitPolicy | None:
+        entry = next((m for m in route.middleware if m.type == "token_limiter"), None)
+        return None if entry is None else cls.from_entry(route, entry)
+
+    @classmethod
+    def from_entry(cls, route: RouteConfig, entry: MiddlewareConfig) -> LimitPolicy:
+        c: dict[str, Any] = entry.config
+        period = float(c["period"])
+        key = c.get("key") or ("api_key" if route.identity == "api_key" else "route")
+        tiers = {name: Limits(t["limit"], period, t.get("requests"))
+                 for name, t in (c.get("tiers") or {}).items()}
+        return cls(route=route.path, key=key,
+                   limits=Limits(int(c["limit"]), period, c.get("requests")),
+                   reserve=int(c.get("reserve", 256)), tiers=tiers)
+
+    def limits_for(self, tier: str | None, key_tpm: int | None,
+                   key_rpm: int | None) -> tuple[Limits, bool]:
+        """The bucket size for this identity, and whether it is the key's own (per key,
+        across routes) rather than this route's."""
+        if key_tpm is not None or key_rpm is not None:
+            base = self.tiers.get(tier or "", self.limits)
+            tokens = key_tpm if key_tpm is not None else round(
+                base.tokens * KEY_PERIOD_S / base.period)
+            return Limits(tokens, KEY_PERIOD_S, key_rpm), True
+        if tier is not None and tier in self.tiers:
+            return self.tiers[tier], False
+        return self.limits, False
+
+
+def completion_reserve(body: Mapping[str, Any], default: int) -> int:
+    for name in _MAX_TOKEN_FIELDS:
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return default
