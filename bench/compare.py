@@ -97,35 +97,18 @@ def raise_nofile() -> None:
 # --------------------------------------------------------------------------- mock
 def mock_command(port: int) -> tuple[list[str], str]:
     """The project's own mock provider (sidecar.mock), paced 1 ms by default."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "sidecar.mock",
-        "--port",
-        str(port),
-        "--chunks",
-        "20",
-        "--delay-ms",
-        "1",
-        "--always-usage",
-    ]
-    return cmd, "sidecar.mock"
+    return C.mock_command(port), "sidecar.mock"
 
 
 def start_mock(workdir: Path, cpus: set[int] | None) -> tuple[C.Proc, int, str, list[str]]:
     port = C.free_port()
     cmd, kind = mock_command(port)
     proc = C.spawn(cmd, workdir / "mock.log", cpus, C.sidecar_env(), cwd=REPO)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise SystemExit(f"mock exited: {C.tail(proc.log)}")
-        st, raw = C.probe(port, {"x-mock-delay-ms": "0"}, C.request_body("gpt-4o-mini"), 2)
-        if st == 200 and b"[DONE]" in raw:
-            return proc, port, kind, cmd
-        time.sleep(0.1)
-    proc.stop()
-    raise SystemExit(f"mock not ready: {C.tail(proc.log)}")
+    err = C.wait_mock(proc, port)
+    if err:
+        proc.stop()
+        raise SystemExit(err)
+    return proc, port, kind, cmd
 
 
 def new_results_dir(kind: str, out_dir: Path | None) -> tuple[Path, Path, str]:

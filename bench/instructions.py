@@ -44,7 +44,7 @@ from bench.compare import (
 # Contenders that run under valgrind here. LiteLLM and Portkey are left out: they cost
 # tens of times more than the sidecar (compare measures that), and V8's JIT under
 # valgrind measures valgrind more than Portkey.
-SUPPORTED = ("sidecar", "sidecar-ref", "uvloop-floor", "nginx", "nginx-lua")
+SUPPORTED = ("sidecar", "sidecar-ref", "sidecar-2up", "uvloop-floor", "nginx", "nginx-lua")
 DEFAULT = ("sidecar", "uvloop-floor", "nginx", "nginx-lua")
 # Python start-up and imports run uninstrumented but still several times slower.
 READY_TIMEOUT_S = 120.0
