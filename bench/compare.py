@@ -115,7 +115,8 @@ def new_results_dir(kind: str, out_dir: Path | None) -> tuple[Path, Path, str]:
     """A run's folder (``bench/results/<kind>-<stamp>`` unless given), its work folder
     (made), and the stamp."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = out_dir or RESULTS / f"{kind}-{stamp}"
+    # Absolute: contenders run in the work folder and are given paths inside it.
+    out_dir = (out_dir or RESULTS / f"{kind}-{stamp}").resolve()
     work = out_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     return out_dir, work, stamp
