@@ -677,7 +677,7 @@ def compare(
     if "direct" not in names:
         names = ["direct", *names]  # added TTFT needs the floor in the same run
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = out_dir or RESULTS / (("quick-" if quick else "") + stamp)
+    out_dir = (out_dir or RESULTS / (("quick-" if quick else "") + stamp)).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     work = out_dir / "work"
     work.mkdir(exist_ok=True)
