@@ -203,13 +203,17 @@ def mock_command(port: int) -> list[str]:
     ]
 
 
-def wait_mock(proc: Proc, port: int, timeout: float = 20.0) -> str | None:
-    """None once the mock answers a burst stream, else why it did not."""
+def wait_mock(
+    proc: Proc, port: int, timeout: float = 20.0, headers: Mapping[str, str] | None = None
+) -> str | None:
+    """None once the mock answers a burst stream, else why it did not. ``headers``
+    override the instance's knobs for the probe (e.g. its first-byte delay)."""
     deadline = time.monotonic() + timeout
+    hdrs = {"x-mock-delay-ms": "0", **(headers or {})}
     while time.monotonic() < deadline:
         if proc.popen.poll() is not None:
             return f"mock exited: {tail(proc.log)}"
-        st, raw = probe(port, {"x-mock-delay-ms": "0"}, request_body("gpt-4o-mini"), 2)
+        st, raw = probe(port, hdrs, request_body("gpt-4o-mini"), 2)
         if st == 200 and b"[DONE]" in raw:
             return None
         time.sleep(0.1)
