@@ -373,14 +373,18 @@ def summarize(res: dict[str, Any], plan: Plan) -> dict[str, Any]:
 
 
 def timeline(res: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
-    width = max(1.0, round((plan.seconds + plan.baseline) / 10))
+    width = max(1.0, round(plan.seconds / 10))
     probes = res.get("probe", {}).get("events", [])
     events = res.get("slow", {}).get("events", [])
     mem = res.get("rss_samples", [])
     rows = []
-    t = -plan.baseline
-    while t < plan.seconds:
-        hi = min(plan.seconds, t + width)
+    # the baseline as one interval, then the avalanche in steps from its start
+    edges = [-plan.baseline] if plan.baseline > 0 else []
+    k = 0
+    while k * width < plan.seconds:
+        edges.append(k * width)
+        k += 1
+    for t, hi in zip(edges, [*edges[1:], plan.seconds], strict=True):
         row: dict[str, Any] = {"from_s": round(t, 2), "to_s": round(hi, 2)}
         for name in ("healthz", "fast"):
             ev = [e for e in probes if e[1] == name and t <= e[0] < hi]
@@ -394,7 +398,6 @@ def timeline(res: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
         row["slow_other"] = len(done) - row["slow_200"] - row["slow_503"]
         row["rss_mb"] = max((m[1] for m in mem if t <= m[0] < hi), default=None)
         rows.append(row)
-        t = hi
     return rows
 
 
