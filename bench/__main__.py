@@ -1,4 +1,4 @@
-"""``python -m bench compare|setup|mock`` — see bench/README.md."""
+"""``python -m bench compare|setup|profile|instructions|avalanche|report`` — see bench/README.md."""
 
 from __future__ import annotations
 
@@ -66,6 +66,27 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("--concurrency", type=int, default=4)
     ins.add_argument("--out", type=Path, default=None)
 
+    av = sub.add_parser(
+        "avalanche", help="a 30 s provider behind one route, 200 clients: does the rest hold?"
+    )
+    av.add_argument("--quick", action="store_true",
+                    help="seconds: 40 clients, 2.5 s provider, 4 s, smaller limits")
+    av.add_argument("--seconds", type=float, default=None, help="avalanche length (default 40)")
+    av.add_argument("--clients", type=int, default=None, help="slow-route clients (default 200)")
+    av.add_argument("--first-byte-ms", type=float, default=None,
+                    help="the slow provider's delay before each answer (default 30000)")
+    av.add_argument("--max-concurrent", type=int, default=None, help="on `slow` (default 20)")
+    av.add_argument("--max-queue", type=int, default=None, help="on `slow` (default 50)")
+    av.add_argument("--queue-timeout", type=float, default=None,
+                    help="on `slow`, seconds (default 2)")
+    av.add_argument("--probe-rate", type=float, default=None,
+                    help="per second, for each of /healthz and the fast route (default 10)")
+    av.add_argument("--baseline", type=float, default=None,
+                    help="seconds probed before the avalanche (default 3)")
+    av.add_argument("--backoff", default=None,
+                    help="after a 503/429: retry-after (default) or seconds (0: at once)")
+    av.add_argument("--out", type=Path, default=None)
+
     rg = sub.add_parser("report", help="recompute tables and chart from a results folder")
     rg.add_argument("dir", type=Path)
 
@@ -91,6 +112,24 @@ def main(argv: list[str] | None = None) -> int:
 
         out = instructions(a.contenders, a.seconds, a.concurrency, a.out,
                            "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv))
+        print((out / "results.md").read_text())
+        return 0
+    if a.cmd == "avalanche":
+        from bench.avalanche import avalanche
+
+        if a.backoff not in (None, "retry-after"):
+            try:
+                float(a.backoff)
+            except ValueError:
+                ap.error("--backoff: retry-after or a number of seconds")
+        out = avalanche(
+            a.quick, a.out,
+            "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
+            seconds=a.seconds, clients=a.clients, first_byte_ms=a.first_byte_ms,
+            max_concurrent=a.max_concurrent, max_queue=a.max_queue,
+            queue_timeout=a.queue_timeout, probe_rate=a.probe_rate, baseline=a.baseline,
+            backoff=a.backoff,
+        )
         print((out / "results.md").read_text())
         return 0
     if a.cmd == "report":

@@ -97,42 +97,26 @@ def raise_nofile() -> None:
 # --------------------------------------------------------------------------- mock
 def mock_command(port: int) -> tuple[list[str], str]:
     """The project's own mock provider (sidecar.mock), paced 1 ms by default."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "sidecar.mock",
-        "--port",
-        str(port),
-        "--chunks",
-        "20",
-        "--delay-ms",
-        "1",
-        "--always-usage",
-    ]
-    return cmd, "sidecar.mock"
+    return C.mock_command(port), "sidecar.mock"
 
 
 def start_mock(workdir: Path, cpus: set[int] | None) -> tuple[C.Proc, int, str, list[str]]:
     port = C.free_port()
     cmd, kind = mock_command(port)
     proc = C.spawn(cmd, workdir / "mock.log", cpus, C.sidecar_env(), cwd=REPO)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise SystemExit(f"mock exited: {C.tail(proc.log)}")
-        st, raw = C.probe(port, {"x-mock-delay-ms": "0"}, C.request_body("gpt-4o-mini"), 2)
-        if st == 200 and b"[DONE]" in raw:
-            return proc, port, kind, cmd
-        time.sleep(0.1)
-    proc.stop()
-    raise SystemExit(f"mock not ready: {C.tail(proc.log)}")
+    err = C.wait_mock(proc, port)
+    if err:
+        proc.stop()
+        raise SystemExit(err)
+    return proc, port, kind, cmd
 
 
 def new_results_dir(kind: str, out_dir: Path | None) -> tuple[Path, Path, str]:
     """A run's folder (``bench/results/<kind>-<stamp>`` unless given), its work folder
     (made), and the stamp."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = out_dir or RESULTS / f"{kind}-{stamp}"
+    # Absolute: contenders run in the work folder and are given paths inside it.
+    out_dir = (out_dir or RESULTS / f"{kind}-{stamp}").resolve()
     work = out_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     return out_dir, work, stamp
@@ -693,7 +677,7 @@ def compare(
     if "direct" not in names:
         names = ["direct", *names]  # added TTFT needs the floor in the same run
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = out_dir or RESULTS / (("quick-" if quick else "") + stamp)
+    out_dir = (out_dir or RESULTS / (("quick-" if quick else "") + stamp)).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     work = out_dir / "work"
     work.mkdir(exist_ok=True)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,9 +105,12 @@ def spawn(
     cmd: list[str],
     log: Path,
     cpus: set[int] | None,
-    env: dict[str, str | None] | None = None,
+    env: Mapping[str, str | None] | None = None,
     cwd: Path | None = None,
+    prefixed: bool = True,
 ) -> Proc:
+    """Start ``cmd`` in its own session; ``prefixed=False`` ignores command_prefix (a
+    helper process a contender starts for itself, such as a second mock, is not measured)."""
     f = open(log, "ab")
     full_env = dict(os.environ)
     for k, v in (env or {}).items():
@@ -116,7 +119,7 @@ def spawn(
         else:
             full_env[k] = v
     p = subprocess.Popen(
-        _PREFIX + cmd,
+        (_PREFIX if prefixed else []) + cmd,
         stdout=f,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -190,6 +193,31 @@ _USAGE_RE = re.compile(rb'"prompt_tokens"\s*:\s*(\d+).*?"completion_tokens"\s*:\
 def usage_of(raw: bytes) -> str:
     m = _USAGE_RE.search(raw)
     return f"{int(m.group(1))},{int(m.group(2))}" if m else "none"
+
+
+def mock_command(port: int) -> list[str]:
+    """The project's own mock provider (sidecar.mock), paced 1 ms by default."""
+    return [
+        sys.executable, "-m", "sidecar.mock", "--port", str(port),
+        "--chunks", "20", "--delay-ms", "1", "--always-usage",
+    ]
+
+
+def wait_mock(
+    proc: Proc, port: int, timeout: float = 20.0, headers: Mapping[str, str] | None = None
+) -> str | None:
+    """None once the mock answers a burst stream, else why it did not. ``headers``
+    override the instance's knobs for the probe (e.g. its first-byte delay)."""
+    deadline = time.monotonic() + timeout
+    hdrs = {"x-mock-delay-ms": "0", **(headers or {})}
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            return f"mock exited: {tail(proc.log)}"
+        st, raw = probe(port, hdrs, request_body("gpt-4o-mini"), 2)
+        if st == 200 and b"[DONE]" in raw:
+            return None
+        time.sleep(0.1)
+    return f"mock not ready: {tail(proc.log)}"
 
 
 @dataclass
@@ -272,6 +300,21 @@ class Sidecar(Contender):
             return f"sidecar/server.py not present in {self.src}"
         return None
 
+    def routing(
+        self, mock_port: int, workdir: Path, cpus: set[int] | None
+    ) -> tuple[str, list[Proc]]:
+        """The config's upstreams: and routes: sections, and any helper process they need."""
+        return (
+            "upstreams:\n"
+            "  mock:\n"
+            f"    url: http://127.0.0.1:{mock_port}\n"
+            "    pool_max_idle: 1024  # as nginx's `keepalive 1024` (the default is 64)\n"
+            "routes:\n"
+            "  - path: /v1/chat/completions\n"
+            "    upstreams:\n"
+            "      - target: mock\n"
+        ), []
+
     def start(self, mock_port: int, workdir: Path, cpus: set[int] | None) -> Running:
         # A pip install ships compiled bytecode; a checkout run with PYTHONDONTWRITEBYTECODE
         # (set on these machines) would compile ~9,000 lines at every start, which costs
@@ -281,30 +324,30 @@ class Sidecar(Contender):
         db = workdir / f"{self.name}-meter.db"
         for suffix in ("", "-wal", "-shm"):
             Path(str(db) + suffix).unlink(missing_ok=True)
+        routing, helpers = self.routing(mock_port, workdir, cpus)
         cfg = (
             f"# {self.name}: metering on, default limits; logging at warning\n"
             f"listen: 127.0.0.1:{port}\n"
             f"workers: {self.workers}\n"
-            "upstreams:\n"
-            "  mock:\n"
-            f"    url: http://127.0.0.1:{mock_port}\n"
-            "    pool_max_idle: 1024  # as nginx's `keepalive 1024` (the default is 64)\n"
-            "routes:\n"
-            "  - path: /v1/chat/completions\n"
-            "    upstreams:\n"
-            "      - target: mock\n"
-            "meter:\n"
+            + routing
+            + "meter:\n"
             f"  db: {db}\n"
         )
         path = workdir / f"{self.name}.yaml"
         path.write_text(cfg)
         cmd = [sys.executable, "-m", "sidecar", "run", "-c", str(path), "--log-level", "warning"]
-        proc = spawn(cmd, workdir / f"{self.name}.log", cpus, sidecar_env(self.src), cwd=workdir)
+        try:
+            proc = spawn(cmd, workdir / f"{self.name}.log", cpus, sidecar_env(self.src),
+                         cwd=workdir)
+        except BaseException:
+            for h in helpers:
+                h.stop()
+            raise
         run = SidecarRunning(
             self.name,
             port,
             proc.popen.pid,
-            [proc],
+            [proc, *helpers],
             workdir,
             config={path.name: cfg, "(source)": str(self.src)},
             cmdline=cmd,
@@ -312,6 +355,48 @@ class Sidecar(Contender):
         )
         run.db = db
         return run
+
+
+class Sidecar2Up(Sidecar):
+    """The sidecar with a two-upstream weighted route and failover configured: the
+    second upstream is a mock of its own (started here, outside any command prefix, so
+    ``bench instructions`` counts the sidecar only). No request fails, so no failover
+    happens: what is measured is what having it configured costs per request."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.name = "sidecar-2up"
+
+    def routing(
+        self, mock_port: int, workdir: Path, cpus: set[int] | None
+    ) -> tuple[str, list[Proc]]:
+        port_b = free_port()
+        # The proxy's CPUs are not the mock's: a pinned run puts it with the other mock.
+        aux = set(range(os.cpu_count() or 1)) - cpus if cpus else None
+        mock_b = spawn(mock_command(port_b), workdir / f"{self.name}-mock-b.log", aux or None,
+                       sidecar_env(), cwd=REPO, prefixed=False)
+        err = wait_mock(mock_b, port_b)
+        if err:
+            mock_b.stop()
+            raise RuntimeError(f"second mock: {err}")
+        return (
+            "upstreams:\n"
+            "  mock-a:\n"
+            f"    url: http://127.0.0.1:{mock_port}\n"
+            "    pool_max_idle: 1024  # as nginx's `keepalive 1024` (the default is 64)\n"
+            "  mock-b:  # a second mock process\n"
+            f"    url: http://127.0.0.1:{port_b}\n"
+            "    pool_max_idle: 1024\n"
+            "routes:\n"
+            "  - path: /v1/chat/completions\n"
+            "    upstreams:\n"
+            "      - target: mock-a\n"
+            "        weight: 50\n"
+            "      - target: mock-b\n"
+            "        weight: 50\n"
+            "    strategy: weighted\n"
+            "    max_attempts: 2  # failover to the other one; retry_on: the default\n"
+        ), [mock_b]
 
 
 class Floor(Contender):
@@ -337,6 +422,10 @@ class Floor(Contender):
 
 class SidecarRunning(Running):
     db: Path
+
+    def stop(self, grace: float = 10.0) -> None:
+        for p in self.procs:  # the sidecar first, then the helper mocks it talks to
+            p.stop(grace=grace)
 
     def meter_tally(self) -> dict[str, Any] | None:
         if not self.db.exists():
@@ -712,6 +801,7 @@ ALL: dict[str, Contender] = {
         Sidecar(1),
         Sidecar(2),
         Sidecar(1, ref=True),
+        Sidecar2Up(),
         Floor(),
         Nginx(1),
         Nginx(2),

@@ -44,7 +44,7 @@ from bench.compare import (
 # Contenders that run under valgrind here. LiteLLM and Portkey are left out: they cost
 # tens of times more than the sidecar (compare measures that), and V8's JIT under
 # valgrind measures valgrind more than Portkey.
-SUPPORTED = ("sidecar", "sidecar-ref", "uvloop-floor", "nginx", "nginx-lua")
+SUPPORTED = ("sidecar", "sidecar-ref", "sidecar-2up", "uvloop-floor", "nginx", "nginx-lua")
 DEFAULT = ("sidecar", "uvloop-floor", "nginx", "nginx-lua")
 # Python start-up and imports run uninstrumented but still several times slower.
 READY_TIMEOUT_S = 120.0
@@ -186,6 +186,9 @@ def report(res: dict[str, Any]) -> str:
     rows = res["results"]
     ref = next((r for r in rows if r["contender"] == "nginx" and r.get("requests")), None)
     base = ref["instructions_per_request"] if ref else None
+    # The sidecar's own variants (sidecar-ref, sidecar-2up) read against the plain one.
+    own = next((r for r in rows if r["contender"] == "sidecar" and r.get("requests")), None)
+    own_base = own["instructions_per_request"] if own else None
     md = [
         "# User-space instructions per streamed request (callgrind)\n",
         f"- command: `{res['command']}`; sidecar {res['sidecar']}; {res['started']}",
@@ -194,17 +197,20 @@ def report(res: dict[str, Any]) -> str:
         "uninstrumented warm-up",
         "- instructions: callgrind's Ir over every process of the contender's tree while "
         "instrumentation was on; kernel work (system calls) is not counted\n",
-        "| contender | requests | errors | instructions per request | ratio to nginx |",
-        "|---|---|---|---|---|",
+        "| contender | requests | errors | instructions per request | ratio to nginx "
+        "| vs sidecar |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            md.append(f"| {r['contender']} | - | - | {r['error'][:120]} | - |")
+            md.append(f"| {r['contender']} | - | - | {r['error'][:120]} | - | - |")
             continue
         per = r["instructions_per_request"]
         ratio = f"{per / base:.2f}x" if base and per else "-"
+        vs = f"{per / own_base - 1:+.1%}" if own_base and per else "-"
         per_s = f"{per:,.0f}" if per else "-"
-        md.append(f"| {r['contender']} | {r['requests']} | {r['errors']} | {per_s} | {ratio} |")
+        md.append(f"| {r['contender']} | {r['requests']} | {r['errors']} | {per_s} | {ratio} "
+                  f"| {vs} |")
     for r in rows:
         if r.get("top_self"):
             md += [
