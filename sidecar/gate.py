@@ -12,9 +12,13 @@ bounded by ``queue_timeout``: the proxy arms one timer per waiter and sheds it
 from __future__ import annotations
 
 import heapq
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 T = TypeVar("T")
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
 
 
 class QueueFull(Exception):
@@ -31,7 +35,9 @@ class Waiter(Generic[T]):
         self.seq = seq
         self.item = item
         self.alive = True
-        self.handle: object | None = None  # the proxy's queue_timeout timer
+        # The proxy's queue_timeout timer (anything with cancel(): uvloop's TimerHandle
+        # is not an asyncio.TimerHandle).
+        self.handle: Cancellable | None = None
 
     def __lt__(self, other: Waiter[T]) -> bool:
         return (self.rank, self.seq) < (other.rank, other.seq)

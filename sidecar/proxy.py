@@ -645,9 +645,8 @@ class Proxy:
         """A slot passed to ``waiter``: its attempt runs now."""
         flight, i, fresh = waiter.item
         flight.waiter = None
-        handle = waiter.handle
-        if isinstance(handle, asyncio.TimerHandle):
-            handle.cancel()
+        if waiter.handle is not None:
+            waiter.handle.cancel()
         self._start_attempt(flight, i, self.loop.time(), fresh, entered=True)
 
     def _waited_too_long(self, waiter: Waiter[Queued], gate: Gate[Queued]) -> None:
@@ -664,7 +663,7 @@ class Proxy:
         gate = flight.route.pools[i].gate
         assert gate is not None
         gate.cancel(waiter)
-        if isinstance(waiter.handle, asyncio.TimerHandle):
+        if waiter.handle is not None:
             waiter.handle.cancel()
         flight.waiter = None
         ctx = flight.ctx

@@ -151,3 +151,20 @@ def test_a_client_that_leaves_the_queue_frees_its_place_and_leaves_a_row(
         outcomes[r["outcome"]] = outcomes.get(r["outcome"], 0) + 1
     assert outcomes == {"ok": 2, "client_disconnect": 1}
 
+
+
+def test_a_waiter_given_a_slot_is_never_shed_by_its_queue_timer(
+        stack_factory: Callable[..., Stack]) -> None:
+    # The waiter gets the slot at ~0.2 s and its answer at ~1.0 s: past its 0.5 s
+    # queue_timeout, which stopped counting when it left the queue.
+    stack = stack_factory(_gated(limit=1, queue=5, timeout=0.5))
+    blocker = _send(stack, "blocker", first_byte_ms=200)
+    waiter = _send(stack, "waiter", first_byte_ms=800)
+    _wait_queued(stack, 1)
+    assert blocker.read_response().status == 200
+    resp = waiter.read_response()
+    blocker.close()
+    waiter.close()
+    assert resp.status == 200, resp.body
+    stack.stop()
+    assert sorted(r["outcome"] for r in stack.rows()) == ["ok", "ok"]
