@@ -39,6 +39,7 @@ from sidecar.handler import ClientConnection, ClientSide
 from sidecar.health_check import HealthCheckers
 from sidecar.http1 import ResponseHead
 from sidecar.identity import identify
+from sidecar.json_edit import JsonEditError, set_member, set_nested
 from sidecar.lifecycle import (
     ADMITTED,
     AWAITING_HEAD,
@@ -474,21 +475,35 @@ class Proxy:
         body = flight.body
         flight.strip = False
         flight.ctx.upstream_model = rename
+        raw = flight.req.body
         if body is None:
-            return flight.req.body
-        edits: dict[str, Any] = {}
-        if rename is not None:
-            edits["model"] = rename
+            return raw
+        # Edited in the client's own bytes (sidecar.json_edit), never re-serialised:
+        # big integers, 1E2, key order and escapes reach the provider as sent.
+        usage = False
         if flight.ctx.stream and api_format == "openai" and flight.route.table.usage_opt_in:
             opts = body.get("stream_options")
-            if not (isinstance(opts, dict) and opts.get("include_usage") is True):
-                # Ask the provider for usage; hide the extra chunk from a client that did not.
-                flight.strip = True
-                edits["stream_options"] = {
-                    **(opts if isinstance(opts, dict) else {}), "include_usage": True}
-        if not edits:
-            return flight.req.body
-        return orjson.dumps({**body, **edits})
+            # Ask the provider for usage; hide the extra chunk from a client that did not.
+            usage = flight.strip = not (isinstance(opts, dict)
+                                        and opts.get("include_usage") is True)
+        if rename is None and not usage:
+            return raw
+        try:
+            if rename is not None:
+                raw = set_member(raw, "model", orjson.dumps(rename))
+            if usage:
+                raw = set_nested(raw, "stream_options", "include_usage", b"true")
+        except JsonEditError:
+            # orjson accepted what the editor cannot walk (should not happen): the lossy
+            # rewrite is still a correct request.
+            log.warning("request body edited by re-serialising it (byte edit failed)")
+            edited = {**body, "model": rename} if rename is not None else dict(body)
+            if usage:
+                opts = body.get("stream_options")
+                edited["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
+                                            "include_usage": True}
+            return orjson.dumps(edited)
+        return raw
 
     async def _connect_and_launch(self, flight: Flight) -> None:
         try:

@@ -11,7 +11,7 @@ from typing import Any
 import openai
 import orjson
 import pytest
-from e2e_helpers import request_bytes
+from e2e_helpers import ClientConn, request_bytes
 
 from sidecar.http1 import ResponseParser
 from sidecar.mock_shapes import count_tokens, expected_text
@@ -249,3 +249,17 @@ def test_meter_timings_have_sub_millisecond_resolution(stack_factory: Any) -> No
         assert 0 < r["ttft_ms"] < r["duration_ms"]
     assert any(r["ttft_ms"] != round(r["ttft_ms"]) for r in rows), rows
     assert any(r["duration_ms"] != round(r["duration_ms"]) for r in rows), rows
+
+
+def test_include_usage_is_injected_without_reserialising_the_body(stack_factory: Any) -> None:
+    """Numbers, key order and escapes reach the provider as the client sent them."""
+    stack = stack_factory()
+    raw = (b'{"model":"gpt-4o-mini","seed":123456789012345678901234567890,'
+           b'"temperature":1E0,"messages":[{"role":"user","content":"caf\\u00e9 \\"q\\""}],'
+           b'"stream":true}')
+    with ClientConn(stack.port) as c:
+        c.send(request_bytes("POST", "/v1/chat/completions", raw))
+        resp = c.read_response()
+    assert resp.status == 200
+    sent = stack.mock.requests[0].body
+    assert sent == raw[:-1] + b',"stream_options":{"include_usage":true}}'
