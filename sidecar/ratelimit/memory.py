@@ -32,10 +32,14 @@ class MemoryBackend:
         tokens = Bucket.full(limits.tokens, limits.period, now)
         requests = None if limits.requests is None else Bucket.full(
             limits.requests, limits.period, now)
-        if entry is not None:  # the limit changed (a reload): keep what was spent
-            tokens.level = min(tokens.capacity, entry[1].level)
+        if entry is not None:  # the limit changed (a reload): what was spent stays spent
+            old = entry[1]
+            old.refill(now)
+            tokens.level = tokens.capacity - (old.capacity - old.level)
             if requests is not None and entry[2] is not None:
-                requests.level = min(requests.capacity, entry[2].level)
+                old_r = entry[2]
+                old_r.refill(now)
+                requests.level = requests.capacity - (old_r.capacity - old_r.level)
         self._buckets[name] = (limits, tokens, requests)
         return tokens, requests
 
