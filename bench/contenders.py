@@ -399,6 +399,50 @@ class Sidecar2Up(Sidecar):
         ), [mock_b]
 
 
+class SidecarLimited(Sidecar):
+    """The sidecar with an authenticated route (identity: api_key, a key made in a keys
+    file of its own) and the in-process token limiter: what identity, the estimate
+    (tiktoken on the prompt), the reservation, the x-ratelimit-* headers and the
+    settlement cost per request. The limit is far above the load, so nothing is refused."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.name = "sidecar-limited"
+        self.secret = ""
+
+    def routing(
+        self, mock_port: int, workdir: Path, cpus: set[int] | None
+    ) -> tuple[str, list[Proc]]:
+        from sidecar.auth import KeyStore
+
+        db = workdir / f"{self.name}-keys.db"
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(db) + suffix).unlink(missing_ok=True)
+        with KeyStore.open(str(db)) as store:
+            _, self.secret = store.create("bench")
+        return (
+            f"auth: {{ keys_db: {db} }}\n"
+            "upstreams:\n"
+            "  mock:\n"
+            f"    url: http://127.0.0.1:{mock_port}\n"
+            "    pool_max_idle: 1024  # as nginx's `keepalive 1024` (the default is 64)\n"
+            "routes:\n"
+            "  - path: /v1/chat/completions\n"
+            "    identity: api_key\n"
+            "    upstreams:\n"
+            "      - target: mock\n"
+            "    middleware:\n"
+            "      - type: token_limiter\n"
+            "        config: { limit: 1000000000, period: 1m }\n"
+        ), []
+
+    def start(self, mock_port: int, workdir: Path, cpus: set[int] | None) -> Running:
+        run = super().start(mock_port, workdir, cpus)
+        assert isinstance(run, SidecarRunning)
+        run.auth = {"authorization": f"Bearer {self.secret}"}
+        return run
+
+
 class Floor(Contender):
     """A uvloop byte pump with no HTTP (bench/floor_proxy.py): the Python floor."""
 
@@ -422,6 +466,10 @@ class Floor(Contender):
 
 class SidecarRunning(Running):
     db: Path
+    auth: dict[str, str] = {}  # noqa: RUF012 -- replaced per instance, never mutated
+
+    def headers(self, pattern: str) -> dict[str, str]:
+        return {**super().headers(pattern), **self.auth}
 
     def stop(self, grace: float = 10.0) -> None:
         for p in self.procs:  # the sidecar first, then the helper mocks it talks to
@@ -802,6 +850,7 @@ ALL: dict[str, Contender] = {
         Sidecar(2),
         Sidecar(1, ref=True),
         Sidecar2Up(),
+        SidecarLimited(),
         Floor(),
         Nginx(1),
         Nginx(2),
