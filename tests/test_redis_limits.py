@@ -596,3 +596,40 @@ def test_two_workers_on_the_memory_backend_are_refused_by_check(
     res = check("limits:\n  backend: redis://127.0.0.1:6379/0\n")
     assert res.returncode == 0, res.stderr
 
+
+def test_a_reload_keeps_the_running_bucket_store(
+        tmp_path: pathlib.Path, shared_redis: RedisServer,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import uvloop
+
+    from sidecar.config import load_config
+    from sidecar.server import Server
+
+    cfg = tmp_path / "sidecar.yaml"
+
+    def write(limits: str) -> None:
+        cfg.write_text("listen: 127.0.0.1:0\nroutes:\n"
+                       f"  - path: {PATH}\n"
+                       "    upstreams: [{ target: http://127.0.0.1:9 }]\n"
+                       "    middleware:\n"
+                       "      - type: token_limiter\n"
+                       "        config: { limit: 1000, period: 1m }\n"
+                       "meter:\n  db: ./meter.db\n" + limits)
+
+    async def main() -> tuple[bool, Any]:
+        write("limits:\n  max_connections: 100\n")
+        server = Server(load_config(str(cfg)), str(cfg))
+        await server.start(port=0)
+        try:
+            write(f"limits:\n  max_connections: 200\n  backend: {shared_redis.url}\n"
+                  "  redis_failure: closed\n")
+            return server.reload(), server.config.limits
+        finally:
+            await server.stop()
+
+    with caplog.at_level("WARNING", logger="sidecar.server"):
+        reloaded, limits = uvloop.run(main())
+    assert reloaded
+    assert limits.max_connections == 200  # the rest of the section reloads
+    assert (limits.backend, limits.redis_failure) == ("memory", "open")
+    assert "limits.backend and limits.redis_failure change only on restart" in caplog.text
