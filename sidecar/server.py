@@ -136,6 +136,13 @@ class Server:
             log.warning("reload: %s change only on restart; the running values are kept",
                         ", ".join(kept))
             new = dataclasses.replace(new, **kept)
+        old_lim, new_lim = self.config.limits, new.limits
+        if (new_lim.backend, new_lim.redis_failure) != (old_lim.backend, old_lim.redis_failure):
+            # The bucket store is built once, at start: keep what the running proxy uses.
+            log.warning("reload: limits.backend and limits.redis_failure change only on "
+                        "restart; the running values are kept")
+            new = dataclasses.replace(new, limits=dataclasses.replace(
+                new_lim, backend=old_lim.backend, redis_failure=old_lim.redis_failure))
         _warn_unenforced(new)
         self.proxy.swap(new)
         self.config = new
@@ -162,7 +169,9 @@ class Server:
 def _warn_unenforced(config: Config) -> None:
     for route in config.routes:
         for mw in route.middleware:
-            # Accepted so migration configs load; enforcement arrives with limits/metrics.
+            if mw.type == "token_limiter":
+                continue  # enforced (sidecar.ratelimit)
+            # Accepted so migration configs load; the exporter arrives with /metrics.
             log.warning("route %s: middleware %r is accepted but not enforced yet",
                         route.path, mw.type)
 

@@ -71,6 +71,9 @@ class Grant:
     limit_requests: int | None = None
     remaining_requests: int | None = None
     reset_requests: float | None = None
+    # False when a remote backend could not be reached and let the request in anyway
+    # (limits.redis_failure: open): nothing was reserved, so nothing is to be refunded.
+    held: bool = True
 
 
 def reserve(tokens: Bucket, requests: Bucket | None, cost: float, now: float) -> Grant:

@@ -93,6 +93,12 @@ class Limiter:
     # -- the pieces ---------------------------------------------------------------------
     def _apply(self, ctx: RequestContext, policy: LimitPolicy, grant: Grant, name: str,
                limits: Limits, cost: int) -> None:
+        if not grant.held:
+            # A remote backend that failed open: nothing is held and its figures mean
+            # nothing, so no headers; settlement charges the whole usage (if the backend
+            # is back by then).
+            ctx.bucket, ctx.bucket_limits, ctx.reserved = name, limits, 0
+            return
         headers = rate_headers(grant)
         if not grant.ok:
             raise RateLimited(
@@ -101,7 +107,7 @@ class Limiter:
                 f"~{cost}, {grant.remaining_tokens} remain; retry in "
                 f"{grant.retry_after:.1f}s", (*headers, retry_after(grant.retry_after)))
         ctx.rate_headers = headers
-        if cost:  # a backend that failed open grants without holding anything
+        if cost:
             ctx.bucket, ctx.bucket_limits, ctx.reserved = name, limits, cost
 
     @staticmethod
