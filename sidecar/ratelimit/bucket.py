@@ -59,7 +59,7 @@ class Bucket:
         return max(0.0, (self.capacity - self.level) / self.rate)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per request, and a frozen init is slow
 class Grant:
     """The answer to one reservation, with what the rate-limit headers report."""
 

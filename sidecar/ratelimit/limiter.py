@@ -62,16 +62,34 @@ class Limiter:
         if policy is None:
             return None
         name, limits = self._bucket(policy, req, ctx, client)
-        cost = self.estimate(req, body, ctx, route, policy)
+        cost = self.bound(req, body, route, policy)
         result = self.backend.reserve(name, limits, cost, self.clock())
-        if isinstance(result, Grant):
-            self._apply(ctx, policy, result, name, limits, cost)
-            return None
-        return self._await(result, ctx, policy, name, limits, cost)
+        if not isinstance(result, Grant):
+            return self._await(result, req, body, ctx, route, policy, name, limits, cost)
+        if not result.ok:  # the cheap bound did not fit: try the counted estimate
+            exact = self.estimate(req, body, ctx, route, policy)
+            if exact < cost:
+                cost = exact
+                second = self.backend.reserve(name, limits, cost, self.clock())
+                if not isinstance(second, Grant):
+                    return self._await(second, req, body, ctx, route, policy, name, limits,
+                                       cost, counted=True)
+                result = second
+        self._apply(ctx, policy, result, name, limits, cost)
+        return None
 
-    async def _await(self, pending: Awaitable[Grant], ctx: RequestContext,
-                     policy: LimitPolicy, name: str, limits: Limits, cost: int) -> None:
-        self._apply(ctx, policy, await pending, name, limits, cost)
+    async def _await(self, pending: Awaitable[Grant], req: ParsedRequest,
+                     body: dict[str, Any], ctx: RequestContext, route: Route,
+                     policy: LimitPolicy, name: str, limits: Limits, cost: int,
+                     counted: bool = False) -> None:
+        grant = await pending
+        if not grant.ok and not counted:
+            exact = self.estimate(req, body, ctx, route, policy)
+            if exact < cost:
+                cost = exact
+                result = self.backend.reserve(name, limits, cost, self.clock())
+                grant = result if isinstance(result, Grant) else await result
+        self._apply(ctx, policy, grant, name, limits, cost)
 
     def settle(self, ctx: RequestContext) -> None:
         name = ctx.bucket
@@ -128,6 +146,15 @@ class Limiter:
         header = kind[7:].encode()
         value = next((v for n, v in req.headers if n == header), b"")
         return f"r:{policy.route}|h:{value.decode('latin-1') or _NO_PEER}", limits
+
+    @staticmethod
+    def bound(req: ParsedRequest, body: dict[str, Any], route: Route,
+              policy: LimitPolicy) -> int:
+        """The free first try: the body's size bounds its prompt tokens."""
+        prompt = len(req.body) // BYTES_PER_TOKEN_BOUND + 1
+        if route.table.route.path.endswith("/embeddings"):
+            return prompt
+        return prompt + completion_reserve(body, policy.reserve)
 
     def estimate(self, req: ParsedRequest, body: dict[str, Any], ctx: RequestContext,
                  route: Route, policy: LimitPolicy) -> int:
