@@ -57,6 +57,7 @@ from sidecar.meter import Meter
 from sidecar.outcome import estimate_usage, outcome_of, take_attempt
 from sidecar.ratelimit.backends import limit_backend
 from sidecar.ratelimit.limiter import Limiter
+from sidecar.ratelimit.spend import SpendLedger
 from sidecar.readiness import readiness
 from sidecar.request_reader import ParsedRequest
 from sidecar.responses import error_for, stream_error_event
@@ -236,6 +237,7 @@ class Proxy:
         # task of its own when `sidecar keys` changes it; the hot path reads .current.
         self.keys: KeyWatcher | None = None
         self._keys_task: asyncio.Task[None] | None = None
+        self._spend_task: asyncio.Task[None] | None = None
         self._watch_keys(config)
         # Active health checks (health_check upstreams): tasks of their own; routing
         # reads only their verdict, a flag on each pool's health.
@@ -278,6 +280,10 @@ class Proxy:
 
         self.keys = KeyWatcher(config.auth.keys_db, config.auth.refresh)
         self._keys_task = self.loop.create_task(self.keys.run(), name="keys-watch")
+        if isinstance(self.admission, Limiter) and config.meter.db != ":memory:":
+            # Key budgets: the spend per key, read from the meter (every worker's rows).
+            ledger = self.admission.spend = SpendLedger(config.meter.db, config.auth.refresh)
+            self._spend_task = self.loop.create_task(ledger.run(), name="spend-ledger")
 
     def _sweep_idle(self) -> None:
         deadline = self.loop.time() - self.runtime.timeouts.client_idle
@@ -778,9 +784,13 @@ class Proxy:
         for conn in list(self.connections):
             conn.close_if_idle()
         await self.health_checks.close()
-        if self._keys_task is not None:
-            self._keys_task.cancel()
-            await asyncio.gather(self._keys_task, return_exceptions=True)
+        for task in (self._keys_task, self._spend_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        spend = getattr(self.admission, "spend", None)
+        if spend is not None:
+            spend.close()
         deadline = self.loop.time() + grace
         while (self.flights or self.tasks) and self.loop.time() < deadline:
             await asyncio.sleep(min(DRAIN_POLL_S, max(0.0, deadline - self.loop.time())))

@@ -11,11 +11,12 @@ both are synchronous; a remote backend's reservation is an awaitable.
 
 from __future__ import annotations
 
+import calendar
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from sidecar.errors import RateLimited
+from sidecar.errors import QuotaExceeded, RateLimited
 from sidecar.ratelimit.bucket import Grant
 from sidecar.ratelimit.headers import rate_headers, retry_after
 from sidecar.ratelimit.policy import (
@@ -25,6 +26,7 @@ from sidecar.ratelimit.policy import (
     Limits,
     completion_reserve,
 )
+from sidecar.ratelimit.spend import SpendLedger, period_start_ms
 
 if TYPE_CHECKING:
     from typing import Protocol
@@ -47,17 +49,22 @@ _NO_PEER: Final = "-"
 
 
 class Limiter:
-    __slots__ = ("backend", "clock", "tokenizer")
+    __slots__ = ("backend", "clock", "spend", "tokenizer")
 
     def __init__(self, backend: Backend, tokenizer: Tokenizer,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
         self.clock = clock
+        # Money spent per key (read from the meter by its own task), when keys exist.
+        self.spend: SpendLedger | None = None
 
     # -- Admission -------------------------------------------------------------------
     def admit(self, req: ParsedRequest, body: dict[str, Any], ctx: RequestContext,
               route: Route, client: ClientSide) -> Awaitable[None] | None:
+        key = ctx.api_key
+        if key is not None and key.budget_usd is not None and self.spend is not None:
+            self._check_budget(key)
         policy = route.limit
         if policy is None:
             return None
@@ -90,6 +97,17 @@ class Limiter:
                 result = self.backend.reserve(name, limits, cost, self.clock())
                 grant = result if isinstance(result, Grant) else await result
         self._apply(ctx, policy, grant, name, limits, cost)
+
+    def _check_budget(self, key: Any) -> None:
+        assert self.spend is not None
+        period = key.budget_period or "month"
+        spent = self.spend.spent(key.id, period, time.time())
+        if spent >= key.budget_usd:
+            reset = period_start_ms("day" if period == "day" else "month",
+                                    time.time()) / 1000
+            raise QuotaExceeded(
+                f"API key {key.id} has spent ${spent:.2f} of its ${key.budget_usd:.2f} "
+                f"{period}ly budget", (retry_after(_next_period(period, reset) - time.time()),))
 
     def settle(self, ctx: RequestContext) -> None:
         name = ctx.bucket
@@ -168,6 +186,15 @@ class Limiter:
         if path.endswith("/embeddings"):
             return prompt
         return prompt + completion_reserve(body, policy.reserve)
+
+
+def _next_period(period: str, start_s: float) -> float:
+    """The start of the day or month after the one starting at ``start_s``."""
+    if period == "day":
+        return start_s + 86_400
+    t = time.gmtime(start_s)
+    year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+    return float(calendar.timegm((year, month, 1, 0, 0, 0)))
 
 
 def _whom(policy: LimitPolicy, ctx: RequestContext) -> str:
