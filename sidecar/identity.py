@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
+from sidecar.auth.keys import credential
 from sidecar.errors import Unauthorized
 
 if TYPE_CHECKING:
@@ -28,8 +29,6 @@ def identify(mode: str, headers: list[tuple[bytes, bytes]], peer_trusted: bool,
              keys: KeyIndex | None, runtime: Runtime, ctx: RequestContext) -> None:
     """Fill ctx.key_id / ctx.tier / ctx.api_key, or raise Unauthorized."""
     if mode == "api_key":
-        from sidecar.auth import credential
-
         secret = credential(headers)
         if not secret:
             raise Unauthorized("this route needs a sidecar API key: send it as "

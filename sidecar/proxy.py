@@ -360,7 +360,9 @@ class Proxy:
                 flight.route = self._route_for_model(runtime, path, ctx.model)
             route = flight.route
             if route.identity != "none":
-                self._identify(route, req, client, ctx)
+                identify(route.identity, req.headers, client.peer_trusted,
+                         self.keys.current if self.keys is not None else None,
+                         runtime, ctx)
             pending = self.admission.admit(req, flight.body, ctx, route, client)
         except SidecarError as exc:
             self._refuse(flight, exc)
@@ -389,11 +391,6 @@ class Proxy:
         ctx.model = model if isinstance(model, str) else None
         ctx.stream = body.get("stream") is True
         return body
-
-    def _identify(self, route: Route, req: ParsedRequest, client: ClientSide,
-                  ctx: RequestContext) -> None:
-        keys = self.keys.current if self.keys is not None else None
-        identify(route.identity, req.headers, client.peer_trusted, keys, self.runtime, ctx)
 
     @staticmethod
     def _tier(req: ParsedRequest, runtime: Runtime) -> str:

@@ -170,7 +170,7 @@ class Limiter:
               policy: LimitPolicy) -> int:
         """The free first try: the body's size bounds its prompt tokens."""
         prompt = len(req.body) // BYTES_PER_TOKEN_BOUND + 1
-        if route.table.route.path.endswith("/embeddings"):
+        if policy.embeddings:
             return prompt
         return prompt + completion_reserve(body, policy.reserve)
 

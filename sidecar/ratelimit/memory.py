@@ -45,7 +45,26 @@ class MemoryBackend:
 
     def reserve(self, name: str, limits: Limits, cost: int, now: float) -> Grant:
         tokens, requests = self._get(name, limits, now)
-        return reserve(tokens, requests, cost, now)
+        if requests is not None:
+            return reserve(tokens, requests, cost, now)
+        # The common case (a token bucket alone) is bucket.reserve's arithmetic inlined:
+        # it runs on every admitted request, and the method calls were most of its cost.
+        cap, rate = tokens.capacity, tokens.rate
+        level = tokens.level
+        if now > tokens.stamp:
+            level += (now - tokens.stamp) * rate
+            if level > cap:
+                level = cap
+            tokens.stamp = now
+        need = (cost if cost < cap else cap) - level
+        if need <= 0:
+            level -= cost if cost < cap else cap
+            tokens.level = level
+            return Grant(True, 0.0, int(cap), int(level) if level > 0 else 0,
+                         (cap - level) / rate)
+        tokens.level = level
+        return Grant(False, need / rate, int(cap), int(level) if level > 0 else 0,
+                     (cap - level) / rate)
 
     def settle(self, name: str, limits: Limits, delta: int, now: float) -> None:
         entry = self._buckets.get(name)

@@ -45,6 +45,7 @@ class LimitPolicy:
     limits: Limits
     reserve: int
     tiers: Mapping[str, Limits] = field(default_factory=dict)
+    embeddings: bool = False  # no completion to reserve for
 
     @classmethod
     def of(cls, route: RouteConfig) -> LimitPolicy | None:
@@ -60,7 +61,8 @@ class LimitPolicy:
                  for name, t in (c.get("tiers") or {}).items()}
         return cls(route=route.path, key=key,
                    limits=Limits(int(c["limit"]), period, c.get("requests")),
-                   reserve=int(c.get("reserve", 256)), tiers=tiers)
+                   reserve=int(c.get("reserve", 256)), tiers=tiers,
+                   embeddings=route.path.endswith("/embeddings"))
 
     def limits_for(self, tier: str | None, key_tpm: int | None,
                    key_rpm: int | None) -> tuple[Limits, bool]:
