@@ -53,6 +53,7 @@ from sidecar.lifecycle import (
 )
 from sidecar.meter import Meter
 from sidecar.outcome import estimate_usage, outcome_of, take_attempt
+from sidecar.pricing import PriceTable
 from sidecar.readiness import readiness
 from sidecar.request_reader import ParsedRequest
 from sidecar.responses import error_for, stream_error_event
@@ -105,11 +106,11 @@ class Flight(Lifecycle):
     """
 
     __slots__ = ("body", "client", "ctx", "ended_by", "exchange", "failed", "index", "limits",
-                 "payload", "pool", "proxy", "replays", "req", "route", "sse", "strip",
-                 "task", "tried", "waiter")
+                 "payload", "pool", "prices", "proxy", "replays", "req", "route", "sse",
+                 "strip", "task", "tried", "waiter")
 
     def __init__(self, req: ParsedRequest, client: ClientSide, ctx: RequestContext,
-                 proxy: Proxy, route: Route, limits: LimitsConfig) -> None:
+                 proxy: Proxy, route: Route, limits: LimitsConfig, prices: PriceTable) -> None:
         self.phase = ADMITTED  # Lifecycle's own start, without a super() call per request
         self.proxy = proxy
         self.req = req
@@ -118,6 +119,7 @@ class Flight(Lifecycle):
         # Of the runtime snapshot it started with, kept to its end.
         self.route = route
         self.limits = limits
+        self.prices = prices
         self.pool: UpstreamPool
         self.index = 0  # of the upstream the current attempt runs on, in the route
         self.tried = 0  # bit i: the route's upstream i was tried
@@ -321,7 +323,7 @@ class Proxy:
             bytes_in=len(req.body),
             tier=self._tier(req, runtime) if client.peer_trusted else runtime.default_tier,
         )
-        flight = Flight(req, client, ctx, self, route, runtime.limits)
+        flight = Flight(req, client, ctx, self, route, runtime.limits, runtime.prices)
         try:
             flight.body = self._inspect(req, ctx)
             if route.table.route.models:  # this path's routes match by model
@@ -688,7 +690,12 @@ class Proxy:
     def _submit(self, flight: Flight, t_end: float) -> None:
         ctx = flight.ctx
         self.admission.settle(ctx)
-        self.meter.submit(ctx.to_record(t_end))
+        row = ctx.to_record(t_end)  # fills the token columns (reported or estimated)
+        # Priced as the model the provider was sent (a route may rename it).
+        row.cost_usd = flight.prices.cost(
+            row.upstream_model or row.model, row.prompt_tokens, row.completion_tokens,
+            row.cache_read_tokens, row.cache_write_tokens)
+        self.meter.submit(row)
         flight.advance(SETTLED)
 
     # -- local answers ----------------------------------------------------------------
