@@ -334,3 +334,19 @@ def test_prices_section_must_be_a_mapping_and_keys_unique(tmp_path: pathlib.Path
         """) == ["c.yaml:3: prices.gpt-4o: duplicate key (first at line 2)"]
     assert problems(tmp_path, "prices_default: false\n")[0].startswith(
         "c.yaml:1: prices_default: unknown key (did you mean 'prices_defaults'?)")
+
+
+def test_the_example_configs_commented_prices_load_when_uncommented() -> None:
+    example = (pathlib.Path(__file__).resolve().parent.parent / "conf"
+               / "sidecar.example.yaml").read_text().splitlines()
+    start = next(i for i, line in enumerate(example) if line.startswith("# prices:"))
+    block = [example[start][2:]]
+    for line in example[start + 1:]:
+        if not line.startswith("#   "):
+            break
+        block.append(line[2:])
+    cfg = parse_config_text("\n".join(block) + "\n")
+    assert cfg.prices["gpt-4o"] == Price(2.50, 10.00, cached_read=1.25)
+    assert cfg.prices["claude-sonnet-4"] == Price(3.0, 15.0, cached_read=0.30,
+                                                  cached_write=3.75)
+    assert cfg.prices["my-vllm-model"] == Price(0.0, 0.0)
