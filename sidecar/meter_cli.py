@@ -53,6 +53,7 @@ FIGURES: Final = (
     "p50_ttft_ms",
     "avg_duration_ms",
     "bytes_out",
+    "cost_usd",
 )
 _TABLE_HEADINGS: Final = {
     "requests": "requests",
@@ -66,9 +67,15 @@ _TABLE_HEADINGS: Final = {
     "p50_ttft_ms": "p50 ttft ms",
     "avg_duration_ms": "avg ms",
     "bytes_out": "bytes out",
+    "cost_usd": "cost usd",
 }
 FLOAT_DIGITS: Final = 3  # ms figures in json/csv: microsecond precision is plenty
+# cost_usd: rows are priced to 1e-9 USD (sidecar.pricing); a sum keeps that, and the
+# table shows micro-dollars. It is the sum over priced rows (None: none was priced).
+COST_DIGITS: Final = 9
+TABLE_COST_DIGITS: Final = 6
 _NO_GROUP: Final = "(none)"  # table label for a NULL or empty group value
+_NO_KEY: Final = "-"  # ... for --by key: a request that had no API key
 
 
 # --- helpers --------------------------------------------------------------------
@@ -177,7 +184,7 @@ def summarize(
     groups = _aggregate(conn, GROUPS[by], since_ms, order_by_group=by == "day")
     totals = _aggregate(conn, "'*'", since_ms, order_by_group=True)
     total: dict[str, Any] = dict.fromkeys(FIGURES, 0)
-    total["p50_ttft_ms"] = total["avg_duration_ms"] = None
+    total["p50_ttft_ms"] = total["avg_duration_ms"] = total["cost_usd"] = None
     if totals:
         total = {f: totals[0][f] for f in FIGURES}
     return groups, total
@@ -206,7 +213,8 @@ def _aggregate(
                        OR usage_source NOT IN ('reported', 'estimated')) AS none_,
                    SUM(outcome IS NOT 'ok') AS errors,
                    AVG(duration_ms) AS avg_duration_ms,
-                   COALESCE(SUM(bytes_out), 0) AS bytes_out
+                   COALESCE(SUM(bytes_out), 0) AS bytes_out,
+                   SUM(cost_usd) AS cost_usd
             FROM base GROUP BY grp
         ), ranked AS (
             SELECT grp, ttft_ms,
@@ -219,7 +227,7 @@ def _aggregate(
         )
         SELECT agg.grp, agg.requests, agg.prompt_tokens, agg.completion_tokens,
                agg.total_tokens, agg.reported, agg.estimated, agg.none_, agg.errors,
-               p50.p50_ttft_ms, agg.avg_duration_ms, agg.bytes_out
+               p50.p50_ttft_ms, agg.avg_duration_ms, agg.bytes_out, agg.cost_usd
         FROM agg LEFT JOIN p50 ON p50.grp IS agg.grp
         ORDER BY {order}
     """
@@ -228,15 +236,17 @@ def _aggregate(
         item: dict[str, Any] = {"group": row[0]}
         for name, value in zip(FIGURES, row[1:], strict=True):
             if isinstance(value, float):
-                value = round(value, FLOAT_DIGITS)
+                value = round(value, COST_DIGITS if name == "cost_usd" else FLOAT_DIGITS)
             item[name] = value
         out.append(item)
     return out
 
 
-def _fmt_cell(value: Any) -> str:
+def _fmt_cell(value: Any, figure: str = "") -> str:
     if value is None:
         return "-"
+    if figure == "cost_usd":
+        return f"{value:,.{TABLE_COST_DIGITS}f}"
     if isinstance(value, float):
         return f"{value:,.1f}"
     if isinstance(value, int):
@@ -246,8 +256,10 @@ def _fmt_cell(value: Any) -> str:
 
 def render_table(by: str, groups: Sequence[dict[str, Any]], total: dict[str, Any]) -> str:
     headings = [by, *(_TABLE_HEADINGS[f] for f in FIGURES)]
-    body = [[_group_label(g["group"]), *(_fmt_cell(g[f]) for f in FIGURES)] for g in groups]
-    foot = ["TOTAL", *(_fmt_cell(total[f]) for f in FIGURES)]
+    none = _NO_KEY if by == "key" else _NO_GROUP
+    body = [[_group_label(g["group"], none), *(_fmt_cell(g[f], f) for f in FIGURES)]
+            for g in groups]
+    foot = ["TOTAL", *(_fmt_cell(total[f], f) for f in FIGURES)]
     widths = [max(len(r[i]) for r in (headings, *body, foot)) for i in range(len(headings))]
 
     def line(cells: Sequence[str]) -> str:
@@ -260,8 +272,8 @@ def render_table(by: str, groups: Sequence[dict[str, Any]], total: dict[str, Any
     return "\n".join([line(headings), rule, *(line(r) for r in body), rule, line(foot)])
 
 
-def _group_label(value: Any) -> str:
-    return _NO_GROUP if value is None or value == "" else str(value)
+def _group_label(value: Any, none: str = _NO_GROUP) -> str:
+    return none if value is None or value == "" else str(value)
 
 
 # --- commands -------------------------------------------------------------------
@@ -290,11 +302,13 @@ def meter() -> None:
     show_default=True,
 )
 def summary(db_path: str, by: str, since: int | None, fmt: str) -> None:
-    """Requests, tokens, usage sources, errors and latency per group.
+    """Requests, tokens, usage sources, errors, latency and cost per group.
 
     errors counts rows whose outcome is not 'ok'; "no usage" counts rows whose
     usage_source is neither 'reported' nor 'estimated'; p50 ttft is the median
-    over rows that have one.
+    over rows that have one; cost usd sums the rows the price table priced
+    (estimated rows included; '-' when none was). --by key shows a request
+    without an API key as '-'.
     """
     conn = open_ro(db_path)
     try:
@@ -343,6 +357,7 @@ _TAIL_COLUMNS: Final = (
     "ttft_ms",
     "duration_ms",
     "bytes_out",
+    "cost_usd",
 )
 
 
@@ -368,6 +383,7 @@ def format_tail_line(row: dict[str, Any]) -> str:
             f"ttft {ms(row['ttft_ms'])}",
             f"dur {ms(row['duration_ms'])}",
             f"out {n(row['bytes_out'])}B",
+            "cost " + ("-" if row["cost_usd"] is None else f"${row['cost_usd']:.6f}"),
         ]
     )
 

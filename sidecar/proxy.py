@@ -55,6 +55,7 @@ from sidecar.lifecycle import (
 )
 from sidecar.meter import Meter
 from sidecar.outcome import estimate_usage, outcome_of, take_attempt
+from sidecar.pricing import PriceTable
 from sidecar.ratelimit.backends import limit_backend
 from sidecar.ratelimit.limiter import Limiter
 from sidecar.ratelimit.spend import SpendLedger
@@ -113,11 +114,11 @@ class Flight(Lifecycle):
     """
 
     __slots__ = ("body", "client", "ctx", "ended_by", "exchange", "failed", "index", "limits",
-                 "payload", "pool", "proxy", "replays", "req", "route", "sse", "strip",
-                 "task", "tried", "waiter")
+                 "payload", "pool", "prices", "proxy", "replays", "req", "route", "sse",
+                 "strip", "task", "tried", "waiter")
 
     def __init__(self, req: ParsedRequest, client: ClientSide, ctx: RequestContext,
-                 proxy: Proxy, route: Route, limits: LimitsConfig) -> None:
+                 proxy: Proxy, route: Route, limits: LimitsConfig, prices: PriceTable) -> None:
         self.phase = ADMITTED  # Lifecycle's own start, without a super() call per request
         self.proxy = proxy
         self.req = req
@@ -126,6 +127,7 @@ class Flight(Lifecycle):
         # Of the runtime snapshot it started with, kept to its end.
         self.route = route
         self.limits = limits
+        self.prices = prices
         self.pool: UpstreamPool
         self.index = 0  # of the upstream the current attempt runs on, in the route
         self.tried = 0  # bit i: the route's upstream i was tried
@@ -353,7 +355,7 @@ class Proxy:
             bytes_in=len(req.body),
             tier=self._tier(req, runtime) if client.peer_trusted else runtime.default_tier,
         )
-        flight = Flight(req, client, ctx, self, route, runtime.limits)
+        flight = Flight(req, client, ctx, self, route, runtime.limits, runtime.prices)
         try:
             flight.body = self._inspect(req, ctx)
             if route.table.route.models:  # this path's routes match by model
@@ -738,7 +740,12 @@ class Proxy:
     def _submit(self, flight: Flight, t_end: float) -> None:
         ctx = flight.ctx
         self.admission.settle(ctx)
-        self.meter.submit(ctx.to_record(t_end))
+        row = ctx.to_record(t_end)  # fills the token columns (reported or estimated)
+        # Priced as the model the provider was sent (a route may rename it).
+        row.cost_usd = flight.prices.cost(
+            row.upstream_model or row.model, row.prompt_tokens, row.completion_tokens,
+            row.cache_read_tokens, row.cache_write_tokens)
+        self.meter.submit(row)
         flight.advance(SETTLED)
 
     # -- local answers ----------------------------------------------------------------

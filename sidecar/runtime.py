@@ -23,6 +23,7 @@ from sidecar.config import (
     TimeoutsConfig,
 )
 from sidecar.health import UpstreamHealth
+from sidecar.pricing import PriceTable
 from sidecar.ratelimit.policy import LimitPolicy
 from sidecar.registry import UpstreamRegistry
 from sidecar.retry import DEFAULT_RETRY_ON, RetryBudget, RetryReason
@@ -93,6 +94,8 @@ class Runtime:
     default_tier: str = DEFAULT_TIERS[-1]
     # Every route in file order, model-matched ones included (readiness reports them).
     all_routes: tuple[Route, ...] = ()
+    # What each meter row costs: the config's prices over the defaults (sidecar.pricing).
+    prices: PriceTable = field(default_factory=lambda: PriceTable({}))
 
     @classmethod
     def build(cls, config: Config, previous: Runtime | None = None) -> Runtime:
@@ -117,7 +120,8 @@ class Runtime:
                    limits=config.limits, timeouts=config.timeouts, all_routes=tuple(every),
                    trusted=tuple(ip_network(p) for p in config.trusted_peers),
                    tier_names={t.encode(): t for t in tiers},
-                   tier_rank={t: i for i, t in enumerate(tiers)}, default_tier=tiers[-1])
+                   tier_rank={t: i for i, t in enumerate(tiers)}, default_tier=tiers[-1],
+                   prices=PriceTable.of(config.prices, defaults=config.prices_defaults))
 
     def trusts(self, host: str) -> bool:
         """Is ``host`` (a peer's IP address) one of the trusted peers?"""

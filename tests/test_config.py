@@ -459,7 +459,8 @@ def test_unknown_keys_at_every_depth(tmp_path: pathlib.Path) -> None:
         """
     assert problems(tmp_path, text) == [
         "c.yaml:1: listne: unknown key (did you mean 'listen'?); allowed: auth, limits, "
-        "listen, meter, routes, tiers, timeouts, tokenizer, trusted_peers, upstreams, workers",
+        "listen, meter, prices, prices_defaults, routes, tiers, timeouts, tokenizer, "
+        "trusted_peers, upstreams, workers",
         "c.yaml:5: upstreams.u.timeout: unknown key (did you mean 'queue_timeout'?); "
         "allowed: anthropic_version, api_key, "
         "ca_bundle, format, forward_client_auth, health_check, max_concurrent, max_queue, "

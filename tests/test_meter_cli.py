@@ -39,6 +39,7 @@ ROWS: tuple[MeterRecord, ...] = (
         ttft_ms=100.0,
         duration_ms=1000.0,
         bytes_out=2000,
+        cost_usd=0.00075,
     ),
     rec(
         2,
@@ -52,6 +53,7 @@ ROWS: tuple[MeterRecord, ...] = (
         ttft_ms=300.0,
         duration_ms=3000.0,
         bytes_out=4000,
+        cost_usd=0.0015,
     ),
     rec(
         3,
@@ -69,6 +71,7 @@ ROWS: tuple[MeterRecord, ...] = (
         ttft_ms=200.0,
         duration_ms=500.0,
         bytes_out=100,
+        cost_usd=0.000225,  # estimated rows are priced too
     ),
     rec(
         4,
@@ -84,6 +87,7 @@ ROWS: tuple[MeterRecord, ...] = (
         ttft_ms=50.0,
         duration_ms=200.0,
         bytes_out=300,
+        cost_usd=0.00003,
     ),
     rec(
         5,
@@ -106,20 +110,21 @@ ROWS: tuple[MeterRecord, ...] = (
 )
 
 # requests prompt completion total reported estimated none errors p50_ttft avg_dur bytes_out
+# cost_usd (the sum of the priced rows; None when no row of the group has a cost)
 BY_MODEL = {
-    "gpt-4o": [3, 350, 160, 510, 2, 1, 0, 1, 200.0, 1500.0, 6100],
-    None: [1, 0, 0, 0, 0, 0, 1, 1, None, 1.0, 150],
-    "claude-3-5-sonnet": [1, 10, 0, 10, 1, 0, 0, 0, 50.0, 200.0, 300],
+    "gpt-4o": [3, 350, 160, 510, 2, 1, 0, 1, 200.0, 1500.0, 6100, 0.002475],
+    None: [1, 0, 0, 0, 0, 0, 1, 1, None, 1.0, 150, None],
+    "claude-3-5-sonnet": [1, 10, 0, 10, 1, 0, 0, 0, 50.0, 200.0, 300, 0.00003],
 }
-TOTALS = [5, 360, 160, 520, 3, 1, 1, 2, 150.0, 940.2, 6550]
+TOTALS = [5, 360, 160, 520, 3, 1, 1, 2, 150.0, 940.2, 6550, 0.002505]
 BY_OUTCOME = {
-    "ok": [3, 310, 150, 460, 3, 0, 0, 0, 100.0, 1400.0, 6300],
-    "client_disconnect": [1, 50, 10, 60, 0, 1, 0, 1, 200.0, 500.0, 100],
-    "rejected": [1, 0, 0, 0, 0, 0, 1, 1, None, 1.0, 150],
+    "ok": [3, 310, 150, 460, 3, 0, 0, 0, 100.0, 1400.0, 6300, 0.00228],
+    "client_disconnect": [1, 50, 10, 60, 0, 1, 0, 1, 200.0, 500.0, 100, 0.000225],
+    "rejected": [1, 0, 0, 0, 0, 0, 1, 1, None, 1.0, 150, None],
 }
 BY_DAY = {
-    "2024-05-01": [3, 350, 160, 510, 2, 1, 0, 1, 200.0, 1500.0, 6100],
-    "2024-05-02": [2, 10, 0, 10, 1, 0, 1, 1, 50.0, 100.5, 450],
+    "2024-05-01": [3, 350, 160, 510, 2, 1, 0, 1, 200.0, 1500.0, 6100, 0.002475],
+    "2024-05-02": [2, 10, 0, 10, 1, 0, 1, 1, 50.0, 100.5, 450, 0.00003],
 }
 
 
@@ -179,15 +184,17 @@ def test_summary_csv_by_day(db: str) -> None:
     rows = list(csv.reader(io.StringIO(res.stdout)))
     assert rows[0] == ["day", *meter_cli.FIGURES]
     assert rows[1:] == [
-        ["2024-05-01", "3", "350", "160", "510", "2", "1", "0", "1", "200.0", "1500.0", "6100"],
-        ["2024-05-02", "2", "10", "0", "10", "1", "0", "1", "1", "50.0", "100.5", "450"],
+        ["2024-05-01", "3", "350", "160", "510", "2", "1", "0", "1", "200.0", "1500.0", "6100",
+         "0.002475"],
+        ["2024-05-02", "2", "10", "0", "10", "1", "0", "1", "1", "50.0", "100.5", "450",
+         "3e-05"],
     ]
 
 
 def test_summary_csv_by_model_writes_a_missing_model_as_empty(db: str) -> None:
     rows = list(csv.reader(io.StringIO(run("summary", "--db", db, "--format", "csv").stdout)))
     assert rows[1][0] == "gpt-4o"
-    assert rows[2] == ["", "1", "0", "0", "0", "0", "0", "1", "1", "", "1.0", "150"]
+    assert rows[2] == ["", "1", "0", "0", "0", "0", "0", "1", "1", "", "1.0", "150", ""]
 
 
 def test_summary_table_is_aligned_with_a_totals_line(db: str) -> None:
@@ -210,8 +217,9 @@ def test_summary_table_is_aligned_with_a_totals_line(db: str) -> None:
         "200.0",
         "1,500.0",
         "6,100",
+        "0.002475",
     ]
-    assert cells["(none)"] == ["1", "0", "0", "0", "0", "0", "1", "1", "-", "1.0", "150"]
+    assert cells["(none)"] == ["1", "0", "0", "0", "0", "0", "1", "1", "-", "1.0", "150", "-"]
     assert cells["claude-3-5-sonnet"][0] == "1"
     assert lines[-1].split() == [
         "TOTAL",
@@ -226,6 +234,7 @@ def test_summary_table_is_aligned_with_a_totals_line(db: str) -> None:
         "150.0",
         "940.2",
         "6,550",
+        "0.002505",
     ]
     assert lines[-2].startswith("------")
 
@@ -238,6 +247,22 @@ def test_summary_by_key_upstream_and_route_group_on_those_columns(db: str) -> No
     assert requests_by("key") == {"k1": 2, "k2": 2, None: 1}
     assert requests_by("upstream") == {"openai": 3, "anthropic": 1, "": 1}
     assert requests_by("route") == {"/v1/chat/completions": 4, "/v1/messages": 1}
+
+
+def test_summary_by_key_shows_cost_per_key_and_no_key_as_a_dash(db: str) -> None:
+    doc = json.loads(run("summary", "--db", db, "--by", "key", "--format", "json").stdout)
+    # k1: rows 1 and 3; k2: rows 2 and 4; no key: the rejected, unpriced row 5.
+    assert {g["key"]: g["cost_usd"] for g in doc["groups"]} == {
+        "k1": 0.000975, "k2": 0.00153, None: None}
+    lines = run("summary", "--db", db, "--by", "key").stdout.rstrip("\n").split("\n")
+    assert lines[0].split()[:2] == ["key", "requests"]
+    assert lines[0].rstrip().endswith("cost usd")
+    cells = {line.split()[0]: line.split()[1:] for line in lines[2:-2]}
+    assert set(cells) == {"k1", "k2", "-"}
+    assert cells["k1"][0] == "2" and cells["k1"][-1] == "0.000975"
+    assert cells["k2"][-1] == "0.001530"
+    assert cells["-"][0] == "1" and cells["-"][-1] == "-"
+    assert lines[-1].split()[-1] == "0.002505"
 
 
 def test_summary_since_counts_only_recent_requests(tmp_path: pathlib.Path) -> None:
@@ -304,6 +329,7 @@ def test_tail_prints_the_last_n_rows_oldest_first(db: str) -> None:
         "claude-3-5-sonnet",
     ]
     assert "tok 10/0/10 reported" in lines[0]
+    assert lines[0].endswith(" cost $0.000030")
     assert lines[1].split()[:5] == [
         "2024-05-02T02:00:00.000Z",
         "req-5",
@@ -313,6 +339,7 @@ def test_tail_prints_the_last_n_rows_oldest_first(db: str) -> None:
     ]
     assert "tok -/-/- none" in lines[1]
     assert "ttft -" in lines[1]
+    assert lines[1].endswith(" cost -")
     assert len(run("tail", "--db", db).stdout.splitlines()) == 5  # default 20, only 5 exist
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sidecar.endpoints import ApiFormat, path_format
+from sidecar.pricing import Price
 
 __all__ = [
     "ALL_INTERFACES",
@@ -31,6 +32,7 @@ __all__ = [
     "MeterConfig",
     "MiB",
     "MiddlewareConfig",
+    "Price",
     "RouteConfig",
     "RouteUpstream",
     "Strategy",
@@ -216,6 +218,12 @@ class Config:
     trusted_peers: tuple[str, ...] = ()
     tiers: tuple[str, ...] = DEFAULT_TIERS
     auth: AuthConfig = field(default_factory=AuthConfig)
+    # The price table (sidecar.pricing), as written: model name -> USD per million
+    # tokens. These entries are laid over sidecar.pricing.DEFAULT_PRICES (an entry
+    # replaces the default of its name) unless prices_defaults is false, in which case
+    # they are the whole table. Runtime.build makes the PriceTable.
+    prices: dict[str, Price] = field(default_factory=dict)
+    prices_defaults: bool = True
     source: str = "<defaults>"
     # Derived from routes, for exact-path lookup on the hot path: the first route of
     # each path (model-matched routes sharing it are in Runtime).

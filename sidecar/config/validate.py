@@ -34,6 +34,7 @@ from sidecar.config.model import (
     LimitsConfig,
     MeterConfig,
     MiddlewareConfig,
+    Price,
     RouteConfig,
     RouteUpstream,
     TimeoutsConfig,
@@ -51,6 +52,7 @@ from sidecar.config.values import (
     _duration,
     _fraction,
     _int,
+    _number,
     _path,
     _size,
 )
@@ -79,6 +81,7 @@ def _config(ctx: _Ctx, root: MappingNode) -> Config:
         root,
         "",
         ("listen", "workers", "upstreams", "routes", "meter", "limits", "timeouts", "tokenizer",
+         "prices", "prices_defaults",
          "trusted_peers", "tiers", "auth"),
     )
     kwargs: dict[str, Any] = {"source": ctx.file}
@@ -114,6 +117,12 @@ def _config(ctx: _Ctx, root: MappingNode) -> Config:
             value = _convert(ctx, conv, top[key][1], key)
             if value is not None:
                 kwargs[key] = value
+    if "prices" in top:
+        kwargs["prices"] = _prices(ctx, top["prices"][1])
+    if "prices_defaults" in top:
+        flag = _convert(ctx, _c_bool, top["prices_defaults"][1], "prices_defaults")
+        if flag is not None:
+            kwargs["prices_defaults"] = flag
     if "auth" in top:
         vals, _ = _fields(ctx, top["auth"][1], "auth",
                           {"keys_db": _c_db_path, "refresh": _duration()})
@@ -176,6 +185,25 @@ def _c_tiers(ctx: _Ctx, node: Node) -> tuple[str, ...]:
 def _c_models(ctx: _Ctx, node: Node) -> tuple[str, ...]:
     """Model names or globs (``gpt-4o``, ``gpt-4o-*``, ``claude-?-sonnet``)."""
     return tuple(dict.fromkeys(n for n, _ in _c_names(ctx, node, "a model name or glob")))
+
+
+_PRICE_FIELDS: dict[str, Conv] = dict.fromkeys(
+    ("input", "output", "cached_read", "cached_write"), _number(0, "USD per million tokens"))
+
+
+def _prices(ctx: _Ctx, node: Node) -> dict[str, Price]:
+    """``prices:`` model name -> {input, output, cached_read?, cached_write?}: the entries
+    laid over sidecar.pricing.DEFAULT_PRICES (see Config.prices)."""
+    out: dict[str, Price] = {}
+    for name, (knode, vnode) in _mapping(ctx, node, "prices", None).items():
+        path, n_errors = _join("prices", name), len(ctx.errors)
+        if not name or any(c.isspace() or c in "*?[" for c in name):
+            ctx.error(knode, path, "must be a model name without spaces or globs; a name "
+                      "also prices its dated variants (gpt-4o covers gpt-4o-2024-08-06)")
+        vals, _ = _fields(ctx, vnode, path, _PRICE_FIELDS, required=("input", "output"))
+        if len(ctx.errors) == n_errors:
+            out[name] = Price(**vals)
+    return out
 
 
 def _health_check(ctx: _Ctx, node: Node, path: str) -> HealthCheckConfig | None:

@@ -99,6 +99,26 @@ def _fraction(ctx: _Ctx, node: Node) -> float:
     raise _Bad(f"must be a number from 0 to 1, got {_show(v)}")
 
 
+def _number(lo: float = 0.0, what: str = "") -> Conv:
+    """A finite number >= ``lo`` (an integer or a float); ``what`` names its unit."""
+    expected = f"a number >= {lo:g}" + (f" ({what})" if what else "")
+
+    def conv(ctx: _Ctx, node: Node) -> float:
+        v = _read(ctx, node, expected)
+        x = v.value
+        if isinstance(x, str) and v.from_env:
+            try:
+                x = float(x)
+            except ValueError:
+                pass
+        if isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) \
+                and x >= lo:
+            return float(x)
+        raise _Bad(f"must be {expected}, got {_show(v)}")
+
+    return conv
+
+
 def _choice(options: Collection[str]) -> Conv:
     expected = "one of " + ", ".join(options)
 

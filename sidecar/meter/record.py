@@ -61,7 +61,7 @@ class MeterRecord:
     duration_ms: float = 0.0
     bytes_in: int = 0  # request body bytes from the client
     bytes_out: int = 0  # response bytes written to the client (head + body)
-    cost_usd: float | None = None  # price table arrives with budgets; None until then
+    cost_usd: float | None = None  # USD by the price table (sidecar.pricing); None: unpriced
     attempts: int = 0  # upstream attempts (failover arrives later; 1 today)
     api_format: str = "openai"  # 'openai' | 'anthropic'
     path: str = ""  # request path as received
