@@ -355,3 +355,43 @@ def rows_by_id(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out = {row["request_id"]: row for row in rows}
     assert len(out) == len(rows), [row["request_id"] for row in rows]
     return out
+
+
+def token_limited(limit: int, period: float, backend: str | None = None,
+                  failure: str = "open", path: str = "/v1/chat/completions",
+                  **extra: Any) -> Callable[[Config], Config]:
+    """A config_edit giving ``path`` the seed's token_limiter entry (plus any extra
+    keys), its buckets in ``backend`` (a Redis URL) when given, else in process."""
+    from sidecar.config import MiddlewareConfig
+
+    entry = MiddlewareConfig("token_limiter", {"limit": limit, "period": period,
+                                               "requests": None, "key": None,
+                                               "reserve": 256, "tiers": {}, **extra})
+
+    def edit(config: Config) -> Config:
+        routes = tuple(dataclasses.replace(r, middleware=(entry,)) if r.path == path else r
+                       for r in config.routes)
+        config = dataclasses.replace(config, routes=routes)
+        if backend is not None:
+            config = dataclasses.replace(config, limits=dataclasses.replace(
+                config.limits, backend=backend, redis_failure=failure))
+        return config
+
+    return edit
+
+
+def stream_body(max_tokens: int) -> dict[str, Any]:
+    """A streamed chat request capped at ``max_tokens``."""
+    return {**chat_body(stream=True), "max_tokens": max_tokens}
+
+
+def concurrent_posts(ports: Iterable[int], path: str, body: Any) -> list[Response]:
+    """One connection per port given, all requests sent before any answer is read."""
+    conns = [ClientConn(port) for port in ports]
+    try:
+        for c in conns:
+            c.send(request_bytes("POST", path, body))
+        return [c.read_response() for c in conns]
+    finally:
+        for c in conns:
+            c.close()

@@ -4,47 +4,32 @@ the reported usage, and OpenAI's rate-limit headers."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 from conftest import Stack
-from e2e_helpers import ClientConn, assert_openai_error, chat_body, request_bytes
-
-from sidecar.config import Config, MiddlewareConfig
+from e2e_helpers import (
+    ClientConn,
+    assert_openai_error,
+    chat_body,
+    concurrent_posts,
+    request_bytes,
+    stream_body,
+    token_limited,
+)
 
 PATH = "/v1/chat/completions"
 
 
-def limited(limit: int, period: float, **extra: Any) -> Callable[[Config], Config]:
-    """The chat route with the seed's token_limiter entry (plus any extra keys)."""
-    entry = MiddlewareConfig("token_limiter", {"limit": limit, "period": period,
-                                               "requests": None, "key": None,
-                                               "reserve": 256, "tiers": {}, **extra})
-
-    def edit(config: Config) -> Config:
-        routes = tuple(dataclasses.replace(r, middleware=(entry,)) if r.path == PATH else r
-                       for r in config.routes)
-        return dataclasses.replace(config, routes=routes)
-
-    return edit
-
-
-def _stream_body(max_tokens: int) -> dict[str, Any]:
-    return {**chat_body(stream=True), "max_tokens": max_tokens}
+limited = token_limited
 
 
 def test_concurrent_streams_cannot_overdraw_a_1000_token_minute(
         stack_factory: Callable[..., Stack]) -> None:
     stack = stack_factory(limited(1000, 60.0), chunks=20, delay_ms=20)
-    conns = [ClientConn(stack.port) for _ in range(30)]
-    for c in conns:  # 30 streams in flight at once, ~100 tokens each
-        c.send(request_bytes("POST", PATH, _stream_body(90)))
-    responses = [c.read_response() for c in conns]
-    for c in conns:
-        c.close()
+    # 30 streams in flight at once, ~100 tokens each
+    responses = concurrent_posts([stack.port] * 30, PATH, stream_body(90))
     ok = [r for r in responses if r.status == 200]
     refused = [r for r in responses if r.status == 429]
     assert ok and refused and len(ok) + len(refused) == 30
@@ -97,7 +82,7 @@ def test_a_refund_shows_in_the_next_responses_remaining_tokens(
     with ClientConn(stack.port) as c:
         remaining = []
         for _ in range(2):  # reserves ~500, the mock reports far fewer
-            c.send(request_bytes("POST", PATH, _stream_body(500)))
+            c.send(request_bytes("POST", PATH, stream_body(500)))
             resp = c.read_response()
             assert resp.status == 200
             remaining.append(int(resp.header("x-ratelimit-remaining-tokens") or 0))

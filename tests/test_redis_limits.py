@@ -8,7 +8,6 @@ processes sharing one Redis; then Redis is killed and started again mid-test.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import pathlib
 import re
@@ -24,11 +23,20 @@ from typing import Any
 
 import pytest
 from conftest import Stack
-from e2e_helpers import ClientConn, Response, assert_openai_error, chat_body, request_bytes
+from e2e_helpers import (
+    ClientConn,
+    Response,
+    assert_openai_error,
+    chat_body,
+    concurrent_posts,
+    request_bytes,
+    stream_body,
+    token_limited,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.config import Config, MiddlewareConfig
+from sidecar.config import Config
 from sidecar.ratelimit.bucket import Grant
 from sidecar.ratelimit.memory import MemoryBackend
 from sidecar.ratelimit.policy import Limits
@@ -39,6 +47,7 @@ pytestmark = pytest.mark.skipif(
     reason="redis-server is not installed (CI installs it: apt-get install redis-server)")
 
 import redis  # noqa: E402
+
 from sidecar.ratelimit.redis_backend import (  # noqa: E402
     ARGV_CLOCK,
     KEY_PREFIX,
@@ -73,7 +82,7 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         assert REDIS_SERVER is not None
-        log = open(self.dir / "redis.log", "ab")  # noqa: SIM115 - the child keeps it
+        log = open(self.dir / "redis.log", "ab")
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.dir)],
@@ -399,21 +408,7 @@ def test_close_without_a_loop_is_harmless(shared_redis: RedisServer) -> None:
 def limited(limit: int, period: float, url: str, failure: str = "open",
             **extra: Any) -> Callable[[Config], Config]:
     """The chat route with the seed's token_limiter entry, buckets in Redis at ``url``."""
-    entry = MiddlewareConfig("token_limiter", {"limit": limit, "period": period,
-                                               "requests": None, "key": None,
-                                               "reserve": 256, "tiers": {}, **extra})
-
-    def edit(config: Config) -> Config:
-        routes = tuple(dataclasses.replace(r, middleware=(entry,)) if r.path == PATH else r
-                       for r in config.routes)
-        lim = dataclasses.replace(config.limits, backend=url, redis_failure=failure)
-        return dataclasses.replace(config, routes=routes, limits=lim)
-
-    return edit
-
-
-def _stream_body(max_tokens: int) -> dict[str, Any]:
-    return {**chat_body(stream=True), "max_tokens": max_tokens}
+    return token_limited(limit, period, url, failure, **extra)
 
 
 def _reservation(refused: list[Response]) -> int:
@@ -444,12 +439,8 @@ def test_concurrent_streams_cannot_overdraw_a_1000_token_minute_on_redis(
         stack_factory: Callable[..., Stack], shared_redis: RedisServer,
         sync_redis: Any) -> None:
     stack = stack_factory(limited(1000, 60.0, shared_redis.url), chunks=20, delay_ms=20)
-    conns = [ClientConn(stack.port) for _ in range(30)]
-    for c in conns:  # 30 streams in flight at once, ~100 tokens each
-        c.send(request_bytes("POST", PATH, _stream_body(90)))
-    responses = [c.read_response() for c in conns]
-    for c in conns:
-        c.close()
+    # 30 streams in flight at once, ~100 tokens each
+    responses = concurrent_posts([stack.port] * 30, PATH, stream_body(90))
     ok = [r for r in responses if r.status == 200]
     refused = [r for r in responses if r.status == 429]
     assert ok and refused and len(ok) + len(refused) == 30, [r.status for r in responses]
@@ -497,12 +488,9 @@ def test_two_sidecar_processes_share_one_budget(
             procs.append(proc)
             line = proc.wait_for_log("listening on http://")
             ports.append(int(line.split("http://127.0.0.1:", 1)[1].split()[0]))
-        conns = [ClientConn(port) for port in ports for _ in range(15)]
-        for c in conns:  # 15 streams at each sidecar, all in flight at once
-            c.send(request_bytes("POST", PATH, _stream_body(90)))
-        responses = [c.read_response() for c in conns]
-        for c in conns:
-            c.close()
+        # 15 streams at each sidecar, all in flight at once
+        responses = concurrent_posts([p for p in ports for _ in range(15)], PATH,
+                                     stream_body(90))
         for p in procs[1:]:
             assert p.stop() == 0
     finally:
