@@ -830,6 +830,16 @@ def test_stripper_passes_a_stream_without_usage_unchanged() -> None:
     assert strip_all(split(no_usage, [10, 200, 201, 202])) == no_usage
 
 
+@pytest.mark.parametrize("tail", [b"\n\r", b"\r\r", b"\r\n\r", b"\n\n\r"])
+def test_stripper_keeps_blank_lines_at_the_end_of_a_cr_stream(tail: bytes) -> None:
+    # Found by tests/fuzz_atheris.py: at flush, with \r line ends, an empty event (a
+    # blank line before the final \r) was taken for the dropped usage chunk and lost
+    # with its separator, so a stream with no usage in it did not pass unchanged.
+    stream = b'data: {"choices":[{"delta":{"content":"a"}}]}\r\n\r\n' + tail
+    for pieces in ([stream], [stream[:-1], stream[-1:]], split(stream, list(range(len(stream))))):
+        assert strip_all(pieces) == stream
+
+
 def test_stripper_cuts_usage_riding_on_a_content_chunk() -> None:
     stream = (
         b'data: {"id":"x","choices":[{"index":0,"delta":{"content":"hi"},'
