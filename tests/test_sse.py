@@ -830,6 +830,33 @@ def test_stripper_passes_a_stream_without_usage_unchanged() -> None:
     assert strip_all(split(no_usage, [10, 200, 201, 202])) == no_usage
 
 
+@pytest.mark.parametrize("sep", [b"\n\n", b"\r\n\r\n", b"\r\r"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses", "/v1/messages"])
+def test_an_event_of_exactly_the_cap_is_not_oversized_in_any_split(sep: bytes, path: str) -> None:
+    # Found by tests/fuzz_atheris.py: the first bytes of a separator still waiting for
+    # the rest were counted as the held event's, so an event of exactly body_cap bytes
+    # was cut as oversized (truncated, its content lost) when a read ended inside its
+    # separator, and parsed whole otherwise.
+    cap = 200
+    fmt = "anthropic" if path == "/v1/messages" else "openai"
+    text = b'data: {"choices":[{"delta":{"content":"'
+    event = text + b"x" * (cap - len(text) - 5) + b'"}}]}'
+    assert len(event) == cap
+    stream = event + sep + b'data: {"choices":[{"delta":{"content":"y"}}]}' + sep
+
+    def run(pieces: list[bytes]) -> TapResult:
+        tap = make_tap(fmt, path, True, body_cap=cap)
+        for piece in pieces:
+            tap.feed(piece)
+            tap.result()  # taken mid-stream: the parsing tap sees each read as it comes
+        return tap.result()
+
+    whole = run([stream])
+    assert not whole.truncated and whole.events == 2
+    for k in range(1, len(sep)):
+        assert run([stream[:cap + k], stream[cap + k:]]) == whole, k
+
+
 @pytest.mark.parametrize("tail", [b"\n\r", b"\r\r", b"\r\n\r", b"\n\n\r"])
 def test_stripper_keeps_blank_lines_at_the_end_of_a_cr_stream(tail: bytes) -> None:
     # Found by tests/fuzz_atheris.py: at flush, with \r line ends, an empty event (a
