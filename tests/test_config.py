@@ -602,6 +602,10 @@ def test_cross_format_routes_translate_on_chat_and_messages_only(tmp_path: pathl
           - path: /v1/messages
             upstreams:
               - target: fwd
+          - path: /v1/messages
+            model: m
+            upstreams:
+              - target: http://127.0.0.1:9
         """
     assert problems(tmp_path, text) == [
         "c.yaml:2: upstreams.gpt.default_max_tokens: only applies to format: anthropic",
@@ -614,6 +618,9 @@ def test_cross_format_routes_translate_on_chat_and_messages_only(tmp_path: pathl
         "c.yaml:13: routes[2].upstreams[0].target: upstream 'fwd' is openai and forwards the "
         "client's credential, which is an Anthropic one on this route; give it an api_key to "
         "translate",
+        "c.yaml:17: routes[3].upstreams[0].target: route path /v1/messages serves Anthropic "
+        "format but inline target '127.0.0.1:9' is assumed openai; to translate, declare it "
+        "under upstreams: with its format",
     ]
 
 

@@ -42,7 +42,14 @@ from sidecar.config.model import (
     TokenizerConfig,
     UpstreamConfig,
 )
-from sidecar.config.targets import _c_listen, _c_url, _known_format, _Registry, _Url
+from sidecar.config.targets import (
+    WELL_KNOWN_HOSTS,
+    _c_listen,
+    _c_url,
+    _known_format,
+    _Registry,
+    _Url,
+)
 from sidecar.config.values import (
     _c_api_key,
     _c_bool,
@@ -471,6 +478,12 @@ def _route_upstream(
             problem = (f"route path {route_path} serves {_FORMAT_TITLE[fmt]} format but upstream "
                        f"{up.name!r} is {up.format}; only chat completions and messages "
                        f"routes translate between formats")
+        elif up.name not in reg.named and up.host not in WELL_KNOWN_HOSTS:
+            # An inline target's format is only assumed (openai): translating on a guess
+            # would turn a mistyped route into a silently rewritten one.
+            problem = (f"route path {route_path} serves {_FORMAT_TITLE[fmt]} format but inline "
+                       f"target {up.name!r} is assumed {up.format}; to translate, declare it "
+                       f"under upstreams: with its format")
         elif up.forward_client_auth:
             problem = (f"upstream {up.name!r} is {up.format} and forwards the client's "
                        f"credential, which is an {_FORMAT_TITLE[fmt]} one on this route; give it "
