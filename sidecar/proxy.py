@@ -51,6 +51,7 @@ from sidecar.lifecycle import (
     Decision,
     Lifecycle,
     Outcome,
+    Proceed,
     Retry,
 )
 from sidecar.meter import Meter
@@ -67,6 +68,13 @@ from sidecar.runtime import Route, Runtime
 from sidecar.splice import Exchange, Sweeper
 from sidecar.sse import UsageChunkStripper, make_tap
 from sidecar.tokenizer import Tokenizer
+from sidecar.translate import (
+    UPSTREAM_PATH,
+    client_headers,
+    request_bytes,
+    response_filter,
+    upstream_target,
+)
 from sidecar.upstream import UpstreamConnection, UpstreamPool
 
 if TYPE_CHECKING:
@@ -115,7 +123,7 @@ class Flight(Lifecycle):
 
     __slots__ = ("body", "client", "ctx", "ended_by", "exchange", "failed", "index", "limits",
                  "payload", "pool", "prices", "proxy", "replays", "req", "route", "sse",
-                 "strip", "task", "tried", "waiter")
+                 "strip", "task", "tried", "waiter", "xlate")
 
     def __init__(self, req: ParsedRequest, client: ClientSide, ctx: RequestContext,
                  proxy: Proxy, route: Route, limits: LimitsConfig, prices: PriceTable) -> None:
@@ -141,6 +149,9 @@ class Flight(Lifecycle):
         # The head is rebuilt per attempt rather than kept for the life of the stream.
         self.payload = b""
         self.strip = False  # hide the usage chunk we asked for from the client
+        # The current attempt's upstream speaks the other format: its request was
+        # translated (payload) and its answer is translated back (sidecar.translate).
+        self.xlate = False
         self.exchange: Exchange | None = None
         self.task: asyncio.Task[None] | None = None  # connecting (or admitting)
         self.waiter: Waiter[Queued] | None = None  # queued for a slot (sidecar.gate)
@@ -167,23 +178,41 @@ class Flight(Lifecycle):
         # No attempt will need the request again: let the client's headers, target and
         # the parsed body go for the rest of the stream.
         self.req.forget_head()
-        self.body = None
+        body, self.body = self.body, None
         extra = self.pool.response_headers(self.ctx.attempts)
         if self.ctx.rate_headers:
             extra = (*extra, *self.ctx.rate_headers)
         if not head.has_body:
             return None, None, extra
         sse = self.sse = _is_event_stream(head)
+        if self.xlate:
+            return self._translated(head, sse, body, extra)
         tap = make_tap(self.ctx.api_format, self.ctx.path, sse,
                        body_cap=self.limits.tap_body_bytes)
         strip = self.strip and sse and head.status < 300
         return tap, (UsageChunkStripper() if strip else None), extra
 
+    def _translated(self, head: ResponseHead, sse: bool, body: dict[str, Any] | None,
+                    extra: tuple[tuple[bytes, bytes], ...]) -> Proceed:
+        """The head of an upstream of the other format: its tap reads the upstream's
+        own bytes (the meter's usage), and its body goes to the client translated."""
+        fmt = self.pool.cfg.format
+        cap = self.limits.tap_body_bytes
+        tap = make_tap(fmt, UPSTREAM_PATH[fmt], sse, body_cap=cap)
+        opts = body.get("stream_options") if body is not None else None
+        usage = isinstance(opts, dict) and opts.get("include_usage") is True
+        return tap, response_filter(self.route.table.route.format, sse, head.status, usage,
+                                    cap, int(time.time())), extra
+
     def on_end(self, ex: Exchange) -> None:
         self.proxy._attempt_ended(self, ex)
 
     def stream_error(self, error: SidecarError) -> bytes | None:
-        return stream_error_event(self.ctx.api_format, error) if self.sse else None
+        if not self.sse:
+            return None
+        # In the format the client reads: a translated stream is in the route's.
+        fmt = self.route.table.route.format if self.xlate else self.ctx.api_format
+        return stream_error_event(fmt, error)
 
     def note_failure(self, upstream: str, cause: RetryReason) -> None:
         """An attempt failed over: its upstream and why, for the row."""
@@ -453,6 +482,13 @@ class Proxy:
                        entered: bool = False) -> None:
         """Run an attempt on the route's upstream ``i`` (``entered``: its slot is held)."""
         route, ctx = flight.route, flight.ctx
+        xlate = route.table.translate[i]
+        payload = b""
+        if xlate:
+            translated = self._translate(flight, i, entered)
+            if translated is None:
+                return
+            payload = translated
         if not entered:
             gate = route.pools[i].gate
             if gate is not None and not gate.try_enter():
@@ -465,7 +501,11 @@ class Proxy:
         ctx.upstream = upstream.name
         ctx.api_format = upstream.format
         ctx.attempts += 1
-        flight.payload = self._payload(flight, upstream.format, route.table.renames[i])
+        flight.xlate = xlate
+        if xlate:
+            flight.payload = payload
+        else:
+            flight.payload = self._payload(flight, upstream.format, route.table.renames[i])
         pool.health.begin(now)
         conn = None if fresh else pool.take_idle()
         if conn is not None:
@@ -473,6 +513,30 @@ class Proxy:
         else:
             flight.advance(CONNECTING)
             flight.task = self.spawn(self._connect_and_launch(flight))
+
+    def _translate(self, flight: Flight, i: int, entered: bool) -> bytes | None:
+        """The request translated for the route's upstream ``i``, which speaks the other
+        format; None when it cannot be (refused with 400 naming the field, and the
+        slot given up if one was held)."""
+        route = flight.route
+        upstream = route.table.upstreams[i]
+        rename = route.table.renames[i]
+        flight.strip = False
+        flight.ctx.upstream_model = rename
+        if flight.body is None:  # never: the body is kept until an attempt commits
+            return flight.req.body
+        try:
+            return request_bytes(flight.body, route.table.route.format, upstream.format,
+                                 upstream.default_max_tokens, rename)
+        except RequestError as exc:
+            gate = route.pools[i].gate
+            if entered and gate is not None:
+                waiter = gate.leave()
+                if waiter is not None:
+                    self._dequeue(waiter)
+            flight.ctx.upstream = upstream.name
+            self._refuse(flight, exc)
+            return None
 
     def _payload(self, flight: Flight, api_format: str, rename: str | None) -> bytes:
         """The body this upstream gets: the client's bytes, unless usage must be asked
@@ -566,7 +630,12 @@ class Proxy:
         flight.exchange = ex
         if flight.client.paused_writing:
             ex.pause()
-        head = flight.pool.head.build(req.method, req.target, req.headers,
+        target, headers = req.target, req.headers
+        if flight.xlate:
+            fmt = flight.pool.cfg.format
+            target = upstream_target(target, flight.route.table.route.format, fmt)
+            headers = client_headers(headers, fmt)
+        head = flight.pool.head.build(req.method, target, headers,
                                       len(flight.payload), req.request_id)
         ex.start(head + flight.payload)
 
@@ -627,7 +696,10 @@ class Proxy:
                 flight.note_failure(flight.pool.cfg.name, cause)
                 self._attempt(flight)
                 return
-        take_attempt(ctx, ex, flight.req.body)
+        if flight.xlate:  # the estimate counts the request the upstream was sent
+            take_attempt(ctx, ex, flight.payload, UPSTREAM_PATH[flight.pool.cfg.format])
+        else:
+            take_attempt(ctx, ex, flight.req.body)
         if flight.ended_by is not None:
             ctx.outcome = flight.ended_by
         if ex.error is not None and not ex.committed and ex.outcome is not _CLIENT_DISCONNECT \

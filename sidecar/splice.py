@@ -47,11 +47,11 @@ from sidecar.http1 import (
     feeding,
     frame_chunk,
 )
-from sidecar.lifecycle import Decision, Outcome, Retry
+from sidecar.lifecycle import BodyFilter, Decision, Outcome, Retry
 from sidecar.retry import RetryReason
 
 if TYPE_CHECKING:
-    from sidecar.sse import Tap, UsageChunkStripper
+    from sidecar.sse import Tap
     from sidecar.upstream import UpstreamConnection, UpstreamPool
 
 
@@ -218,7 +218,8 @@ class Exchange:
         self.client = client
         self.handler = handler
         self.tap: Tap | None = None
-        self.stripper: UsageChunkStripper | None = None
+        # The body filter (include_usage stripper or format translator), if any.
+        self.stripper: BodyFilter | None = None
         self.sweeper = sweeper
         self.stage = _WAIT_HEAD
         self.mode = _MODE_NONE

@@ -463,7 +463,7 @@ def test_unknown_keys_at_every_depth(tmp_path: pathlib.Path) -> None:
         "trusted_peers, upstreams, workers",
         "c.yaml:5: upstreams.u.timeout: unknown key (did you mean 'queue_timeout'?); "
         "allowed: anthropic_version, api_key, "
-        "ca_bundle, format, forward_client_auth, health_check, max_concurrent, max_queue, "
+        "ca_bundle, default_max_tokens, format, forward_client_auth, health_check, max_concurrent, max_queue, "
         "pool_idle_ttl, pool_max_idle, queue_timeout, tls_verify, url",
         "c.yaml:7: routes[0].upstreams: is required",
         "c.yaml:8: routes[0].upstream: unknown key (did you mean 'upstreams'?); allowed: "
@@ -572,10 +572,10 @@ def test_route_rules(tmp_path: pathlib.Path) -> None:
     ]
 
 
-def test_cross_format_routes_are_errors(tmp_path: pathlib.Path) -> None:
+def test_cross_format_routes_translate_on_chat_and_messages_only(tmp_path: pathlib.Path) -> None:
     text = """\
         upstreams:
-          claude: { url: https://api.anthropic.com }
+          claude: { url: https://api.anthropic.com, api_key: "${A_KEY:-}", default_max_tokens: 1000 }
           gpt: { url: https://api.openai.com, api_key: "${OPENAI_API_KEY:-}" }
         routes:
           - path: /v1/messages
@@ -584,19 +584,43 @@ def test_cross_format_routes_are_errors(tmp_path: pathlib.Path) -> None:
           - path: /v1/chat/completions
             upstreams:
               - target: claude
+        """
+    cfg = load(tmp_path, text)
+    assert [r.format for r in cfg.routes] == ["anthropic", "openai"]
+    assert cfg.routes[1].upstreams[0].upstream.default_max_tokens == 1000
+    text = """\
+        upstreams:
+          gpt: { url: https://api.openai.com, api_key: "${O_KEY:-}", default_max_tokens: 10 }
+          fwd: { url: http://127.0.0.1:9, format: openai, forward_client_auth: true }
+        routes:
           - path: /v1/passthrough
             upstreams:
               - target: api.anthropic.com
+          - path: /v1/embeddings
+            upstreams:
+              - target: api.anthropic.com
+          - path: /v1/messages
+            upstreams:
+              - target: fwd
+          - path: /v1/messages
+            model: m
+            upstreams:
+              - target: http://127.0.0.1:9
         """
     assert problems(tmp_path, text) == [
-        "c.yaml:7: routes[0].upstreams[0].target: route path /v1/messages serves Anthropic "
-        "format but upstream 'gpt' is openai; cross-format translation is not supported yet",
-        "c.yaml:10: routes[1].upstreams[0].target: route path /v1/chat/completions serves OpenAI "
-        "format but upstream 'claude' is anthropic; cross-format translation is not supported "
-        "yet",
-        "c.yaml:13: routes[2].upstreams[0].target: route path /v1/passthrough serves OpenAI "
-        "format but upstream 'api.anthropic.com' is anthropic; cross-format translation is not "
-        "supported yet",
+        "c.yaml:2: upstreams.gpt.default_max_tokens: only applies to format: anthropic",
+        "c.yaml:7: routes[0].upstreams[0].target: route path /v1/passthrough serves OpenAI "
+        "format but upstream 'api.anthropic.com' is anthropic; only chat completions and "
+        "messages routes translate between formats",
+        "c.yaml:10: routes[1].upstreams[0].target: route path /v1/embeddings serves OpenAI "
+        "format but upstream 'api.anthropic.com' is anthropic; only chat completions and "
+        "messages routes translate between formats",
+        "c.yaml:13: routes[2].upstreams[0].target: upstream 'fwd' is openai and forwards the "
+        "client's credential, which is an Anthropic one on this route; give it an api_key to "
+        "translate",
+        "c.yaml:17: routes[3].upstreams[0].target: route path /v1/messages serves Anthropic "
+        "format but inline target '127.0.0.1:9' is assumed openai; to translate, declare it "
+        "under upstreams: with its format",
     ]
 
 

@@ -93,6 +93,9 @@ class UpstreamConfig:
     api_key: str | None = field(default=None, repr=False)  # secret: never logged
     forward_client_auth: bool = False  # pass the client's own credential through
     anthropic_version: str = "2023-06-01"
+    # max_tokens a translated request gets when an OpenAI client named none (the
+    # Messages API requires one); only read for format: anthropic (sidecar.translate).
+    default_max_tokens: int = 4096
     ca_bundle: str | None = None
     tls_verify: bool = True
     pool_max_idle: int = 64  # idle keep-alive connections kept per upstream

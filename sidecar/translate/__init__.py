@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
+import orjson
+
 from sidecar.endpoints import ApiFormat
 from sidecar.translate.request import Untranslatable, anthropic_to_openai, openai_to_anthropic
 from sidecar.translate.stream import (
@@ -38,6 +40,8 @@ __all__ = [
     "OpenAIToAnthropic",
     "SseTranslator",
     "Untranslatable",
+    "client_headers",
+    "request_bytes",
     "response_filter",
     "translate_body",
     "translate_request",
@@ -74,6 +78,27 @@ def translate_request(body: Mapping[str, Any], client_format: str, to_format: Ap
     if to_format == "anthropic":
         return openai_to_anthropic(body, default_max_tokens)
     return anthropic_to_openai(body)
+
+
+def request_bytes(body: Mapping[str, Any], client_format: str, to_format: ApiFormat,
+                  default_max_tokens: int, model: str | None) -> bytes:
+    """The body an upstream of ``to_format`` is sent (``model``: the route's rename)."""
+    out = translate_request(body, client_format, to_format, default_max_tokens)
+    if model is not None:
+        out["model"] = model
+    return orjson.dumps(out)
+
+
+def client_headers(headers: list[tuple[bytes, bytes]], to_format: str
+                   ) -> list[tuple[bytes, bytes]]:
+    """The client's headers without the other provider's own (``anthropic-version``
+    and ``anthropic-beta`` mean nothing to an OpenAI upstream, ``openai-*`` nothing
+    to Anthropic); the upstream's own are added by its head template."""
+    drop = _OTHER_PREFIX[to_format]
+    return [h for h in headers if not h[0].startswith(drop)]
+
+
+_OTHER_PREFIX: Final[Mapping[str, bytes]] = {"openai": b"anthropic-", "anthropic": b"openai-"}
 
 
 def response_filter(client_format: str, sse: bool, status: int, include_usage: bool,
