@@ -506,6 +506,15 @@ class Proxy:
             flight.payload = payload
         else:
             flight.payload = self._payload(flight, upstream.format, route.table.renames[i])
+        if not ctx.journal_seq:
+            journal = self.meter.journal
+            if journal is not None:
+                # Before a byte goes upstream: a crash from here on leaves the request
+                # open in the journal, and the next start records it (interrupted).
+                ctx.journal_seq = journal.admit(
+                    ctx.ts_ms, flight.req.request_id.decode(), ctx.route, ctx.upstream,
+                    ctx.model, ctx.key_id, ctx.bytes_in, ctx.stream, ctx.api_format,
+                    ctx.path, ctx.tier, ctx.upstream_model)
         pool.health.begin(now)
         conn = None if fresh else pool.take_idle()
         if conn is not None:

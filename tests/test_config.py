@@ -474,7 +474,7 @@ def test_unknown_keys_at_every_depth(tmp_path: pathlib.Path) -> None:
         "c.yaml:15: routes[1].middleware[0].config.burst: unknown key; allowed: key, limit, "
         "period, requests, reserve, tiers",
         "c.yaml:18: meter.flush: unknown key (did you mean 'flush_ms'?); allowed: batch_rows, "
-        "db, flush_ms, queue_size, spill",
+        "db, flush_ms, journal, journal_dir, journal_rotate_bytes, queue_size, spill",
         "c.yaml:19: limits.max_body: unknown key (did you mean 'max_body_bytes'?); allowed: "
         "backend, max_body_bytes, max_connections, max_header_bytes, max_pipelined_bytes, "
         "redis_failure, tap_body_bytes, write_high_water, write_low_water",

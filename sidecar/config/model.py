@@ -184,10 +184,23 @@ class MeterConfig:
     batch_rows: int = 500  # commit at most this many rows at once
     flush_ms: int = 50  # ... or at least this often
     spill: str | None = None  # overflow JSONL file; default: <db>.spill.jsonl
+    # The crash journal (sidecar.meter.journal): each request in flight is appended to
+    # a per-process file when its first attempt starts and closed by its meter row, so
+    # a restart after kill -9 records what was in flight as outcome 'interrupted'.
+    journal: bool = True
+    journal_dir: str | None = None  # default: <db>.journal
+    journal_rotate_bytes: int = 4 * MiB  # a journal larger than this is compacted
 
     @property
     def spill_path(self) -> str:
         return self.spill if self.spill is not None else self.db + ".spill.jsonl"
+
+    @property
+    def journal_path(self) -> str | None:
+        """The journal directory, or None when there is none (off, or no DB file)."""
+        if not self.journal or self.db == ":memory:":
+            return None
+        return self.journal_dir if self.journal_dir is not None else self.db + ".journal"
 
 
 @dataclass(frozen=True, slots=True)

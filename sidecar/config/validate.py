@@ -586,6 +586,9 @@ def _meter(ctx: _Ctx, node: Node | None) -> MeterConfig:
         "batch_rows": _int(1),
         "flush_ms": _c_millis,
         "spill": _path(),
+        "journal": _c_bool,
+        "journal_dir": _path(),
+        "journal_rotate_bytes": _size(4096),
     }
     vals: dict[str, Any] = {}
     if node is not None:
