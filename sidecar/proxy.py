@@ -511,10 +511,7 @@ class Proxy:
             if journal is not None:
                 # Before a byte goes upstream: a crash from here on leaves the request
                 # open in the journal, and the next start records it (interrupted).
-                ctx.journal_seq = journal.admit(
-                    ctx.ts_ms, flight.req.request_id.decode(), ctx.route, ctx.upstream,
-                    ctx.model, ctx.key_id, ctx.bytes_in, ctx.stream, ctx.api_format,
-                    ctx.path, ctx.tier, ctx.upstream_model)
+                ctx.journal_seq = journal.admit(ctx, flight.req.request_id.decode())
         pool.health.begin(now)
         conn = None if fresh else pool.take_idle()
         if conn is not None:

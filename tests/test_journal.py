@@ -13,6 +13,7 @@ import textwrap
 from typing import Any
 
 from sidecar.config import MeterConfig
+from sidecar.context import RequestContext
 from sidecar.meter import Meter, MeterRecord
 from sidecar.meter.journal import (
     INTERRUPTED_ERROR,
@@ -31,13 +32,18 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 TS = 1_700_000_000_000
 
 
-def line(seq: int, rid: str | None = None, bytes_in: int = 400, **kw: Any) -> bytes:
-    args: dict[str, Any] = dict(
-        seq=seq, ts_ms=TS + seq, request_id=rid or f"req-{seq}", route="/v1/chat/completions",
+def ctx_for(rid: str, ts: int = TS, bytes_in: int = 400, **kw: Any) -> RequestContext:
+    fields: dict[str, Any] = dict(
+        ts_ms=ts, request_id="", t_received=0.0, route="/v1/chat/completions",
         upstream="mock", model="gpt-4o-mini", key_id="k1", bytes_in=bytes_in, stream=True,
-        api_format="openai", path="/v1/chat/completions", tier="free", upstream_model=None)
-    args.update(kw)
-    return admission_line(**args)
+        api_format="openai", path="/v1/chat/completions", tier="free")
+    fields.update(kw)
+    return RequestContext(**fields)
+
+
+def line(seq: int, rid: str | None = None, bytes_in: int = 400, **kw: Any) -> bytes:
+    return admission_line(seq, ctx_for(rid or f"req-{seq}", TS + seq, bytes_in, **kw),
+                          rid or f"req-{seq}")
 
 
 def rows(db: pathlib.Path) -> list[dict[str, Any]]:
@@ -67,7 +73,7 @@ def test_a_journal_line_clips_huge_names_and_estimates_the_prompt_from_the_body_
     e = admitted[1]
     assert bad == 0
     assert e.model == "m" * 256
-    assert e.prompt_estimate == prompt_estimate(1001) == 251
+    assert interrupted_record(e).prompt_tokens == prompt_estimate(1001) == 251
 
 
 def test_the_interrupted_row_says_estimated_approximate_and_why() -> None:
@@ -90,8 +96,7 @@ def test_owner_of_ties_a_compacted_file_to_its_process() -> None:
 
 
 def admit(j: Journal, rid: str, ts: int = TS) -> int:
-    return j.admit(ts, rid, "/v1/chat/completions", "mock", "gpt-4o-mini", None, 100, True,
-                   "openai", "/v1/chat/completions", None, None)
+    return j.admit(ctx_for(rid, ts, 100), rid)
 
 
 def test_admit_and_close_are_on_disk_at_once_and_a_clean_shutdown_removes_the_file(
@@ -134,12 +139,15 @@ def _dead_journal(directory: pathlib.Path, script: str) -> None:
     without shutting the journal down, as kill -9 would leave it."""
     code = textwrap.dedent(f"""
         import os
+        from sidecar.context import RequestContext
         from sidecar.meter.journal import Journal
         j = Journal({str(directory)!r}, rotate_bytes=1 << 20)
         j.open()
         def admit(rid, ts, bytes_in=400):
-            return j.admit(ts, rid, "/v1/chat/completions", "mock", "gpt-4o-mini", None,
-                           bytes_in, True, "openai", "/v1/chat/completions", None, None)
+            ctx = RequestContext(ts_ms=ts, request_id="", t_received=0.0, upstream="mock",
+                                 route="/v1/chat/completions", model="gpt-4o-mini",
+                                 bytes_in=bytes_in, stream=True, path="/v1/chat/completions")
+            return j.admit(ctx, rid)
     """) + textwrap.dedent(script) + "\nos._exit(0)\n"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=30)
 
@@ -233,8 +241,6 @@ def test_a_dead_processes_spilled_row_is_replayed_not_recorded_as_interrupted(
 def test_the_meter_closes_journalled_rows_once_committed_and_removes_its_file_at_close(
         tmp_path: pathlib.Path) -> None:
     cfg = meter_cfg(tmp_path)
-    from sidecar.context import RequestContext
-
     async def main() -> tuple[list[str], int, int]:
         m = Meter(cfg)
         await m.start()

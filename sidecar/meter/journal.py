@@ -23,7 +23,7 @@ file is removed, so a journal holds about what is in flight, not the whole histo
 Line format (one line each, ``\\n``-terminated):
 
 * admission: a JSON array ``[seq, ts_ms, request_id, route, upstream, model, key_id,
-  prompt_estimate, bytes_in, stream, api_format, path, tier, upstream_model]``;
+  bytes_in, stream, api_format, path, tier, upstream_model]``;
 * close: ``-<seq>``.
 
 ``seq`` numbers the process's requests; it is unique within one process's files, whose
@@ -42,19 +42,23 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
 from sidecar.meter.record import MeterRecord
 
+if TYPE_CHECKING:
+    from sidecar.context import RequestContext
+
 log = logging.getLogger("sidecar.meter")
 
 SUFFIX: Final = ".journal"
 TMP_SUFFIX: Final = ".journal-tmp"  # a compaction in progress; never read by recovery
-# Longest model/route/path/key text kept in a journal line: the row of an interrupted
-# request needs the name, not a megabyte a client put in "model".
+# Longest model name kept in a journal line (the one field a client writes freely):
+# the row of an interrupted request needs the name, not a megabyte put in "model".
 MAX_FIELD_CHARS: Final = 256
+_NEWLINE: Final = orjson.OPT_APPEND_NEWLINE
 # The prompt estimate of an interrupted request: the request body's bytes over this
 # (the tokenizer's own no-tiktoken fallback ratio). The body itself is not journalled.
 BYTES_PER_TOKEN: Final = 4
@@ -74,7 +78,6 @@ class Entry:
     upstream: str
     model: str | None
     key_id: str | None
-    prompt_estimate: int
     bytes_in: int
     stream: bool
     api_format: str
@@ -83,22 +86,19 @@ class Entry:
     upstream_model: str | None
 
 
-def _clip(text: str | None) -> str | None:
-    return text if text is None or len(text) <= MAX_FIELD_CHARS else text[:MAX_FIELD_CHARS]
-
-
 def prompt_estimate(bytes_in: int) -> int:
     """Tokens an interrupted request's prompt is counted at: ceil(body bytes / 4)."""
     return math.ceil(bytes_in / BYTES_PER_TOKEN)
 
 
-def admission_line(seq: int, ts_ms: int, request_id: str, route: str, upstream: str,
-                   model: str | None, key_id: str | None, bytes_in: int, stream: bool,
-                   api_format: str, path: str, tier: str | None,
-                   upstream_model: str | None) -> bytes:
-    return orjson.dumps((seq, ts_ms, request_id, _clip(route), upstream, _clip(model),
-                         _clip(key_id), prompt_estimate(bytes_in), bytes_in, stream,
-                         api_format, _clip(path), tier, _clip(upstream_model))) + b"\n"
+def admission_line(seq: int, ctx: RequestContext, request_id: str) -> bytes:
+    """The request's line. Called once per request: one tuple, one orjson call."""
+    model = ctx.model
+    if model is not None and len(model) > MAX_FIELD_CHARS:
+        model = model[:MAX_FIELD_CHARS]
+    return orjson.dumps((seq, ctx.ts_ms, request_id, ctx.route, ctx.upstream, model,
+                         ctx.key_id, ctx.bytes_in, ctx.stream, ctx.api_format, ctx.path,
+                         ctx.tier, ctx.upstream_model), option=_NEWLINE)
 
 
 def close_lines(seqs: Iterable[int]) -> bytes:
@@ -106,14 +106,14 @@ def close_lines(seqs: Iterable[int]) -> bytes:
 
 
 def _entry(obj: Any) -> Entry | None:
-    if not isinstance(obj, list) or len(obj) != 14:
+    if not isinstance(obj, list) or len(obj) != 13:
         return None
     try:
         e = Entry(*obj)
     except TypeError:
         return None
     ok = (isinstance(e.seq, int) and isinstance(e.ts_ms, int) and isinstance(e.request_id, str)
-          and isinstance(e.prompt_estimate, int) and isinstance(e.bytes_in, int))
+          and isinstance(e.bytes_in, int) and e.bytes_in >= 0)
     return e if ok else None
 
 
@@ -158,10 +158,11 @@ INTERRUPTED_ERROR: Final = "the sidecar process died with the request in flight 
 def interrupted_record(e: Entry) -> MeterRecord:
     """The row of a request its process died with: the prompt estimated from its size,
     no completion known (what streamed before the crash is not journalled)."""
+    prompt = prompt_estimate(e.bytes_in)
     return MeterRecord(
         ts_ms=e.ts_ms, request_id=e.request_id, key_id=e.key_id, route=e.route,
         upstream=e.upstream, model=e.model, status=0, stream=e.stream,
-        prompt_tokens=e.prompt_estimate, completion_tokens=0, total_tokens=e.prompt_estimate,
+        prompt_tokens=prompt, completion_tokens=0, total_tokens=prompt,
         usage_source="estimated", usage_approx=True, outcome="interrupted",
         duration_ms=0.0, bytes_in=e.bytes_in, attempts=1, api_format=e.api_format,
         path=e.path, error=INTERRUPTED_ERROR, upstream_model=e.upstream_model, tier=e.tier,
@@ -209,7 +210,6 @@ class Journal:
         self._seq = 0
         # seq -> admission line of every request not closed yet (what compaction keeps).
         self._open: dict[int, bytes] = {}
-        self.admitted = 0
         self.closed = 0
         self.compactions = 0
 
@@ -248,17 +248,13 @@ class Journal:
             raise
         return fd, final
 
-    def admit(self, ts_ms: int, request_id: str, route: str, upstream: str,
-              model: str | None, key_id: str | None, bytes_in: int, stream: bool,
-              api_format: str, path: str, tier: str | None,
-              upstream_model: str | None) -> int:
+    def admit(self, ctx: RequestContext, request_id: str) -> int:
         """Journal one request before it goes upstream; its seq (0: not journalled)."""
         fd = self._fd
         if fd is None:
             return 0
         self._seq = seq = self._seq + 1
-        line = admission_line(seq, ts_ms, request_id, route, upstream, model, key_id,
-                              bytes_in, stream, api_format, path, tier, upstream_model)
+        line = admission_line(seq, ctx, request_id)
         try:
             os.write(fd, line)  # O_APPEND, a few hundred bytes: one whole write
         except OSError as exc:
@@ -266,8 +262,11 @@ class Journal:
             return 0
         self._open[seq] = line
         self._size += len(line)
-        self.admitted += 1
         return seq
+
+    @property
+    def admitted(self) -> int:
+        return self._seq
 
     def closed_records(self, records: Sequence[MeterRecord]) -> None:
         """Close the journalled requests of a committed (or spilled) batch of rows."""
