@@ -121,7 +121,8 @@ class Flight(Lifecycle):
     (``client_gone``, ``pause``, ``resume``): one object, no closure per request.
     """
 
-    __slots__ = ("body", "client", "ctx", "ended_by", "exchange", "failed", "index", "limits",
+    __slots__ = ("body", "client", "ctx", "drained", "ended_by", "exchange", "failed", "index",
+                 "limits",
                  "payload", "pool", "prices", "proxy", "replays", "req", "route", "sse",
                  "strip", "task", "tried", "waiter", "xlate")
 
@@ -158,6 +159,7 @@ class Flight(Lifecycle):
         # Set when the sidecar itself ends the request (shutdown's deadline): the row's
         # outcome, whatever the attempt saw, and no further attempt.
         self.ended_by: Outcome | None = None
+        self.drained = False  # its attempt is read to the end after the client left
 
     # -- the sweeper's question, passed to the attempt (if one is running) ------------
     def check_deadlines(self, now: float) -> None:
@@ -235,8 +237,13 @@ class Flight(Lifecycle):
 
     # -- ClientEvents --------------------------------------------------------------------
     def client_gone(self) -> None:
+        if self.drained:
+            return  # told again (EOF, then the connection's loss): it is draining already
         ex = self.exchange
         if ex is not None:
+            if self.route.table.route.on_client_disconnect == "drain" \
+                    and self.proxy._start_drain(self, ex):
+                return
             ex.client_gone()
         elif self.waiter is not None:
             self.proxy._unqueue(self, _CLIENT_DISCONNECT)
@@ -281,6 +288,7 @@ class Proxy:
         self.sweeper = Sweeper.for_timeouts(self.loop, config.timeouts, self.flights)
         # A plain attribute, not a property: every response head reads it.
         self.draining = False
+        self.drains = 0  # responses read on after their client left (on_client_disconnect)
         self._rand = random.random
         # Idle keep-alive clients are closed by one periodic sweep, not a timer each.
         self._idle_period = min(IDLE_SWEEP_MAX_INTERVAL, config.timeouts.client_idle / 4)
@@ -506,6 +514,12 @@ class Proxy:
             flight.payload = payload
         else:
             flight.payload = self._payload(flight, upstream.format, route.table.renames[i])
+        if not ctx.journal_seq:
+            journal = self.meter.journal
+            if journal is not None:
+                # Before a byte goes upstream: a crash from here on leaves the request
+                # open in the journal, and the next start records it (interrupted).
+                ctx.journal_seq = journal.admit(ctx, flight.req.request_id.decode())
         pool.health.begin(now)
         conn = None if fresh else pool.take_idle()
         if conn is not None:
@@ -668,9 +682,27 @@ class Proxy:
                      UpstreamError(f"upstream '{pool.cfg.name}' answered {status}"),
                      retry_after, cause, granted=True)
 
+    def _start_drain(self, flight: Flight, ex: Exchange) -> bool:
+        """The client left a drain route's request: read the provider on for its usage,
+        unless limits.max_drains are already draining or the sidecar is stopping."""
+        if self.draining or flight.ended_by is not None:
+            return False
+        runtime = self.runtime
+        if self.drains >= runtime.limits.max_drains:
+            log.info("client left %s: %d responses already draining (limits.max_drains); "
+                     "aborting this one", flight.ctx.route, self.drains)
+            return False
+        self.drains += 1
+        flight.drained = True
+        ex.drain(self.loop.time() + runtime.timeouts.drain)
+        return True
+
     def _attempt_ended(self, flight: Flight, ex: Exchange) -> None:
         """An attempt ended (completed, failed, cut): fail over, retry, or settle."""
         flight.exchange = None
+        if flight.drained:
+            flight.drained = False
+            self.drains -= 1
         ctx, health, now = flight.ctx, flight.pool.health, self.loop.time()
         self._release(flight)
         retry = ex.retry

@@ -32,6 +32,7 @@ from sidecar.config import Config, load_config
 from sidecar.downstream import DownstreamProtocol
 from sidecar.errors import ConfigError
 from sidecar.meter import Meter
+from sidecar.pricing import PriceTable
 from sidecar.proxy import Proxy
 from sidecar.tokenizer import Tokenizer
 
@@ -76,6 +77,11 @@ class Server:
         self.config = config
         self.config_path = config_path  # reloaded on SIGHUP, when given
         self.meter = Meter(config.meter)
+        # Rows recovered from a dead process's journal are priced like estimated rows.
+        prices = PriceTable.of(config.prices, defaults=config.prices_defaults)
+        self.meter.price = lambda r: prices.cost(
+            r.upstream_model or r.model, r.prompt_tokens, r.completion_tokens,
+            r.cache_read_tokens, r.cache_write_tokens)
         self.tokenizer = Tokenizer.load(config.tokenizer.dir)
         self._server: asyncio.AbstractServer | None = None
         self.proxy: Proxy | None = None

@@ -467,19 +467,19 @@ def test_unknown_keys_at_every_depth(tmp_path: pathlib.Path) -> None:
         "pool_idle_ttl, pool_max_idle, queue_timeout, tls_verify, url",
         "c.yaml:7: routes[0].upstreams: is required",
         "c.yaml:8: routes[0].upstream: unknown key (did you mean 'upstreams'?); allowed: "
-        "identity, max_attempts, middleware, model, path, retry_budget, retry_on, strategy, "
-        "upstreams",
+        "identity, max_attempts, middleware, model, on_client_disconnect, path, retry_budget, "
+        "retry_on, strategy, upstreams",
         "c.yaml:12: routes[1].upstreams[0].wieght: unknown key (did you mean 'weight'?); "
         "allowed: model, target, weight",
         "c.yaml:15: routes[1].middleware[0].config.burst: unknown key; allowed: key, limit, "
         "period, requests, reserve, tiers",
         "c.yaml:18: meter.flush: unknown key (did you mean 'flush_ms'?); allowed: batch_rows, "
-        "db, flush_ms, queue_size, spill",
+        "db, flush_ms, journal, journal_dir, journal_rotate_bytes, queue_size, spill",
         "c.yaml:19: limits.max_body: unknown key (did you mean 'max_body_bytes'?); allowed: "
-        "backend, max_body_bytes, max_connections, max_header_bytes, max_pipelined_bytes, "
-        "redis_failure, tap_body_bytes, write_high_water, write_low_water",
+        "backend, max_body_bytes, max_connections, max_drains, max_header_bytes, "
+        "max_pipelined_bytes, redis_failure, tap_body_bytes, write_high_water, write_low_water",
         "c.yaml:20: timeouts.conect: unknown key (did you mean 'connect'?); allowed: "
-        "client_idle, connect, first_byte, idle, shutdown_grace, total",
+        "client_idle, connect, drain, first_byte, idle, shutdown_grace, total",
         "c.yaml:21: tokenizer.path: unknown key; allowed: dir",
     ]
 
@@ -1003,6 +1003,8 @@ def test_failover_keys_load_and_default(tmp_path: pathlib.Path) -> None:
     ("    retry_on: 429\n", "c.yaml:6: routes[0].retry_on: must be a list of connect,"),
     ("    max_attempts: 0\n", "c.yaml:6: routes[0].max_attempts: must be an integer >= 1"),
     ("    retry_budget: 1.5\n", "c.yaml:6: routes[0].retry_budget: must be a number from 0 to 1"),
+    ("    on_client_disconnect: wait\n",
+     "c.yaml:6: routes[0].on_client_disconnect: must be one of abort, drain, got 'wait'"),
 ])
 def test_bad_failover_keys_name_file_line_and_field(
         tmp_path: pathlib.Path, line: str, problem: str) -> None:
@@ -1100,3 +1102,15 @@ def test_routing_key_problems(tmp_path: pathlib.Path) -> None:
         "c.yaml:2: upstreams.u.health_check.timeout: must be shorter than interval "
         "(1s >= 1s)",
     ]
+
+
+def test_disconnect_policy_and_its_caps_load_with_defaults(tmp_path: pathlib.Path) -> None:
+    plain = load(tmp_path, FAILOVER_ROUTE)
+    assert plain.routes[0].on_client_disconnect == "abort"
+    assert (plain.timeouts.drain, plain.limits.max_drains) == (60.0, 64)
+    cfg = load(tmp_path, FAILOVER_ROUTE + "    on_client_disconnect: drain\n"
+               "timeouts: { drain: 2m }\nlimits: { max_drains: 0 }\n")
+    assert cfg.routes[0].on_client_disconnect == "drain"
+    assert (cfg.timeouts.drain, cfg.limits.max_drains) == (120.0, 0)
+    assert only_problem(tmp_path, FAILOVER_ROUTE + "limits: { max_drains: -1 }\n").startswith(
+        "c.yaml:6: limits.max_drains: must be an integer >= 0, got -1")

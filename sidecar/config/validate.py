@@ -24,6 +24,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from sidecar.config.model import (
     DEFAULT_METRICS_PROVIDER,
+    DISCONNECT_POLICIES,
     IDENTITIES,
     METRICS_PROVIDERS,
     MIDDLEWARE_TYPES,
@@ -434,6 +435,7 @@ _FAILOVER_KEYS: dict[str, Conv] = {
     "retry_on": _c_retry_on,
     "max_attempts": _int(1),
     "retry_budget": _fraction,
+    "on_client_disconnect": _choice(DISCONNECT_POLICIES),
 }
 
 
@@ -586,6 +588,9 @@ def _meter(ctx: _Ctx, node: Node | None) -> MeterConfig:
         "batch_rows": _int(1),
         "flush_ms": _c_millis,
         "spill": _path(),
+        "journal": _c_bool,
+        "journal_dir": _path(),
+        "journal_rotate_bytes": _size(4096),
     }
     vals: dict[str, Any] = {}
     if node is not None:
@@ -605,6 +610,7 @@ def _limits(ctx: _Ctx, node: Node) -> LimitsConfig:
         "tap_body_bytes": _size(),
         "backend": _c_limits_backend,
         "redis_failure": _choice(("open", "closed")),
+        "max_drains": _int(0),
     }
     vals, nodes = _fields(ctx, node, "limits", spec)
     cfg = LimitsConfig(**vals)
@@ -635,6 +641,7 @@ def _timeouts(ctx: _Ctx, node: Node) -> TimeoutsConfig:
         "total": _duration(),
         "client_idle": _duration(),
         "shutdown_grace": _duration(allow_zero=True),  # 0: stop at once on SIGTERM
+        "drain": _duration(),
     }
     vals, _ = _fields(ctx, node, "timeouts", spec)
     return TimeoutsConfig(**vals)
