@@ -281,6 +281,7 @@ class Direct(Contender):
 # --------------------------------------------------------------------------- sidecar
 class Sidecar(Contender):
     meters = True
+    meter_extra = ""  # more meter: keys for a variant (indented two spaces)
 
     def __init__(self, workers: int, ref: bool = False) -> None:
         self.workers = workers
@@ -332,6 +333,7 @@ class Sidecar(Contender):
             + routing
             + "meter:\n"
             f"  db: {db}\n"
+            + self.meter_extra
         )
         path = workdir / f"{self.name}.yaml"
         path.write_text(cfg)
@@ -397,6 +399,17 @@ class Sidecar2Up(Sidecar):
             "    strategy: weighted\n"
             "    max_attempts: 2  # failover to the other one; retry_on: the default\n"
         ), [mock_b]
+
+
+class SidecarNoJournal(Sidecar):
+    """The sidecar with its crash journal off (``meter.journal: false``): read against
+    ``sidecar`` (journal on, the default), what journalling each request costs."""
+
+    meter_extra = "  journal: false  # the crash journal off\n"
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.name = "sidecar-nojournal"
 
 
 class SidecarLimited(Sidecar):
@@ -851,6 +864,7 @@ ALL: dict[str, Contender] = {
         Sidecar(1, ref=True),
         Sidecar2Up(),
         SidecarLimited(),
+        SidecarNoJournal(),
         Floor(),
         Nginx(1),
         Nginx(2),

@@ -36,6 +36,8 @@ class RequestContext(MeterRecord):
     bucket_limits: Any = None
     reserved: int = 0
     rate_headers: tuple[tuple[bytes, bytes], ...] = ()
+    # This request's line in the crash journal (sidecar.meter.journal); 0: none yet.
+    journal_seq: int = 0
 
     def to_record(self, t_end: float) -> MeterRecord:
         """Complete the row (tokens, timings) and hand it over; not changed after."""

@@ -52,8 +52,9 @@ def may_have_billed(status: int, exchange_outcome: Outcome) -> bool:
     return exchange_outcome is _CLIENT_DISCONNECT or exchange_outcome is _SHUTDOWN
 
 
-def take_attempt(ctx: RequestContext, ex: Exchange, body: bytes) -> None:
-    """Fill the row from the attempt that served the request."""
+def take_attempt(ctx: RequestContext, ex: Exchange, body: bytes, path: str | None = None) -> None:
+    """Fill the row from the attempt that served the request. ``body`` and ``path`` are
+    the request as the upstream got it (a translated one differs from the client's)."""
     ctx.bytes_out = ex.bytes_out
     ctx.t_first_byte = ex.t_first_byte
     status = ctx.status = ex.head.status if ex.head is not None else 0
@@ -69,7 +70,7 @@ def take_attempt(ctx: RequestContext, ex: Exchange, body: bytes) -> None:
         # No (complete) usage came: estimate what the provider most likely billed,
         # keeping any part it did report (Anthropic's message_start input tokens).
         # The full parse of the stream happens with the count, off the loop.
-        ctx.pending_estimate = (body, ex.tap, ctx.path)
+        ctx.pending_estimate = (body, ex.tap, ctx.path if path is None else path)
 
 
 def estimate_usage(ctx: RequestContext, tokenizer: Tokenizer) -> None:

@@ -51,6 +51,7 @@ from sidecar.lifecycle import (
     Decision,
     Lifecycle,
     Outcome,
+    Proceed,
     Retry,
 )
 from sidecar.meter import Meter
@@ -67,6 +68,13 @@ from sidecar.runtime import Route, Runtime
 from sidecar.splice import Exchange, Sweeper
 from sidecar.sse import UsageChunkStripper, make_tap
 from sidecar.tokenizer import Tokenizer
+from sidecar.translate import (
+    UPSTREAM_PATH,
+    client_headers,
+    request_bytes,
+    response_filter,
+    upstream_target,
+)
 from sidecar.upstream import UpstreamConnection, UpstreamPool
 
 if TYPE_CHECKING:
@@ -113,9 +121,10 @@ class Flight(Lifecycle):
     (``client_gone``, ``pause``, ``resume``): one object, no closure per request.
     """
 
-    __slots__ = ("body", "client", "ctx", "ended_by", "exchange", "failed", "index", "limits",
+    __slots__ = ("body", "client", "ctx", "drained", "ended_by", "exchange", "failed", "index",
+                 "limits",
                  "payload", "pool", "prices", "proxy", "replays", "req", "route", "sse",
-                 "strip", "task", "tried", "waiter")
+                 "strip", "task", "tried", "waiter", "xlate")
 
     def __init__(self, req: ParsedRequest, client: ClientSide, ctx: RequestContext,
                  proxy: Proxy, route: Route, limits: LimitsConfig, prices: PriceTable) -> None:
@@ -141,12 +150,16 @@ class Flight(Lifecycle):
         # The head is rebuilt per attempt rather than kept for the life of the stream.
         self.payload = b""
         self.strip = False  # hide the usage chunk we asked for from the client
+        # The current attempt's upstream speaks the other format: its request was
+        # translated (payload) and its answer is translated back (sidecar.translate).
+        self.xlate = False
         self.exchange: Exchange | None = None
         self.task: asyncio.Task[None] | None = None  # connecting (or admitting)
         self.waiter: Waiter[Queued] | None = None  # queued for a slot (sidecar.gate)
         # Set when the sidecar itself ends the request (shutdown's deadline): the row's
         # outcome, whatever the attempt saw, and no further attempt.
         self.ended_by: Outcome | None = None
+        self.drained = False  # its attempt is read to the end after the client left
 
     # -- the sweeper's question, passed to the attempt (if one is running) ------------
     def check_deadlines(self, now: float) -> None:
@@ -167,23 +180,41 @@ class Flight(Lifecycle):
         # No attempt will need the request again: let the client's headers, target and
         # the parsed body go for the rest of the stream.
         self.req.forget_head()
-        self.body = None
+        body, self.body = self.body, None
         extra = self.pool.response_headers(self.ctx.attempts)
         if self.ctx.rate_headers:
             extra = (*extra, *self.ctx.rate_headers)
         if not head.has_body:
             return None, None, extra
         sse = self.sse = _is_event_stream(head)
+        if self.xlate:
+            return self._translated(head, sse, body, extra)
         tap = make_tap(self.ctx.api_format, self.ctx.path, sse,
                        body_cap=self.limits.tap_body_bytes)
         strip = self.strip and sse and head.status < 300
         return tap, (UsageChunkStripper() if strip else None), extra
 
+    def _translated(self, head: ResponseHead, sse: bool, body: dict[str, Any] | None,
+                    extra: tuple[tuple[bytes, bytes], ...]) -> Proceed:
+        """The head of an upstream of the other format: its tap reads the upstream's
+        own bytes (the meter's usage), and its body goes to the client translated."""
+        fmt = self.pool.cfg.format
+        cap = self.limits.tap_body_bytes
+        tap = make_tap(fmt, UPSTREAM_PATH[fmt], sse, body_cap=cap)
+        opts = body.get("stream_options") if body is not None else None
+        usage = isinstance(opts, dict) and opts.get("include_usage") is True
+        return tap, response_filter(self.route.table.route.format, sse, head.status, usage,
+                                    cap, int(time.time())), extra
+
     def on_end(self, ex: Exchange) -> None:
         self.proxy._attempt_ended(self, ex)
 
     def stream_error(self, error: SidecarError) -> bytes | None:
-        return stream_error_event(self.ctx.api_format, error) if self.sse else None
+        if not self.sse:
+            return None
+        # In the format the client reads: a translated stream is in the route's.
+        fmt = self.route.table.route.format if self.xlate else self.ctx.api_format
+        return stream_error_event(fmt, error)
 
     def note_failure(self, upstream: str, cause: RetryReason) -> None:
         """An attempt failed over: its upstream and why, for the row."""
@@ -206,8 +237,13 @@ class Flight(Lifecycle):
 
     # -- ClientEvents --------------------------------------------------------------------
     def client_gone(self) -> None:
+        if self.drained:
+            return  # told again (EOF, then the connection's loss): it is draining already
         ex = self.exchange
         if ex is not None:
+            if self.route.table.route.on_client_disconnect == "drain" \
+                    and self.proxy._start_drain(self, ex):
+                return
             ex.client_gone()
         elif self.waiter is not None:
             self.proxy._unqueue(self, _CLIENT_DISCONNECT)
@@ -252,6 +288,7 @@ class Proxy:
         self.sweeper = Sweeper.for_timeouts(self.loop, config.timeouts, self.flights)
         # A plain attribute, not a property: every response head reads it.
         self.draining = False
+        self.drains = 0  # responses read on after their client left (on_client_disconnect)
         self._rand = random.random
         # Idle keep-alive clients are closed by one periodic sweep, not a timer each.
         self._idle_period = min(IDLE_SWEEP_MAX_INTERVAL, config.timeouts.client_idle / 4)
@@ -453,6 +490,13 @@ class Proxy:
                        entered: bool = False) -> None:
         """Run an attempt on the route's upstream ``i`` (``entered``: its slot is held)."""
         route, ctx = flight.route, flight.ctx
+        xlate = route.table.translate[i]
+        payload = b""
+        if xlate:
+            translated = self._translate(flight, i, entered)
+            if translated is None:
+                return
+            payload = translated
         if not entered:
             gate = route.pools[i].gate
             if gate is not None and not gate.try_enter():
@@ -465,7 +509,17 @@ class Proxy:
         ctx.upstream = upstream.name
         ctx.api_format = upstream.format
         ctx.attempts += 1
-        flight.payload = self._payload(flight, upstream.format, route.table.renames[i])
+        flight.xlate = xlate
+        if xlate:
+            flight.payload = payload
+        else:
+            flight.payload = self._payload(flight, upstream.format, route.table.renames[i])
+        if not ctx.journal_seq:
+            journal = self.meter.journal
+            if journal is not None:
+                # Before a byte goes upstream: a crash from here on leaves the request
+                # open in the journal, and the next start records it (interrupted).
+                ctx.journal_seq = journal.admit(ctx, flight.req.request_id.decode())
         pool.health.begin(now)
         conn = None if fresh else pool.take_idle()
         if conn is not None:
@@ -473,6 +527,30 @@ class Proxy:
         else:
             flight.advance(CONNECTING)
             flight.task = self.spawn(self._connect_and_launch(flight))
+
+    def _translate(self, flight: Flight, i: int, entered: bool) -> bytes | None:
+        """The request translated for the route's upstream ``i``, which speaks the other
+        format; None when it cannot be (refused with 400 naming the field, and the
+        slot given up if one was held)."""
+        route = flight.route
+        upstream = route.table.upstreams[i]
+        rename = route.table.renames[i]
+        flight.strip = False
+        flight.ctx.upstream_model = rename
+        if flight.body is None:  # never: the body is kept until an attempt commits
+            return flight.req.body
+        try:
+            return request_bytes(flight.body, route.table.route.format, upstream.format,
+                                 upstream.default_max_tokens, rename)
+        except RequestError as exc:
+            gate = route.pools[i].gate
+            if entered and gate is not None:
+                waiter = gate.leave()
+                if waiter is not None:
+                    self._dequeue(waiter)
+            flight.ctx.upstream = upstream.name
+            self._refuse(flight, exc)
+            return None
 
     def _payload(self, flight: Flight, api_format: str, rename: str | None) -> bytes:
         """The body this upstream gets: the client's bytes, unless usage must be asked
@@ -566,7 +644,12 @@ class Proxy:
         flight.exchange = ex
         if flight.client.paused_writing:
             ex.pause()
-        head = flight.pool.head.build(req.method, req.target, req.headers,
+        target, headers = req.target, req.headers
+        if flight.xlate:
+            fmt = flight.pool.cfg.format
+            target = upstream_target(target, flight.route.table.route.format, fmt)
+            headers = client_headers(headers, fmt)
+        head = flight.pool.head.build(req.method, target, headers,
                                       len(flight.payload), req.request_id)
         ex.start(head + flight.payload)
 
@@ -599,9 +682,27 @@ class Proxy:
                      UpstreamError(f"upstream '{pool.cfg.name}' answered {status}"),
                      retry_after, cause, granted=True)
 
+    def _start_drain(self, flight: Flight, ex: Exchange) -> bool:
+        """The client left a drain route's request: read the provider on for its usage,
+        unless limits.max_drains are already draining or the sidecar is stopping."""
+        if self.draining or flight.ended_by is not None:
+            return False
+        runtime = self.runtime
+        if self.drains >= runtime.limits.max_drains:
+            log.info("client left %s: %d responses already draining (limits.max_drains); "
+                     "aborting this one", flight.ctx.route, self.drains)
+            return False
+        self.drains += 1
+        flight.drained = True
+        ex.drain(self.loop.time() + runtime.timeouts.drain)
+        return True
+
     def _attempt_ended(self, flight: Flight, ex: Exchange) -> None:
         """An attempt ended (completed, failed, cut): fail over, retry, or settle."""
         flight.exchange = None
+        if flight.drained:
+            flight.drained = False
+            self.drains -= 1
         ctx, health, now = flight.ctx, flight.pool.health, self.loop.time()
         self._release(flight)
         retry = ex.retry
@@ -627,7 +728,10 @@ class Proxy:
                 flight.note_failure(flight.pool.cfg.name, cause)
                 self._attempt(flight)
                 return
-        take_attempt(ctx, ex, flight.req.body)
+        if flight.xlate:  # the estimate counts the request the upstream was sent
+            take_attempt(ctx, ex, flight.payload, UPSTREAM_PATH[flight.pool.cfg.format])
+        else:
+            take_attempt(ctx, ex, flight.req.body)
         if flight.ended_by is not None:
             ctx.outcome = flight.ended_by
         if ex.error is not None and not ex.committed and ex.outcome is not _CLIENT_DISCONNECT \

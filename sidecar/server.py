@@ -27,11 +27,12 @@ import sys
 import time
 from typing import cast
 
-from sidecar import debug_stats
+from sidecar import debug_stats, sd_notify
 from sidecar.config import Config, load_config
 from sidecar.downstream import DownstreamProtocol
 from sidecar.errors import ConfigError
 from sidecar.meter import Meter
+from sidecar.pricing import PriceTable
 from sidecar.proxy import Proxy
 from sidecar.tokenizer import Tokenizer
 
@@ -76,6 +77,11 @@ class Server:
         self.config = config
         self.config_path = config_path  # reloaded on SIGHUP, when given
         self.meter = Meter(config.meter)
+        # Rows recovered from a dead process's journal are priced like estimated rows.
+        prices = PriceTable.of(config.prices, defaults=config.prices_defaults)
+        self.meter.price = lambda r: prices.cost(
+            r.upstream_model or r.model, r.prompt_tokens, r.completion_tokens,
+            r.cache_read_tokens, r.cache_write_tokens)
         self.tokenizer = Tokenizer.load(config.tokenizer.dir)
         self._server: asyncio.AbstractServer | None = None
         self.proxy: Proxy | None = None
@@ -150,27 +156,38 @@ class Server:
         log.info("reloaded %s: %d routes", self.config_path, len(new.routes))
         return True
 
+    def _on_hup(self) -> None:
+        # systemd (Type=notify) shows the unit as reloading until READY=1 comes back.
+        sd_notify.reloading()
+        try:
+            self.reload()
+        finally:
+            sd_notify.ready(f"listening on port {self.port}")
+
     async def serve_until_signal(self, announce: bool = True) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         if self.config_path is not None:
-            loop.add_signal_handler(signal.SIGHUP, self.reload)
+            loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         _tune_gc()
         if announce:
             _announce(self.config, self.port)
+            # Workers are started with announce=False and no NOTIFY_SOCKET: only the
+            # process systemd started speaks to it (NotifyAccess=main).
+            sd_notify.ready(f"listening on port {self.port}")
         period = debug_stats.period_from_env()
         reporter = (None if period is None
                     else asyncio.create_task(debug_stats.report_forever(period, self._counters)))
         await stop.wait()
         if reporter is not None:
             reporter.cancel()
+        sd_notify.stopping()
         log.info("draining (up to %.0fs)", self.config.timeouts.shutdown_grace)
         await self.stop()
         stats = self.meter.stats
         log.info("meter flushed: %s rows written, %s spilled", stats.written, stats.spilled)
-
 
     def _counters(self) -> dict[str, int]:
         """What ``SIDECAR_DEBUG_STATS`` reports besides the task count (sidecar/debug_stats.py)."""
@@ -284,21 +301,27 @@ def supervise(config: Config, config_path: str) -> int:
     def spawn() -> tuple[subprocess.Popen[bytes], int]:
         read_fd, write_fd = os.pipe()
         env = dict(os.environ, **{ENV_WORKER_PORT: str(port), ENV_READY_FD: str(write_fd)})
+        env.pop(sd_notify.NOTIFY_SOCKET_ENV, None)  # systemd hears from the supervisor only
         proc = subprocess.Popen(cmd, env=env, pass_fds=(write_fd,), preexec_fn=_die_with_parent)
         os.close(write_fd)
         return proc, read_fd
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal stopping
+        if not stopping:
+            sd_notify.stopping()
         stopping = True
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
 
     def on_hup(_signum: int, _frame: object) -> None:
+        # Each worker reloads the file itself; the supervisor has nothing to wait for.
+        sd_notify.reloading()
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGHUP)
+        sd_notify.ready(f"listening on port {port} ({len(procs)} workers)")
 
     procs: list[subprocess.Popen[bytes]] = []
     started: list[float] = []
@@ -319,6 +342,7 @@ def supervise(config: Config, config_path: str) -> int:
             on_signal(signal.SIGTERM, None)
     if not stopping:
         _announce(config, port)
+        sd_notify.ready(f"listening on port {port} ({len(procs)} workers)")
     try:
         while not stopping:
             time.sleep(0.2)

@@ -9,7 +9,9 @@ chunk costs no task switch and no await:
   and feed the payload to the tap;
 * ``pause`` / ``resume`` (the client's write-buffer pressure) -> stop and restart
   reading the provider, so a slow client never makes us buffer a whole response;
-* ``client_gone`` -> abort the provider connection at once so it stops generating.
+* ``client_gone`` -> abort the provider connection at once so it stops generating;
+  or, under ``on_client_disconnect: drain``, ``drain`` -> keep reading the provider
+  into a writer that discards, so the tap still sees the usage frame (up to a deadline).
 
 The decision point: when the provider's head is complete and before a byte goes
 downstream, the handler's ``on_head`` returns :class:`~sidecar.lifecycle.Proceed`
@@ -47,11 +49,11 @@ from sidecar.http1 import (
     feeding,
     frame_chunk,
 )
-from sidecar.lifecycle import Decision, Outcome, Retry
+from sidecar.lifecycle import BodyFilter, Decision, Outcome, Retry
 from sidecar.retry import RetryReason
 
 if TYPE_CHECKING:
-    from sidecar.sse import Tap, UsageChunkStripper
+    from sidecar.sse import Tap
     from sidecar.upstream import UpstreamConnection, UpstreamPool
 
 
@@ -120,6 +122,38 @@ STALE_CLOSE_WINDOW = 0.002
 TAP_BATCH = 64
 
 
+class _Discard:
+    """The client of a drained response: it left, so every byte goes nowhere."""
+
+    keep_alive = False
+    verbatim_ok = False  # payload framing: the slow path, where the tap sees each read
+
+    def send_head(self, status: int, reason: bytes, headers: object, framing: object,
+                  length: int | None, extra: object = ()) -> None:
+        pass
+
+    def send_data(self, data: bytes) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+    def flush(self) -> int:
+        return 0  # nothing reached a client: bytes_out stays what it got
+
+    def verbatim_transport(self) -> RawWriter:
+        raise AssertionError("a drained response has no verbatim path")
+
+    def end_connection(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+DISCARD: Final = _Discard()
+
+
 class HasDeadlines(Protocol):
     def check_deadlines(self, now: float) -> None: ...
 
@@ -185,6 +219,7 @@ class Exchange:
         "client",
         "committed",
         "conn",
+        "drain_until",
         "error",
         "handler",
         "head",
@@ -218,7 +253,8 @@ class Exchange:
         self.client = client
         self.handler = handler
         self.tap: Tap | None = None
-        self.stripper: UsageChunkStripper | None = None
+        # The body filter (include_usage stripper or format translator), if any.
+        self.stripper: BodyFilter | None = None
         self.sweeper = sweeper
         self.stage = _WAIT_HEAD
         self.mode = _MODE_NONE
@@ -255,6 +291,8 @@ class Exchange:
         # Set when the attempt ended with nothing committed and another may be made:
         # the head decision said so, or a reused connection was found dead.
         self.retry: Retry | None = None
+        # Loop time by which a drain (client gone, provider still read) must end; 0: none.
+        self.drain_until = 0.0
 
     # -- start --------------------------------------------------------------
     def start(self, request: bytes) -> None:
@@ -268,6 +306,11 @@ class Exchange:
     # -- deadlines: checked by the shared Sweeper, so a chunk only stores a timestamp
     def check_deadlines(self, now: float) -> None:
         if self.stage is _DONE:
+            return
+        if self.drain_until and now >= self.drain_until:
+            # The drain ran out of time: cut it, as an abort would have at once.
+            self.error = UpstreamTimeout("drained past timeouts.drain after the client left")
+            self._end(reusable=False)
             return
         t = self.pool.timeouts
         if now - self.started >= t.total:
@@ -357,6 +400,23 @@ class Exchange:
             return
         self.outcome = _CLIENT_DISCONNECT
         self._end(reusable=False)
+
+    def drain(self, until: float) -> None:
+        """The client left: read the rest of the response anyway, discarding it, so the
+        tap sees the provider's usage; cut at loop time ``until`` (check_deadlines).
+        From here on the exchange never touches the client connection again."""
+        if self.stage is _DONE:
+            return
+        self.outcome = _CLIENT_DISCONNECT
+        self.drain_until = until
+        if self._fast:
+            # Leave the verbatim path: reads now go through _body, whose parser feed
+            # and tap see each read; what the fast path held goes to the tap first.
+            self._fast = False
+            self._raw = self._llhttp = self._feeding = None
+            self._tap_pieces()
+        self.client = DISCARD
+        self.conn.resume_reading()  # it may have been paused by the client's backpressure
 
     def pause(self) -> None:
         self.conn.pause_reading()

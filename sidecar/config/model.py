@@ -52,6 +52,9 @@ class TimeoutsConfig:
     total: float = 3600.0  # whole request; LLM streams can last many minutes
     client_idle: float = 75.0  # keep-alive connection with no request in flight
     shutdown_grace: float = 30.0  # SIGTERM: how long in-flight streams may finish
+    # on_client_disconnect: drain: how long the provider is read after the client left
+    # (for its usage frame) before the request is cut and estimated as with abort.
+    drain: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,9 @@ class LimitsConfig:
     # "open" lets requests through uncharged, "closed" refuses them with 503.
     backend: str = "memory"
     redis_failure: Literal["open", "closed"] = "open"
+    # on_client_disconnect: drain: responses read to their end (for the provider's usage)
+    # at once after their client left, per worker; beyond it a disconnect aborts.
+    max_drains: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +99,9 @@ class UpstreamConfig:
     api_key: str | None = field(default=None, repr=False)  # secret: never logged
     forward_client_auth: bool = False  # pass the client's own credential through
     anthropic_version: str = "2023-06-01"
+    # max_tokens a translated request gets when an OpenAI client named none (the
+    # Messages API requires one); only read for format: anthropic (sidecar.translate).
+    default_max_tokens: int = 4096
     ca_bundle: str | None = None
     tls_verify: bool = True
     pool_max_idle: int = 64  # idle keep-alive connections kept per upstream
@@ -148,6 +157,8 @@ class MiddlewareConfig:
 # How a route picks the upstream of an attempt (sidecar.router.Balancer).
 Strategy = Literal["weighted", "priority", "least_inflight", "latency"]
 STRATEGIES: tuple[Strategy, ...] = ("weighted", "priority", "least_inflight", "latency")
+DisconnectPolicy = Literal["abort", "drain"]
+DISCONNECT_POLICIES: tuple[DisconnectPolicy, ...] = ("abort", "drain")
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +178,11 @@ class RouteConfig:
     max_attempts: int = 3
     retry_budget: float = 0.2
     identity: Identity = "none"
+    # When the client hangs up mid-response: "abort" cuts the provider connection (it
+    # stops generating; the row is a tiktoken estimate); "drain" keeps reading the
+    # provider, discarding the bytes, until its usage frame (the row has the exact
+    # usage, hidden reasoning tokens included), within timeouts.drain / limits.max_drains.
+    on_client_disconnect: DisconnectPolicy = "abort"
 
     @property
     def format(self) -> ApiFormat:
@@ -181,10 +197,23 @@ class MeterConfig:
     batch_rows: int = 500  # commit at most this many rows at once
     flush_ms: int = 50  # ... or at least this often
     spill: str | None = None  # overflow JSONL file; default: <db>.spill.jsonl
+    # The crash journal (sidecar.meter.journal): each request in flight is appended to
+    # a per-process file when its first attempt starts and closed by its meter row, so
+    # a restart after kill -9 records what was in flight as outcome 'interrupted'.
+    journal: bool = True
+    journal_dir: str | None = None  # default: <db>.journal
+    journal_rotate_bytes: int = 4 * MiB  # a journal larger than this is compacted
 
     @property
     def spill_path(self) -> str:
         return self.spill if self.spill is not None else self.db + ".spill.jsonl"
+
+    @property
+    def journal_path(self) -> str | None:
+        """The journal directory, or None when there is none (off, or no DB file)."""
+        if not self.journal or self.db == ":memory:":
+            return None
+        return self.journal_dir if self.journal_dir is not None else self.db + ".journal"
 
 
 @dataclass(frozen=True, slots=True)
