@@ -406,6 +406,9 @@ def soak(minutes: float, clients: int, think_ms: float, sample_s: float, out_dir
     import uvloop
 
     raise_nofile()
+    # Read now: the checkout may move on during a long run (the processes keep the code
+    # they started with).
+    commit, box = sidecar_commit(), machine()
     out, work, stamp = new_results_dir("soak", out_dir)
     env = C.sidecar_env()
     mock_port, port = C.free_port(), C.free_port()
@@ -445,7 +448,7 @@ def soak(minutes: float, clients: int, think_ms: float, sample_s: float, out_dir
           f"bench soak: {minutes:g} min, {clients} clients, faults mixed in ({stamp})")
     figures = {k: summary(rows, k) for k in ("rss_kb", "fds", "tasks", "conns")}
     result = {
-        "command": command, "stamp": stamp, "commit": sidecar_commit(), "machine": machine(),
+        "command": command, "stamp": stamp, "commit": commit, "machine": box,
         "minutes": minutes, "clients": clients, "think_ms": think_ms, "seed": seed,
         "kinds": [{"name": k.name, "weight": k.weight, "headers": dict(k.headers),
                    "expect": sorted(k.expect)} for k in KINDS],
