@@ -456,6 +456,30 @@ class SidecarLimited(Sidecar):
         return run
 
 
+class SidecarObserved(Sidecar):
+    """The sidecar with everything issue 13 adds to a request switched on: /metrics
+    counting (on by default), per-key token/cost series, and the JSON access log
+    written to a file in the work folder. Scraped by nobody during the run: the scrape
+    itself is not per-request work. ``metrics: false`` instead switches /metrics
+    counting off (and no access log): what counting costs, against plain ``sidecar``."""
+
+    def __init__(self, metrics: bool = True) -> None:
+        super().__init__(1)
+        self.metrics = metrics
+        self.name = "sidecar-observed" if metrics else "sidecar-metrics-off"
+
+    def routing(
+        self, mock_port: int, workdir: Path, cpus: set[int] | None
+    ) -> tuple[str, list[Proc]]:
+        routing, helpers = super().routing(mock_port, workdir, cpus)
+        if not self.metrics:
+            return "metrics: { enabled: false }\n" + routing, helpers
+        log = workdir / f"{self.name}-access.jsonl"
+        log.unlink(missing_ok=True)
+        return ("metrics: { per_key: true }\n"
+                f"access_log: {log}\n" + routing), helpers
+
+
 class Floor(Contender):
     """A uvloop byte pump with no HTTP (bench/floor_proxy.py): the Python floor."""
 
@@ -865,6 +889,8 @@ ALL: dict[str, Contender] = {
         Sidecar2Up(),
         SidecarLimited(),
         SidecarNoJournal(),
+        SidecarObserved(),
+        SidecarObserved(metrics=False),
         Floor(),
         Nginx(1),
         Nginx(2),

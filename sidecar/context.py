@@ -25,6 +25,8 @@ class RequestContext(MeterRecord):
     # ttft_ms below a millisecond read 0.0 or 1.0.
     t_received: float
     t_first_byte: float | None = None
+    # The longest pause between two provider body reads (seconds), for /metrics.
+    max_gap: float | None = None
     usage: Usage | None = None
     # (raw request JSON, the response's tap or None, path) when no usage was reported
     # and the row needs a tiktoken estimate, computed off the event loop before queueing.

@@ -239,13 +239,14 @@ class DownstreamProtocol(asyncio.Protocol):
         self._events = events
 
     def reply(self, status: int, body: bytes,
-              extra: tuple[tuple[bytes, bytes], ...] = ()) -> int:
+              extra: tuple[tuple[bytes, bytes], ...] = (),
+              content_type: bytes = b"application/json") -> int:
         req = self.request
         assert req is not None, "a reply with no request"
         if self.handler.draining:
             self._keep_alive = False
         data = render(status, body, request_id=req.request_id,
-                      keep_alive=self._keep_alive, extra=extra,
+                      keep_alive=self._keep_alive, content_type=content_type, extra=extra,
                       head_only=req.method == b"HEAD")
         self._queue(data)
         return self.flush()

@@ -126,8 +126,10 @@ class ClientSide(ResponseWriter, Protocol):
         ...
 
     def reply(self, status: int, body: bytes,
-              extra: tuple[tuple[bytes, bytes], ...] = ()) -> int:
-        """A whole response the sidecar writes itself (an error, /healthz); bytes written."""
+              extra: tuple[tuple[bytes, bytes], ...] = (),
+              content_type: bytes = b"application/json") -> int:
+        """A whole response the sidecar writes itself (an error, /healthz, /metrics);
+        bytes written."""
         ...
 
     def cycle_done(self, keep_alive: bool) -> None:

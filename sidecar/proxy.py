@@ -13,6 +13,7 @@ The proxy reads one :class:`~sidecar.runtime.Runtime` snapshot per request;
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
 import time
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
+from sidecar.access_log import AccessLog
 from sidecar.admission import Admission
 from sidecar.config import Config, LimitsConfig
 from sidecar.context import RequestContext
@@ -55,6 +57,7 @@ from sidecar.lifecycle import (
     Retry,
 )
 from sidecar.meter import Meter
+from sidecar.metrics import CONTENT_TYPE, Exporter, Metrics, Share
 from sidecar.outcome import estimate_usage, outcome_of, take_attempt
 from sidecar.pricing import PriceTable
 from sidecar.ratelimit.backends import limit_backend
@@ -82,7 +85,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.proxy")
 
-LOCAL_PATHS = frozenset({"/healthz", "/readyz"})
+LOCAL_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+METRICS_PATH = "/metrics"
 # Shutdown: how often to look whether in-flight requests have finished, and how
 # long cut ones get to settle (meter rows, estimates) before connections are aborted.
 DRAIN_POLL_S = 0.05
@@ -106,6 +110,18 @@ TIER_HEADER: Final = b"x-sidecar-tier"
 # A queued attempt: the flight, the upstream index it waits for, and whether it must
 # run on a fresh connection (a replay).
 Queued = tuple["Flight", int, bool]
+
+
+def _is_loopback(ip: str | None) -> bool:
+    if ip is None:
+        return False
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
 
 
 def _is_event_stream(head: ResponseHead) -> bool:
@@ -262,11 +278,22 @@ class Flight(Lifecycle):
 
 class Proxy:
     def __init__(self, config: Config, meter: Meter, tokenizer: Tokenizer,
-                 admission: Admission | None = None) -> None:
+                 admission: Admission | None = None, share: Share | None = None) -> None:
         self.meter = meter
         self.tokenizer = tokenizer
         self.loop = asyncio.get_running_loop()
         self.runtime = Runtime.build(config)
+        # /metrics (sidecar.metrics): counted at each row's end, read at scrape time.
+        # None when metrics.enabled is false: the hot path then pays one test.
+        mc = config.metrics
+        self.metrics: Metrics | None = Metrics(mc.per_key, mc.max_models, mc.max_keys) \
+            if mc.enabled else None
+        self.access_log: AccessLog | None = AccessLog(config.access_log, self.loop) \
+            if config.access_log is not None else None
+        self.exporter: Exporter | None = Exporter(
+            self.metrics, meter, self.access_log, share) if self.metrics is not None else None
+        # Without metrics.listen the main listener answers /metrics, to loopback peers.
+        self.metrics_here = self.exporter is not None and mc.listen_port is None
         # Token buckets (sidecar.ratelimit): a route without a token_limiter pays one
         # attribute test. The backend is chosen at start (limits.backend is restart-only).
         self.admission: Admission = admission if admission is not None else Limiter(
@@ -850,10 +877,19 @@ class Proxy:
             row.upstream_model or row.model, row.prompt_tokens, row.completion_tokens,
             row.cache_read_tokens, row.cache_write_tokens)
         self.meter.submit(row)
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.observe(row, flight.failed, ctx.max_gap)
+        log = self.access_log
+        if log is not None:
+            log.write(row)
         flight.advance(SETTLED)
 
     # -- local answers ----------------------------------------------------------------
     def _local(self, req: ParsedRequest, client: ClientSide) -> None:
+        if req.path == METRICS_PATH:
+            self._metrics(req, client)
+            return
         if req.path == "/readyz":
             status, body = readiness(self.runtime, self.loop.time(), self.draining)
         else:
@@ -861,12 +897,32 @@ class Proxy:
         client.reply(status, body)
         client.cycle_done(True)
 
+    def _metrics(self, req: ParsedRequest, client: ClientSide) -> None:
+        """``GET /metrics``: to loopback peers, unless metrics.listen serves it elsewhere
+        (then, and to anyone else, this path does not exist here)."""
+        if not self.metrics_here or not _is_loopback(client.peer_ip):
+            self._reply_error(client, NotFound(f"no route for {req.path}"))
+        else:
+            self.serve_metrics(req, client)
+        client.cycle_done(True)
+
+    def serve_metrics(self, req: ParsedRequest, client: ClientSide) -> None:
+        """The exposition, on whichever listener asked (the main one or metrics.listen)."""
+        if req.method not in (b"GET", b"HEAD"):
+            self._reply_error(client, MethodNotAllowed(
+                f"{req.method.decode()} is not allowed on {req.path}; use GET"),
+                ((b"allow", b"GET, HEAD"),))
+        elif self.exporter is None:
+            self._reply_error(client, NotFound("metrics are disabled (metrics.enabled)"))
+        else:
+            client.reply(200, self.exporter.render(self), content_type=CONTENT_TYPE)
+
     def _reply_error(self, client: ClientSide, exc: SidecarError,
                      extra: tuple[tuple[bytes, bytes], ...] = ()) -> int:
         status, body = error_for(exc)
         if exc.headers:
             extra = (*extra, *exc.headers)
-        if isinstance(exc, MethodNotAllowed):
+        if isinstance(exc, MethodNotAllowed) and not any(n == b"allow" for n, _ in extra):
             extra = (*extra, (b"allow", b"POST"))
         return client.reply(status, body, extra)
 
@@ -883,7 +939,12 @@ class Proxy:
                              t_received=time.perf_counter(), path=path,
                              route=route.table.route.path, status=status, outcome=_REJECTED,
                              error=str(exc))
-        self.meter.submit(ctx.to_record(time.perf_counter()))
+        row = ctx.to_record(time.perf_counter())
+        self.meter.submit(row)
+        if self.metrics is not None:
+            self.metrics.observe(row, None, None)
+        if self.access_log is not None:
+            self.access_log.write(row)
 
     # -- shutdown -------------------------------------------------------------------
     async def drain(self, grace: float) -> None:
@@ -912,6 +973,8 @@ class Proxy:
             await asyncio.sleep(DRAIN_POLL_S)
         for conn in list(self.connections):
             conn.abort()
+        if self.access_log is not None:
+            await self.access_log.close()
         self.runtime.upstreams.close()
         self.admission.close()
         self.sweeper.close()

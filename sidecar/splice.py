@@ -211,10 +211,12 @@ class Exchange:
     __slots__ = (
         "_fast",
         "_feeding",
+        "_gap",
         "_llhttp",
         "_parser",
         "_raw",
         "_remaining",
+        "_t_read",
         "bytes_out",
         "client",
         "committed",
@@ -286,6 +288,11 @@ class Exchange:
         self.last_read = 0.0
         self.reads = 0
         self.reads_seen = 0
+        # The time of the last read after the head, and the longest pause between two
+        # such reads (-1: fewer than two), for the gap histogram of /metrics: a clock
+        # read per read is the one per-read cost metrics add.
+        self._t_read = 0.0
+        self._gap = -1.0
         self.outcome: Outcome = _OK
         self.error: SidecarError | None = None
         # Set when the attempt ended with nothing committed and another may be made:
@@ -333,11 +340,20 @@ class Exchange:
         self._fail(error, _UPSTREAM_TIMEOUT)
 
     # -- upstream callbacks ---------------------------------------------------
+    @property
+    def max_gap(self) -> float | None:
+        """The longest pause between two reads of the response (seconds), if any."""
+        return self._gap if self._gap >= 0 else None
+
     def upstream_data(self, data: bytes) -> None:
         self.reads += 1
         if self._fast:
             # Most reads of a stream: written to the client as they are, then llhttp
             # walks the frames (C code, appending payload to the parser's list).
+            t = perf_counter()
+            if t - self._t_read > self._gap:
+                self._gap = t - self._t_read
+            self._t_read = t
             self.bytes_out += len(data)
             self._raw.write(data)  # type: ignore[union-attr]  # set with _fast
             # Left set after the read (one store per read less): every feed on this
@@ -355,6 +371,10 @@ class Exchange:
             return
         try:
             if self.stage is _BODY:
+                t = perf_counter()
+                if t - self._t_read > self._gap:
+                    self._gap = t - self._t_read
+                self._t_read = t
                 self._body(data)
             elif self.stage is _WAIT_HEAD:
                 self._head_data(data)
@@ -442,6 +462,7 @@ class Exchange:
             return
         self.stage = _BODY
         self.committed = True
+        self._t_read = perf_counter()
         self.tap, self.stripper, extra = decision
         self._choose_mode(head)
         self._write_head_and(data[parser.body_start:], extra)

@@ -458,8 +458,9 @@ def test_unknown_keys_at_every_depth(tmp_path: pathlib.Path) -> None:
         tokenizer: { path: x }
         """
     assert problems(tmp_path, text) == [
-        "c.yaml:1: listne: unknown key (did you mean 'listen'?); allowed: auth, limits, "
-        "listen, meter, prices, prices_defaults, routes, tiers, timeouts, tokenizer, "
+        "c.yaml:1: listne: unknown key (did you mean 'listen'?); allowed: access_log, auth, "
+        "limits, listen, meter, metrics, prices, prices_defaults, routes, tiers, timeouts, "
+        "tokenizer, "
         "trusted_peers, upstreams, workers",
         "c.yaml:5: upstreams.u.timeout: unknown key (did you mean 'queue_timeout'?); "
         "allowed: anthropic_version, api_key, "

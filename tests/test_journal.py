@@ -12,6 +12,8 @@ import sys
 import textwrap
 from typing import Any
 
+import orjson
+
 from sidecar.config import MeterConfig
 from sidecar.context import RequestContext
 from sidecar.meter import Meter, MeterRecord
@@ -66,6 +68,17 @@ def test_open_entries_are_the_admitted_ones_never_closed_and_a_torn_line_is_skip
     assert closed == {1, 2, 9}
     assert bad == 1
     assert [e.request_id for e in open_entries(admitted, closed)] == ["req-3", "req-4"]
+
+
+def test_a_line_whose_fields_would_not_bind_as_a_row_is_unreadable_not_recovered() -> None:
+    good = orjson.loads(line(1))
+    bad_lines = []
+    for i, wrong in [(3, ["route"]), (5, {"m": 1}), (7, "400"), (8, "yes"), (11, 3)]:
+        fields = list(good)
+        fields[i] = wrong
+        bad_lines.append(orjson.dumps(fields) + b"\n")
+    admitted, _, bad = parse(b"".join(bad_lines) + line(2))
+    assert (sorted(admitted), bad) == ([2], 5)
 
 
 def test_a_journal_line_clips_huge_names_and_estimates_the_prompt_from_the_body_size() -> None:

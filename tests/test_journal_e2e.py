@@ -16,6 +16,7 @@ from typing import Any
 
 from e2e_helpers import request_bytes
 
+from sidecar.meter.journal import open_entries, parse
 from sidecar.mock import MockUpstream
 
 PY = sys.executable
@@ -208,6 +209,78 @@ def test_kill_9_under_500_streams_then_restart_leaves_exactly_one_row_per_served
             finally:
                 con.close()
         finally:
+            for w in clients:
+                w.close()
+            await mock.stop()
+
+    asyncio.run(main())
+
+
+def _children(pid: int) -> set[int]:
+    path = pathlib.Path(f"/proc/{pid}/task/{pid}/children")
+    return {int(x) for x in path.read_text().split()}
+
+
+def test_a_worker_killed_under_a_supervisor_is_recovered_by_its_replacement_while_serving(
+        tmp_path: pathlib.Path) -> None:
+    _raise_fd_limit()
+    db = tmp_path / "meter.db"
+    log = tmp_path / "sidecar.log"
+    jdir = tmp_path / "meter.db.journal"
+    streams = 100
+
+    async def main() -> None:
+        mock = MockUpstream(backlog=4096)
+        await mock.start()
+        clients: list[asyncio.StreamWriter] = []
+        side: Sidecar | None = None
+        try:
+            cfg = _write_config(tmp_path, mock.port, workers=2)
+            cfg.write_text(cfg.read_text() + "timeouts: { shutdown_grace: 1s }\n")
+            side = Sidecar(cfg, log)
+            port = await side.port(0)
+            workers = _children(side.p.pid)
+            assert len(workers) == 2
+            slow = _chat(500, 200)
+            for _ in range(streams // CONNECT_BATCH or 1):
+                opened = await asyncio.gather(*(_open_stream(port, slow)
+                                                for _ in range(min(CONNECT_BATCH, streams))))
+                clients.extend(w for _, w in opened)
+            assert len(mock.requests) == streams
+            # The kernel spread the connections; the victim is a worker with streams.
+            victim = max(workers, key=lambda pid: sum(
+                1 for p in jdir.glob(f"{pid}-*.journal") for _ in p.read_bytes().splitlines()))
+            (journal,) = jdir.glob(f"{victim}-*.journal")
+            victim_ids = {e.request_id for e in open_entries(*parse(journal.read_bytes())[:2])}
+            assert 0 < len(victim_ids) < streams
+            os.kill(victim, signal.SIGKILL)
+            # The supervisor starts a replacement, whose meter recovers the dead journal;
+            # the other worker goes on serving its streams meanwhile.
+            deadline = time.monotonic() + SETTLE_TIMEOUT
+            rows = _rows(db)
+            while len(rows) < len(victim_ids) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                rows = _rows(db)
+            assert {r["request_id"] for r in rows} == victim_ids
+            assert {r["outcome"] for r in rows} == {"interrupted"}
+            assert not journal.exists()
+            assert side.p.poll() is None and victim not in _children(side.p.pid)
+            # The survivor's streams are cut at shutdown_grace: rows of their own.
+            assert side.stop(signal.SIGTERM) == 0
+            side = None
+            rows = _rows(db)
+            sent = sorted(r.header("x-request-id") or "" for r in mock.requests)
+            assert sorted(r["request_id"] for r in rows) == sent
+            assert {r["outcome"] for r in rows if r["request_id"] not in victim_ids} == {
+                "shutdown"}
+            con = sqlite3.connect(db)
+            try:
+                assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            finally:
+                con.close()
+        finally:
+            if side is not None:
+                side.stop(signal.SIGKILL)
             for w in clients:
                 w.close()
             await mock.stop()

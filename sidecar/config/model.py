@@ -30,6 +30,7 @@ __all__ = [
     "Identity",
     "LimitsConfig",
     "MeterConfig",
+    "MetricsConfig",
     "MiB",
     "MiddlewareConfig",
     "Price",
@@ -217,6 +218,22 @@ class MeterConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """``/metrics`` (sidecar.metrics). Without ``listen`` it is answered on the main
+    listener to loopback peers only; with it, on that address only (to any peer)."""
+
+    enabled: bool = True
+    listen_host: str | None = None
+    listen_port: int | None = None
+    # Tokens and cost also by key id (one series per key: off by default).
+    per_key: bool = False
+    # Distinct model (and key) label values before the rest count as "_other": the
+    # model name comes from the client, so its series must be bounded.
+    max_models: int = 200
+    max_keys: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
 class TokenizerConfig:
     dir: str | None = None
 
@@ -242,6 +259,9 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # The JSON access log (sidecar.access_log): None (off), "stdout", or a file path.
+    access_log: str | None = None
     # Peers (the Nginx in front) whose x-sidecar-* identity headers are believed:
     # addresses or CIDR networks, as strings. Empty: the headers are ignored.
     trusted_peers: tuple[str, ...] = ()

@@ -17,6 +17,7 @@ endpoints have no counterpart, so there every upstream must speak the route's fo
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from typing import Any
 
@@ -35,6 +36,7 @@ from sidecar.config.model import (
     HealthCheckConfig,
     LimitsConfig,
     MeterConfig,
+    MetricsConfig,
     MiddlewareConfig,
     Price,
     RouteConfig,
@@ -91,7 +93,7 @@ def _config(ctx: _Ctx, root: MappingNode) -> Config:
         "",
         ("listen", "workers", "upstreams", "routes", "meter", "limits", "timeouts", "tokenizer",
          "prices", "prices_defaults",
-         "trusted_peers", "tiers", "auth"),
+         "trusted_peers", "tiers", "auth", "metrics", "access_log"),
     )
     kwargs: dict[str, Any] = {"source": ctx.file}
     if "listen" in top:
@@ -126,6 +128,10 @@ def _config(ctx: _Ctx, root: MappingNode) -> Config:
             value = _convert(ctx, conv, top[key][1], key)
             if value is not None:
                 kwargs[key] = value
+    if "metrics" in top:
+        kwargs["metrics"] = _metrics(ctx, top["metrics"][1])
+    if "access_log" in top:
+        kwargs["access_log"] = _convert(ctx, _c_access_log, top["access_log"][1], "access_log")
     if "prices" in top:
         kwargs["prices"] = _prices(ctx, top["prices"][1])
     if "prices_defaults" in top:
@@ -140,7 +146,18 @@ def _config(ctx: _Ctx, root: MappingNode) -> Config:
         kwargs["auth"] = AuthConfig(keys_db=ctx.resolve_path(AuthConfig().keys_db))
     config = Config(**kwargs)
     _check_limits_backend(ctx, top, config)
+    _check_metrics_listen(ctx, top, config)
     return config
+
+
+def _check_metrics_listen(ctx: _Ctx, top: dict[str, tuple[Node, Node]], config: Config) -> None:
+    m = config.metrics
+    if m.listen_port is not None and m.listen_port != 0 \
+            and m.listen_port == config.listen_port \
+            and m.listen_host == config.listen_host:
+        ctx.error(_mapping_value(top["metrics"][1], "listen"), "metrics.listen",
+                  f"is the main listener's address ({config.listen}); leave it out to serve "
+                  f"/metrics there (to loopback peers), or give it an address of its own")
 
 
 def _check_limits_backend(ctx: _Ctx, top: dict[str, tuple[Node, Node]], config: Config) -> None:
@@ -597,6 +614,40 @@ def _meter(ctx: _Ctx, node: Node | None) -> MeterConfig:
         vals, _ = _fields(ctx, node, "meter", spec)
     vals.setdefault("db", ctx.resolve_path(MeterConfig().db))  # the default sits beside the file
     return MeterConfig(**vals)
+
+
+def _metrics(ctx: _Ctx, node: Node) -> MetricsConfig:
+    spec: dict[str, Conv] = {
+        "enabled": _c_bool,
+        "listen": _c_listen,
+        "per_key": _c_bool,
+        "max_models": _int(1),
+        "max_keys": _int(1),
+    }
+    vals, _ = _fields(ctx, node, "metrics", spec)
+    listen = vals.pop("listen", None)
+    if listen is not None:
+        vals["listen_host"], vals["listen_port"] = listen
+    return MetricsConfig(**vals)
+
+
+def _c_access_log(ctx: _Ctx, node: Node) -> str | None:
+    """off (YAML also reads it as false), stdout, or a file path (its directory must
+    exist: the file is created at start)."""
+    v = _read(ctx, node, "off, stdout or a file path")
+    if v.value is False or v.value is None or v.value == "off":
+        return None
+    if v.value == "stdout":
+        return "stdout"
+    if not isinstance(v.value, str) or not v.value.strip():
+        raise _Bad(f"must be off, stdout or a file path, got {_show(v)}")
+    p = ctx.resolve_path(v.value.strip())
+    parent = os.path.dirname(p) or "."
+    if not os.path.isdir(parent):
+        raise _Bad(f"directory not found: {parent!r}")
+    if os.path.isdir(p):
+        raise _Bad(f"is a directory, not a file: {p!r}")
+    return p
 
 
 def _limits(ctx: _Ctx, node: Node) -> LimitsConfig:

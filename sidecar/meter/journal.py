@@ -12,7 +12,8 @@ fsync. The write lands in the kernel's page cache before the request is sent ups
 so it survives the death of the process (kill -9, OOM kill, a segfault) but not a power
 loss or a kernel crash, which may drop the last seconds of lines (as SQLite's
 ``synchronous = NORMAL`` WAL may drop the last commits). Closes are written in one
-``os.write`` per committed meter batch.
+``os.write`` per committed meter batch. In memory the journal keeps each open request's
+line (for compaction): about 250 bytes per request in flight.
 
 Liveness: a process holds an ``flock`` on its journal for as long as it lives; the
 kernel drops it when the process dies, however it dies. A file nobody holds is an
@@ -58,7 +59,6 @@ TMP_SUFFIX: Final = ".journal-tmp"  # a compaction in progress; never read by re
 # Longest model name kept in a journal line (the one field a client writes freely):
 # the row of an interrupted request needs the name, not a megabyte put in "model".
 MAX_FIELD_CHARS: Final = 256
-_NEWLINE: Final = orjson.OPT_APPEND_NEWLINE
 # The prompt estimate of an interrupted request: the request body's bytes over this
 # (the tokenizer's own no-tiktoken fallback ratio). The body itself is not journalled.
 BYTES_PER_TOKEN: Final = 4
@@ -92,13 +92,19 @@ def prompt_estimate(bytes_in: int) -> int:
 
 
 def admission_line(seq: int, ctx: RequestContext, request_id: str) -> bytes:
-    """The request's line. Called once per request: one tuple, one orjson call."""
+    """The request's line. Called once per request: one tuple, one orjson call.
+
+    The newline is added by a concatenation, not orjson's OPT_APPEND_NEWLINE, on
+    purpose: the copy is right-sized, while the bytes orjson returns keep its whole
+    4 KiB output buffer allocated (measured with tracemalloc, orjson 3.13), and the
+    line is kept for every request in flight (for compaction).
+    """
     model = ctx.model
     if model is not None and len(model) > MAX_FIELD_CHARS:
         model = model[:MAX_FIELD_CHARS]
     return orjson.dumps((seq, ctx.ts_ms, request_id, ctx.route, ctx.upstream, model,
                          ctx.key_id, ctx.bytes_in, ctx.stream, ctx.api_format, ctx.path,
-                         ctx.tier, ctx.upstream_model), option=_NEWLINE)
+                         ctx.tier, ctx.upstream_model)) + b"\n"
 
 
 def close_lines(seqs: Iterable[int]) -> bytes:
@@ -112,8 +118,14 @@ def _entry(obj: Any) -> Entry | None:
         e = Entry(*obj)
     except TypeError:
         return None
-    ok = (isinstance(e.seq, int) and isinstance(e.ts_ms, int) and isinstance(e.request_id, str)
-          and isinstance(e.bytes_in, int) and e.bytes_in >= 0)
+    # Every field checked: a line that would not bind as a row must not reach the
+    # INSERT, where it would fail the whole recovery again at every retry.
+    ok = (type(e.seq) is int and type(e.ts_ms) is int and type(e.bytes_in) is int
+          and e.bytes_in >= 0 and type(e.stream) is bool
+          and all(type(v) is str for v in (e.request_id, e.route, e.upstream, e.api_format,
+                                            e.path))
+          and all(v is None or type(v) is str for v in (e.model, e.key_id, e.tier,
+                                                         e.upstream_model)))
     return e if ok else None
 
 

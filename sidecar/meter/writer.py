@@ -30,6 +30,7 @@ from sidecar.meter.record import MeterRecord
 from sidecar.meter.recovery import recover
 from sidecar.meter.schema import _insert_args, _insert_sql, _statement_rows, migrate
 from sidecar.meter.spill import Spill
+from sidecar.metrics.core import Histogram
 
 log = logging.getLogger("sidecar.meter")  # one logger for all the meter modules
 
@@ -136,6 +137,8 @@ class Meter:
         self._batches = 0
         self._errors = 0  # failed batch writes (the spill counts its own)
         self._overflowed = 0
+        # Milliseconds per committed batch (sidecar_meter_batch_seconds); the writer's.
+        self.batch_ms = Histogram()
         self._last_overflow_log = -OVERFLOW_LOG_INTERVAL_S
 
     @property
@@ -362,6 +365,7 @@ class Meter:
         as well would write it twice.
         """
         sql, args = _insert_sql(len(batch)), _insert_args(batch)
+        t0 = time.perf_counter()
         try:
             # One statement in autocommit is its own transaction: all rows or none.
             # Its write lock waits busy_timeout for the other workers' writers.
@@ -371,6 +375,7 @@ class Meter:
             log.error("meter: writing %d rows failed (%s); spilling them", len(batch), exc)
             self._spill_closed(batch, "write failed")
             return False
+        self.batch_ms.observe((time.perf_counter() - t0) * 1000)
         self._written += len(batch)
         self._batches += 1
         if self.journal is not None:
