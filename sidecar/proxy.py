@@ -24,7 +24,7 @@ import orjson
 
 from sidecar.access_log import AccessLog
 from sidecar.admission import Admission
-from sidecar.config import Config, LimitsConfig
+from sidecar.config import Config, LimitsConfig, TimeoutsConfig
 from sidecar.context import RequestContext
 from sidecar.errors import (
     MethodNotAllowed,
@@ -122,6 +122,12 @@ def _is_loopback(ip: str | None) -> bool:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
     return addr.is_loopback
+
+
+def _client_sweep_period(t: TimeoutsConfig) -> float:
+    # Fine enough that no client deadline fires later than a quarter of itself past due.
+    return min(IDLE_SWEEP_MAX_INTERVAL, t.client_idle / 4, t.request_head / 4,
+               t.request_body / 4)
 
 
 def _is_event_stream(head: ResponseHead) -> bool:
@@ -317,8 +323,9 @@ class Proxy:
         self.draining = False
         self.drains = 0  # responses read on after their client left (on_client_disconnect)
         self._rand = random.random
-        # Idle keep-alive clients are closed by one periodic sweep, not a timer each.
-        self._idle_period = min(IDLE_SWEEP_MAX_INTERVAL, config.timeouts.client_idle / 4)
+        # Idle keep-alive clients are closed, and requests read too slowly answered 408,
+        # by one periodic sweep, not a timer each.
+        self._idle_period = _client_sweep_period(config.timeouts)
         self._idle_handle: asyncio.TimerHandle | None = self.loop.call_later(
             self._idle_period, self._sweep_idle)
 
@@ -336,7 +343,7 @@ class Proxy:
         self._watch_keys(config)
         self.health_checks.sync(new.upstreams)
         self.sweeper.interval = Sweeper.interval_for(config.timeouts)
-        self._idle_period = min(IDLE_SWEEP_MAX_INTERVAL, config.timeouts.client_idle / 4)
+        self._idle_period = _client_sweep_period(config.timeouts)
         return new
 
     def _watch_keys(self, config: Config) -> None:
@@ -352,9 +359,10 @@ class Proxy:
             self._spend_task = self.loop.create_task(ledger.run(), name="spend-ledger")
 
     def _sweep_idle(self) -> None:
-        deadline = self.loop.time() - self.runtime.timeouts.client_idle
+        now = self.loop.time()
+        cutoff = now - self.runtime.timeouts.client_idle
         for conn in list(self.connections):
-            conn.close_if_idle_since(deadline)
+            conn.sweep(now, cutoff)
         self._idle_handle = self.loop.call_later(self._idle_period, self._sweep_idle)
 
     # -- task tracking: every task is kept until done, none orphaned ---------------
@@ -373,6 +381,16 @@ class Proxy:
     @property
     def limits(self) -> LimitsConfig:
         return self.runtime.limits
+
+    @property
+    def timeouts(self) -> TimeoutsConfig:
+        return self.runtime.timeouts
+
+    def precheck(self, req: ParsedRequest) -> SidecarError | None:
+        path = req.target.split(b"?", 1)[0].decode("latin-1")
+        if path in LOCAL_PATHS or path in self.runtime.routes:
+            return None
+        return NotFound(f"no route for {path}")
 
     def connection_opened(self, conn: ClientConnection) -> bool:
         self.connections.add(conn)
