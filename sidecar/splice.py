@@ -238,6 +238,7 @@ class Exchange:
         "sweeper",
         "t_first_byte",
         "tap",
+        "tap_bytes",
     )
 
     def __init__(
@@ -255,6 +256,9 @@ class Exchange:
         self.client = client
         self.handler = handler
         self.tap: Tap | None = None
+        # Payload bytes fed to the tap: an estimate that could read none of them as
+        # text (compressed, binary) says how many it had to leave out.
+        self.tap_bytes = 0
         # The body filter (include_usage stripper or format translator), if any.
         self.stripper: BodyFilter | None = None
         self.sweeper = sweeper
@@ -557,6 +561,7 @@ class Exchange:
         self._flush_out()
         tap = self.tap
         if tap is not None:
+            self.tap_bytes += len(data)
             tap.feed(data)
 
     def _last_read_reframed(self, held: int) -> None:
@@ -588,7 +593,9 @@ class Exchange:
             return
         tap = self.tap
         if tap is not None:
-            tap.feed(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            self.tap_bytes += len(data)
+            tap.feed(data)
         pieces.clear()
 
     def _reframe_pieces(self) -> None:
@@ -602,6 +609,7 @@ class Exchange:
         tap = self.tap
         if tap is not None:
             for piece in pieces:
+                self.tap_bytes += len(piece)
                 tap.feed(piece)
 
     def _emit_payload(self, pieces: list[bytes]) -> None:

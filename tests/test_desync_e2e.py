@@ -9,6 +9,7 @@ response reported; a provider connection that went out of step is never reused.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -136,3 +137,54 @@ def test_a_close_delimited_response_reaches_the_client_whole_and_is_metered_ok(
     rows = stack.rows()
     assert len(rows) == 1
     _assert_reported(rows[0])
+
+
+# ---------------------------------------------------------------- estimates that say so
+
+
+def _gzip_sse() -> bytes:
+    return gzip.compress(DELTA * 2000)
+
+
+def _garbage() -> bytes:
+    # 10 MB that is neither text nor SSE: no blank line (so no event ends), no "data:".
+    block = bytes(range(256)).replace(b"\n", b"").replace(b"\r", b"")
+    return (block * (10 * 1024 * 1024 // len(block) + 1))[: 10 * 1024 * 1024]
+
+
+@pytest.mark.parametrize("kind", ["gzip", "garbage"])
+def test_an_unreadable_body_is_estimated_approximate_with_its_byte_count(
+        fake_stack: Any, kind: str) -> None:
+    """No usage frame and a body that is no text: the row is 'estimated', approximate,
+    with the bytes it could not read (406477c: completion 0 and usage_approx 0)."""
+    payload = _gzip_sse() if kind == "gzip" else _garbage()
+    coding = b"content-encoding: gzip\r\n" if kind == "gzip" else b""
+    head = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n" + coding
+            + b"content-length: %d\r\n\r\n" % len(payload))
+    stack = fake_stack(lambda seen: ([head, payload], False))
+    with ClientConn(stack.port, timeout=10) as c:
+        c.send(request_bytes("POST", "/v1/chat/completions", chat_body(stream=True)))
+        r = c.read_response()
+        assert (r.status, r.complete, len(r.body)) == (200, True, len(payload))
+    stack.stop()
+    rows = stack.rows()
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["outcome"] == "ok" and row["usage_source"] == "estimated", row
+    assert row["usage_approx"] == 1, row
+    assert row["unread_bytes"] == len(payload), row
+    assert row["completion_tokens"] == 0 and row["prompt_tokens"] > 0, row
+
+
+def test_a_readable_stream_without_usage_is_estimated_with_nothing_unread(
+        fake_stack: Any) -> None:
+    """The flag is not set on an estimate that read the text (tiktoken files present)."""
+    body = chunk(DELTA * 3) + chunk(DONE) + b"0\r\n\r\n"
+    stack = fake_stack(lambda seen: ([SSE_HEAD + body], False))
+    with ClientConn(stack.port, timeout=10) as c:
+        c.send(request_bytes("POST", "/v1/chat/completions", chat_body(stream=True)))
+        assert c.read_response().complete
+    stack.stop()
+    row = stack.rows()[0]
+    assert row["usage_source"] == "estimated" and row["unread_bytes"] is None, row
+    assert row["completion_tokens"] == 3 and row["usage_approx"] == 0, row
