@@ -68,6 +68,7 @@ from sidecar.request_reader import ParsedRequest
 from sidecar.responses import error_for, stream_error_event
 from sidecar.retry import STATUS_REASONS, RetryReason, parse_retry_after
 from sidecar.runtime import Route, Runtime
+from sidecar.scrub import SecretScrubber, mask_headers, request_secrets
 from sidecar.splice import Exchange, Sweeper
 from sidecar.sse import UsageChunkStripper, make_tap
 from sidecar.tokenizer import Tokenizer
@@ -199,6 +200,11 @@ class Flight(Lifecycle):
             if retry is not None:
                 return retry
         self.advance(STREAMING)
+        # A provider's error answer may echo this request's credentials (the upstream's
+        # key, the client's): found before the head is forgotten, masked in the relayed
+        # head and body (sidecar.scrub). Success answers are not scanned.
+        secrets = request_secrets(self.pool.cfg.api_key, self.req.headers) \
+            if head.status >= 400 else ()
         # No attempt will need the request again: let the client's headers, target and
         # the parsed body go for the rest of the stream.
         self.req.forget_head()
@@ -206,15 +212,21 @@ class Flight(Lifecycle):
         extra = self.pool.response_headers(self.ctx.attempts)
         if self.ctx.rate_headers:
             extra = (*extra, *self.ctx.rate_headers)
+        if secrets:
+            head.headers = mask_headers(head.headers, secrets)
         if not head.has_body:
             return None, None, extra
         sse = self.sse = _is_event_stream(head)
         if self.xlate:
-            return self._translated(head, sse, body, extra)
-        tap = make_tap(self.ctx.api_format, self.ctx.path, sse,
-                       body_cap=self.limits.tap_body_bytes)
-        strip = self.strip and sse and head.status < 300
-        return tap, (UsageChunkStripper() if strip else None), extra
+            tap, body_filter, extra = self._translated(head, sse, body, extra)
+        else:
+            tap = make_tap(self.ctx.api_format, self.ctx.path, sse,
+                           body_cap=self.limits.tap_body_bytes)
+            strip = self.strip and sse and head.status < 300
+            body_filter = UsageChunkStripper() if strip else None
+        if secrets:
+            body_filter = SecretScrubber(secrets, body_filter)
+        return tap, body_filter, extra
 
     def _translated(self, head: ResponseHead, sse: bool, body: dict[str, Any] | None,
                     extra: tuple[tuple[bytes, bytes], ...]) -> Proceed:
