@@ -36,6 +36,7 @@ from sidecar.errors import (
     SidecarError,
     UpstreamError,
 )
+from sidecar.fdlimit import FD_RESERVE, BurstLog, client_budget, nofile_limit
 from sidecar.gate import Gate, QueueFull, Waiter
 from sidecar.handler import ClientConnection, ClientSide
 from sidecar.health_check import HealthCheckers
@@ -338,6 +339,11 @@ class Proxy:
         # Idle keep-alive clients are closed, and requests read too slowly answered 408,
         # by one periodic sweep, not a timer each.
         self._idle_period = _client_sweep_period(config.timeouts)
+        # Client connections the descriptor limit carries (sidecar.fdlimit); the
+        # smaller of it and max_connections is the one comparison a connect pays.
+        self._nofile = nofile_limit()
+        self._fd_log = BurstLog(log, "out of file descriptors for client connections")
+        self._conn_cap = self._connection_cap(config)
         self._idle_handle: asyncio.TimerHandle | None = self.loop.call_later(
             self._idle_period, self._sweep_idle)
 
@@ -356,6 +362,7 @@ class Proxy:
         self.health_checks.sync(new.upstreams)
         self.sweeper.interval = Sweeper.interval_for(config.timeouts)
         self._idle_period = _client_sweep_period(config.timeouts)
+        self._conn_cap = self._connection_cap(config)
         return new
 
     def _watch_keys(self, config: Config) -> None:
@@ -370,11 +377,25 @@ class Proxy:
             ledger = self.admission.spend = SpendLedger(config.meter.db, config.auth.refresh)
             self._spend_task = self.loop.create_task(ledger.run(), name="spend-ledger")
 
+    def _connection_cap(self, config: Config) -> int:
+        idle = sum(u.pool_max_idle for u in config.upstreams.values())
+        budget = client_budget(self._nofile, idle)
+        if budget < config.limits.max_connections:
+            # Info, not a warning: it only matters if that many clients come, and then
+            # the burst itself is logged as an error.
+            log.info("limits.max_connections is %d but RLIMIT_NOFILE %d carries about %d "
+                        "client connections (each with a provider connection, %d idle pool "
+                        "connections, %d reserved); connections past it get 503: raise "
+                        "LimitNOFILE / ulimit -n", config.limits.max_connections,
+                        self._nofile, budget, idle, FD_RESERVE)
+        return min(config.limits.max_connections, budget)
+
     def _sweep_idle(self) -> None:
         now = self.loop.time()
         cutoff = now - self.runtime.timeouts.client_idle
         for conn in list(self.connections):
             conn.sweep(now, cutoff)
+        self._fd_log.end_if_quiet(now)
         self._idle_handle = self.loop.call_later(self._idle_period, self._sweep_idle)
 
     # -- task tracking: every task is kept until done, none orphaned ---------------
@@ -406,7 +427,16 @@ class Proxy:
 
     def connection_opened(self, conn: ClientConnection) -> bool:
         self.connections.add(conn)
-        return len(self.connections) <= self.runtime.limits.max_connections
+        n = len(self.connections)
+        if n <= self._conn_cap:
+            return True
+        if n <= self.runtime.limits.max_connections:
+            # Under max_connections but past what RLIMIT_NOFILE carries: refused now,
+            # with a 503, rather than dropped unseen by libuv at EMFILE (sidecar.fdlimit).
+            self._fd_log.hit(self.loop.time(), f"{n - 1} client connections open, "
+                             f"RLIMIT_NOFILE {self._nofile} carries {self._conn_cap}; "
+                             f"refusing new connections with 503 (raise LimitNOFILE / ulimit -n)")
+        return False
 
     def connection_closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
@@ -706,8 +736,11 @@ class Proxy:
             fmt = flight.pool.cfg.format
             target = upstream_target(target, flight.route.table.route.format, fmt)
             headers = client_headers(headers, fmt)
+        client = flight.client
+        peer = client.peer_ip
         head = flight.pool.head.build(req.method, target, headers,
-                                      len(flight.payload), req.request_id)
+                                      len(flight.payload), req.request_id,
+                                      peer.encode() if peer else b"", client.peer_trusted)
         ex.start(head + flight.payload)
 
     def _may_fail_over(self, flight: Flight, cause: RetryReason, now: float) -> bool:

@@ -86,3 +86,44 @@ def test_a_key_echoed_in_a_provider_401_never_reaches_the_client(
     for p in tmp_path.iterdir():
         if p.is_file():
             assert secret.encode() not in p.read_bytes(), p
+
+
+# ------------------------------------------------- who the client is, as told upstream
+
+
+def _ok(seen: Seen) -> Script:
+    body = b'{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}'
+    return [b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+            % len(body) + body], False
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["untrusted", "trusted-peer"])
+def test_forwarding_headers_are_believed_only_from_trusted_peers(
+        stack_factory: Any, trusted: bool) -> None:
+    """x-forwarded-for gets the peer's address appended (as Nginx does); what a client
+    claims there, and its forwarded / x-real-ip, reach the provider only from a peer in
+    trusted_peers."""
+    fake = FakeProvider(_ok)
+    try:
+        edit = edit_upstreams(lambda u: dataclasses.replace(
+            u, port=fake.port, url=f"http://127.0.0.1:{fake.port}"))
+        peers = ("127.0.0.1",) if trusted else ("10.9.9.9",)
+        stack = stack_factory(lambda c: dataclasses.replace(edit(c), trusted_peers=peers))
+        claims = [(b"x-forwarded-for", b"6.6.6.6"), (b"x-forwarded-for", b"7.7.7.7, 8.8.8.8"),
+                  (b"forwarded", b"for=6.6.6.6;proto=https"), (b"x-real-ip", b"6.6.6.6")]
+        with ClientConn(stack.port, timeout=5) as c:
+            c.send(request_bytes("POST", "/v1/chat/completions", chat_body(), headers=claims))
+            assert c.read_response().status == 200
+        seen = fake.seen[0]
+        xff = [v for line in seen.head.split(b"\r\n")[1:]
+               for k, _, v in [line.partition(b":")] if k.lower() == b"x-forwarded-for"]
+        assert len(xff) == 1, seen.head  # one line, rebuilt
+        if trusted:
+            assert xff[0].strip() == b"6.6.6.6, 7.7.7.7, 8.8.8.8, 127.0.0.1"
+            assert seen.header(b"forwarded") == b"for=6.6.6.6;proto=https"
+            assert seen.header(b"x-real-ip") == b"6.6.6.6"
+        else:
+            assert xff[0].strip() == b"127.0.0.1"
+            assert seen.header(b"forwarded") is None and seen.header(b"x-real-ip") is None
+    finally:
+        fake.stop()
