@@ -28,9 +28,10 @@ class RequestContext(MeterRecord):
     # The longest pause between two provider body reads (seconds), for /metrics.
     max_gap: float | None = None
     usage: Usage | None = None
-    # (raw request JSON, the response's tap or None, path) when no usage was reported
-    # and the row needs a tiktoken estimate, computed off the event loop before queueing.
-    pending_estimate: tuple[bytes, Tap | None, str] | None = None
+    # (raw request JSON, the response's tap or None, path, payload bytes the tap was fed)
+    # when no usage was reported and the row needs a tiktoken estimate, computed off the
+    # event loop before queueing.
+    pending_estimate: tuple[bytes, Tap | None, str, int] | None = None
     # Admission (sidecar.ratelimit): the identity's key record, the bucket charged and
     # its size, the tokens reserved there, and the x-ratelimit-* headers to send.
     api_key: Any = None

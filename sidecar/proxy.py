@@ -24,7 +24,7 @@ import orjson
 
 from sidecar.access_log import AccessLog
 from sidecar.admission import Admission
-from sidecar.config import Config, LimitsConfig
+from sidecar.config import Config, LimitsConfig, TimeoutsConfig
 from sidecar.context import RequestContext
 from sidecar.errors import (
     MethodNotAllowed,
@@ -36,6 +36,7 @@ from sidecar.errors import (
     SidecarError,
     UpstreamError,
 )
+from sidecar.fdlimit import FD_RESERVE, BurstLog, client_budget, nofile_limit
 from sidecar.gate import Gate, QueueFull, Waiter
 from sidecar.handler import ClientConnection, ClientSide
 from sidecar.health_check import HealthCheckers
@@ -68,6 +69,7 @@ from sidecar.request_reader import ParsedRequest
 from sidecar.responses import error_for, stream_error_event
 from sidecar.retry import STATUS_REASONS, RetryReason, parse_retry_after
 from sidecar.runtime import Route, Runtime
+from sidecar.scrub import SecretScrubber, mask_headers, request_secrets
 from sidecar.splice import Exchange, Sweeper
 from sidecar.sse import UsageChunkStripper, make_tap
 from sidecar.tokenizer import Tokenizer
@@ -122,6 +124,12 @@ def _is_loopback(ip: str | None) -> bool:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
     return addr.is_loopback
+
+
+def _client_sweep_period(t: TimeoutsConfig) -> float:
+    # Fine enough that no client deadline fires later than a quarter of itself past due.
+    return min(IDLE_SWEEP_MAX_INTERVAL, t.client_idle / 4, t.request_head / 4,
+               t.request_body / 4)
 
 
 def _is_event_stream(head: ResponseHead) -> bool:
@@ -193,6 +201,11 @@ class Flight(Lifecycle):
             if retry is not None:
                 return retry
         self.advance(STREAMING)
+        # A provider's error answer may echo this request's credentials (the upstream's
+        # key, the client's): found before the head is forgotten, masked in the relayed
+        # head and body (sidecar.scrub). Success answers are not scanned.
+        secrets = request_secrets(self.pool.cfg.api_key, self.req.headers) \
+            if head.status >= 400 else ()
         # No attempt will need the request again: let the client's headers, target and
         # the parsed body go for the rest of the stream.
         self.req.forget_head()
@@ -200,15 +213,21 @@ class Flight(Lifecycle):
         extra = self.pool.response_headers(self.ctx.attempts)
         if self.ctx.rate_headers:
             extra = (*extra, *self.ctx.rate_headers)
+        if secrets:
+            head.headers = mask_headers(head.headers, secrets)
         if not head.has_body:
             return None, None, extra
         sse = self.sse = _is_event_stream(head)
         if self.xlate:
-            return self._translated(head, sse, body, extra)
-        tap = make_tap(self.ctx.api_format, self.ctx.path, sse,
-                       body_cap=self.limits.tap_body_bytes)
-        strip = self.strip and sse and head.status < 300
-        return tap, (UsageChunkStripper() if strip else None), extra
+            tap, body_filter, extra = self._translated(head, sse, body, extra)
+        else:
+            tap = make_tap(self.ctx.api_format, self.ctx.path, sse,
+                           body_cap=self.limits.tap_body_bytes)
+            strip = self.strip and sse and head.status < 300
+            body_filter = UsageChunkStripper() if strip else None
+        if secrets:
+            body_filter = SecretScrubber(secrets, body_filter)
+        return tap, body_filter, extra
 
     def _translated(self, head: ResponseHead, sse: bool, body: dict[str, Any] | None,
                     extra: tuple[tuple[bytes, bytes], ...]) -> Proceed:
@@ -317,8 +336,14 @@ class Proxy:
         self.draining = False
         self.drains = 0  # responses read on after their client left (on_client_disconnect)
         self._rand = random.random
-        # Idle keep-alive clients are closed by one periodic sweep, not a timer each.
-        self._idle_period = min(IDLE_SWEEP_MAX_INTERVAL, config.timeouts.client_idle / 4)
+        # Idle keep-alive clients are closed, and requests read too slowly answered 408,
+        # by one periodic sweep, not a timer each.
+        self._idle_period = _client_sweep_period(config.timeouts)
+        # Client connections the descriptor limit carries (sidecar.fdlimit); the
+        # smaller of it and max_connections is the one comparison a connect pays.
+        self._nofile = nofile_limit()
+        self._fd_log = BurstLog(log, "out of file descriptors for client connections")
+        self._conn_cap = self._connection_cap(config)
         self._idle_handle: asyncio.TimerHandle | None = self.loop.call_later(
             self._idle_period, self._sweep_idle)
 
@@ -336,7 +361,8 @@ class Proxy:
         self._watch_keys(config)
         self.health_checks.sync(new.upstreams)
         self.sweeper.interval = Sweeper.interval_for(config.timeouts)
-        self._idle_period = min(IDLE_SWEEP_MAX_INTERVAL, config.timeouts.client_idle / 4)
+        self._idle_period = _client_sweep_period(config.timeouts)
+        self._conn_cap = self._connection_cap(config)
         return new
 
     def _watch_keys(self, config: Config) -> None:
@@ -351,10 +377,25 @@ class Proxy:
             ledger = self.admission.spend = SpendLedger(config.meter.db, config.auth.refresh)
             self._spend_task = self.loop.create_task(ledger.run(), name="spend-ledger")
 
+    def _connection_cap(self, config: Config) -> int:
+        idle = sum(u.pool_max_idle for u in config.upstreams.values())
+        budget = client_budget(self._nofile, idle)
+        if budget < config.limits.max_connections:
+            # Info, not a warning: it only matters if that many clients come, and then
+            # the burst itself is logged as an error.
+            log.info("limits.max_connections is %d but RLIMIT_NOFILE %d carries about %d "
+                        "client connections (each with a provider connection, %d idle pool "
+                        "connections, %d reserved); connections past it get 503: raise "
+                        "LimitNOFILE / ulimit -n", config.limits.max_connections,
+                        self._nofile, budget, idle, FD_RESERVE)
+        return min(config.limits.max_connections, budget)
+
     def _sweep_idle(self) -> None:
-        deadline = self.loop.time() - self.runtime.timeouts.client_idle
+        now = self.loop.time()
+        cutoff = now - self.runtime.timeouts.client_idle
         for conn in list(self.connections):
-            conn.close_if_idle_since(deadline)
+            conn.sweep(now, cutoff)
+        self._fd_log.end_if_quiet(now)
         self._idle_handle = self.loop.call_later(self._idle_period, self._sweep_idle)
 
     # -- task tracking: every task is kept until done, none orphaned ---------------
@@ -374,9 +415,28 @@ class Proxy:
     def limits(self) -> LimitsConfig:
         return self.runtime.limits
 
+    @property
+    def timeouts(self) -> TimeoutsConfig:
+        return self.runtime.timeouts
+
+    def precheck(self, req: ParsedRequest) -> SidecarError | None:
+        path = req.target.split(b"?", 1)[0].decode("latin-1")
+        if path in LOCAL_PATHS or path in self.runtime.routes:
+            return None
+        return NotFound(f"no route for {path}")
+
     def connection_opened(self, conn: ClientConnection) -> bool:
         self.connections.add(conn)
-        return len(self.connections) <= self.runtime.limits.max_connections
+        n = len(self.connections)
+        if n <= self._conn_cap:
+            return True
+        if n <= self.runtime.limits.max_connections:
+            # Under max_connections but past what RLIMIT_NOFILE carries: refused now,
+            # with a 503, rather than dropped unseen by libuv at EMFILE (sidecar.fdlimit).
+            self._fd_log.hit(self.loop.time(), f"{n - 1} client connections open, "
+                             f"RLIMIT_NOFILE {self._nofile} carries {self._conn_cap}; "
+                             f"refusing new connections with 503 (raise LimitNOFILE / ulimit -n)")
+        return False
 
     def connection_closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
@@ -676,8 +736,11 @@ class Proxy:
             fmt = flight.pool.cfg.format
             target = upstream_target(target, flight.route.table.route.format, fmt)
             headers = client_headers(headers, fmt)
+        client = flight.client
+        peer = client.peer_ip
         head = flight.pool.head.build(req.method, target, headers,
-                                      len(flight.payload), req.request_id)
+                                      len(flight.payload), req.request_id,
+                                      peer.encode() if peer else b"", client.peer_trusted)
         ex.start(head + flight.payload)
 
     def _may_fail_over(self, flight: Flight, cause: RetryReason, now: float) -> bool:

@@ -38,6 +38,7 @@ from sidecar import debug_stats, sd_notify
 from sidecar.config import Config, load_config
 from sidecar.downstream import DownstreamProtocol
 from sidecar.errors import ConfigError
+from sidecar.fdlimit import raise_nofile_limit
 from sidecar.meter import Meter
 from sidecar.metrics.listener import MetricsEndpoint
 from sidecar.metrics.share import ENV_METRICS_DIR, ENV_WORKER_SLOT, ENV_WORKERS, Share
@@ -112,6 +113,9 @@ class Server:
                 "token estimates will use the byte approximation and be marked approximate"
             )
         _warn_unenforced(self.config)
+        # Descriptors: the soft limit raised to the hard one, before anything is opened
+        # (the proxy sizes its client connections from it: sidecar.fdlimit).
+        raise_nofile_limit()
         await self.meter.start()
         loop = asyncio.get_running_loop()
         self.proxy = proxy = Proxy(self.config, self.meter, self.tokenizer, share=self.share)

@@ -238,6 +238,7 @@ class Exchange:
         "sweeper",
         "t_first_byte",
         "tap",
+        "tap_bytes",
     )
 
     def __init__(
@@ -255,6 +256,9 @@ class Exchange:
         self.client = client
         self.handler = handler
         self.tap: Tap | None = None
+        # Payload bytes fed to the tap: an estimate that could read none of them as
+        # text (compressed, binary) says how many it had to leave out.
+        self.tap_bytes = 0
         # The body filter (include_usage stripper or format translator), if any.
         self.stripper: BodyFilter | None = None
         self.sweeper = sweeper
@@ -348,17 +352,18 @@ class Exchange:
     def upstream_data(self, data: bytes) -> None:
         self.reads += 1
         if self._fast:
-            # Most reads of a stream: written to the client as they are, then llhttp
-            # walks the frames (C code, appending payload to the parser's list).
+            # Most reads of a stream: llhttp walks the frames (C code, appending payload
+            # to the parser's list), then the read goes to the client as it is. Parsed
+            # first: a read that holds the end of our response and the start of another
+            # (a desynced provider) must not reach the client whole.
             t = perf_counter()
             if t - self._t_read > self._gap:
                 self._gap = t - self._t_read
             self._t_read = t
-            self.bytes_out += len(data)
-            self._raw.write(data)  # type: ignore[union-attr]  # set with _fast
             # Left set after the read (one store per read less): every feed on this
             # thread sets it first, and llhttp calls back only inside a feed.
             parser = self._feeding.parser = self._parser  # type: ignore[union-attr]
+            held = len(parser.pieces)
             try:
                 self._llhttp.feed_data(data)  # type: ignore[union-attr]  # set with _fast
             except LLHTTP_ERROR as exc:
@@ -366,6 +371,11 @@ class Exchange:
                 if error is not None:
                     self._fail(error, _UPSTREAM_ERROR)
                     return
+            if parser.extra:
+                self._last_read_reframed(held)
+            else:
+                self.bytes_out += len(data)
+                self._raw.write(data)  # type: ignore[union-attr]  # set with _fast
             if parser.done or len(parser.pieces) >= TAP_BATCH:
                 self._chunked_read_done()
             return
@@ -473,8 +483,11 @@ class Exchange:
             return
         if not head.chunked:
             self._remaining = head.content_length if head.content_length is not None else -1
+        # A head read that already holds the whole chunked body and more (a second
+        # response in the same read) is re-framed: only our payload reaches the client.
         if self.stripper is not None or not self.client.verbatim_ok \
-                or (not head.chunked and head.content_length is None):
+                or (not head.chunked and head.content_length is None) \
+                or (head.chunked and self._parser.extra):
             self.mode = _MODE_PAYLOAD
         elif head.chunked:
             self.mode = _MODE_VERBATIM_CHUNKED
@@ -502,7 +515,8 @@ class Exchange:
         # Relayed: the headers are not needed for the rest of the stream (~0.4 KiB).
         head.headers = ()
         if mode is _MODE_NONE:
-            self._finish_body(reusable_hint=not rest and not self._parser.extra
+            self._finish_body(out_of_step=bool(rest) or self._parser.extra,
+                              reusable_hint=not rest and not self._parser.extra
                               and head.content_length in (None, 0))
             self._flush_out()
             return
@@ -543,11 +557,21 @@ class Exchange:
             self._remaining = remaining - len(data)
             done = self._remaining == 0
         if done:
-            self._finish_body(reusable_hint=not extra)
+            self._finish_body(reusable_hint=not extra, out_of_step=extra)
         self._flush_out()
         tap = self.tap
         if tap is not None:
+            self.tap_bytes += len(data)
             tap.feed(data)
+
+    def _last_read_reframed(self, held: int) -> None:
+        """A verbatim chunked read that ended our response and went on with bytes
+        that are not ours: the client gets this read's payload in frames of our own and
+        the last chunk (trailers, if any, are dropped), never the provider's bytes."""
+        payload = b"".join(self._parser.pieces[held:])
+        data = (frame_chunk(payload) if payload else b"") + LAST_CHUNK
+        self.bytes_out += len(data)
+        self._raw.write(data)  # type: ignore[union-attr]  # set with _fast
 
     def _chunked_read_done(self) -> None:
         """After a verbatim chunked read: end at the last chunk; feed the tap in batches.
@@ -559,11 +583,7 @@ class Exchange:
         parser = self._parser
         if parser.done:
             self._tap_pieces()
-            if parser.extra:
-                # Bytes after the last chunk already went to the client: it must not
-                # read them as the start of its next response.
-                self.client.end_connection()
-            self._finish_body(reusable_hint=not parser.extra)
+            self._finish_body(reusable_hint=not parser.extra, out_of_step=parser.extra)
         elif len(parser.pieces) >= TAP_BATCH:
             self._tap_pieces()
 
@@ -573,7 +593,9 @@ class Exchange:
             return
         tap = self.tap
         if tap is not None:
-            tap.feed(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            self.tap_bytes += len(data)
+            tap.feed(data)
         pieces.clear()
 
     def _reframe_pieces(self) -> None:
@@ -582,11 +604,12 @@ class Exchange:
         pieces = parser.take()
         self._emit_payload(pieces)
         if parser.done:
-            self._finish_body(reusable_hint=not parser.extra)
+            self._finish_body(reusable_hint=not parser.extra, out_of_step=parser.extra)
         self._flush_out()
         tap = self.tap
         if tap is not None:
             for piece in pieces:
+                self.tap_bytes += len(piece)
                 tap.feed(piece)
 
     def _emit_payload(self, pieces: list[bytes]) -> None:
@@ -607,9 +630,14 @@ class Exchange:
                 self.t_first_byte = perf_counter()  # the row's clock (see RequestContext)
             self.bytes_out += n
 
-    def _finish_body(self, reusable_hint: bool = True) -> None:
+    def _finish_body(self, reusable_hint: bool = True, out_of_step: bool = False) -> None:
         if self.stage is _DONE:
             return
+        if out_of_step:
+            # Bytes came after the end of the response (never relayed): the provider is
+            # out of step, so its connection is closed, never reused, and the client's
+            # ends after this response, as a precaution.
+            self.client.end_connection()
         if self.stripper is not None:
             self.client.send_data(self.stripper.flush())
         self.client.end()

@@ -477,10 +477,11 @@ def test_unknown_keys_at_every_depth(tmp_path: pathlib.Path) -> None:
         "c.yaml:18: meter.flush: unknown key (did you mean 'flush_ms'?); allowed: batch_rows, "
         "db, flush_ms, journal, journal_dir, journal_rotate_bytes, queue_size, spill",
         "c.yaml:19: limits.max_body: unknown key (did you mean 'max_body_bytes'?); allowed: "
-        "backend, max_body_bytes, max_connections, max_drains, max_header_bytes, "
+        "backend, max_body_bytes, max_connections, max_drains, max_header_bytes, max_headers, "
         "max_pipelined_bytes, redis_failure, tap_body_bytes, write_high_water, write_low_water",
         "c.yaml:20: timeouts.conect: unknown key (did you mean 'connect'?); allowed: "
-        "client_idle, connect, drain, first_byte, idle, shutdown_grace, total",
+        "client_idle, connect, drain, first_byte, idle, request_body, request_head, "
+        "shutdown_grace, total",
         "c.yaml:21: tokenizer.path: unknown key; allowed: dir",
     ]
 

@@ -307,3 +307,27 @@ def test_streams_through_nginx_unbuffered_on_both_paths(
     # Nginx logs the 200 it had sent; the call ended when the client hung up, long before
     # the mock would have finished it.
     assert all(float(ln["request_time"]) < SECOND_EVENT_DELAY_MS / 1000 for ln in last), last
+
+
+def test_sidecar_errors_behind_nginx_fail_the_verdict(
+        tmp_path: pathlib.Path, procs: list[Proc]) -> None:  # noqa: F811
+    stack = Stack(tmp_path, procs)
+    seen = dict(_calls(stack.port, list(range(40))))
+    side_key = next(i for i, r in seen.items() if r.header("x-request-id"))
+    statuses = []
+    with ClientConn(stack.port) as conn:  # the provider fails these, on the sidecar path only
+        for _ in range(3):
+            conn.send(request_bytes("POST", "/v1/chat/completions", chat_body(stream=True),
+                                    headers=[_key(side_key), (b"x-mock-fault", b"status:500")]))
+            statuses.append(conn.read_response().status)
+    assert all(s >= 500 for s in statuses), statuses
+    stack.stop()
+    n_side = sum(1 for r in seen.values() if r.header("x-request-id")) + 3
+    res = _report(stack, "--format", "json", "--min-requests", "1", "--tolerance-ms", "60000")
+    rep = orjson.loads(res.stdout)
+    side = rep["paths"]["sidecar"]
+    assert (side["requests"], side["errors"]) == (n_side, 3)
+    assert rep["paths"]["direct"]["errors"] == 0
+    assert rep["verdict"]["result"] == "fail"
+    assert rep["verdict"]["reasons"] == [
+        f"sidecar error rate {3 / n_side:.3%} (3 of {n_side}) is not below 0.100%"]

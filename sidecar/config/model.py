@@ -52,6 +52,12 @@ class TimeoutsConfig:
     idle: float = 300.0  # max gap between two body reads from the provider
     total: float = 3600.0  # whole request; LLM streams can last many minutes
     client_idle: float = 75.0  # keep-alive connection with no request in flight
+    # A request being read: its head must be complete this long after its first byte
+    # arrived (or after its turn came, when pipelined), its body this long after its
+    # head; else 408 and the connection closes (a slow or stalled client must not hold
+    # a connection slot). Bodies are read whole, so this bounds the upload time.
+    request_head: float = 10.0
+    request_body: float = 60.0
     shutdown_grace: float = 30.0  # SIGTERM: how long in-flight streams may finish
     # on_client_disconnect: drain: how long the provider is read after the client left
     # (for its usage frame) before the request is cut and estimated as with abort.
@@ -62,6 +68,7 @@ class TimeoutsConfig:
 class LimitsConfig:
     max_body_bytes: int = 8 * MiB  # request JSON must be read whole to inspect it
     max_header_bytes: int = 64 * 1024  # request/response head
+    max_headers: int = 100  # header lines in a request head (431 beyond)
     max_connections: int = 10_000  # open downstream connections per worker
     max_pipelined_bytes: int = 1 * MiB  # buffered bytes of requests queued behind one in flight
     write_high_water: int = 256 * 1024  # downstream buffer that pauses upstream reads

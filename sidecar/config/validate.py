@@ -654,6 +654,7 @@ def _limits(ctx: _Ctx, node: Node) -> LimitsConfig:
     spec: dict[str, Conv] = {
         "max_body_bytes": _size(),
         "max_header_bytes": _size(),
+        "max_headers": _int(1),
         "max_connections": _int(1),
         "max_pipelined_bytes": _size(),
         "write_high_water": _size(),
@@ -691,6 +692,8 @@ def _timeouts(ctx: _Ctx, node: Node) -> TimeoutsConfig:
         "idle": _duration(),
         "total": _duration(),
         "client_idle": _duration(),
+        "request_head": _duration(),
+        "request_body": _duration(),
         "shutdown_grace": _duration(allow_zero=True),  # 0: stop at once on SIGTERM
         "drain": _duration(),
     }

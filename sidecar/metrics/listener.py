@@ -16,7 +16,7 @@ from sidecar.handler import ClientConnection, ClientSide
 from sidecar.responses import error_for
 
 if TYPE_CHECKING:
-    from sidecar.config import LimitsConfig
+    from sidecar.config import LimitsConfig, TimeoutsConfig
     from sidecar.proxy import Proxy
     from sidecar.request_reader import ParsedRequest
 
@@ -36,6 +36,14 @@ class MetricsEndpoint:
     @property
     def limits(self) -> LimitsConfig:
         return self.proxy.limits
+
+    @property
+    def timeouts(self) -> TimeoutsConfig:
+        return self.proxy.timeouts
+
+    def precheck(self, req: ParsedRequest) -> SidecarError | None:
+        path = req.target.split(b"?", 1)[0].decode("latin-1")
+        return None if path == "/metrics" else NotFound(f"no route for {path}")
 
     def connection_opened(self, conn: ClientConnection) -> bool:
         self.connections.add(conn)
