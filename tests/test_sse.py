@@ -857,6 +857,27 @@ def test_an_event_of_exactly_the_cap_is_not_oversized_in_any_split(sep: bytes, p
         assert run([stream[:cap + k], stream[cap + k:]]) == whole, k
 
 
+def test_the_last_usage_event_decides_whether_or_not_a_result_was_asked_before() -> None:
+    # Found by tests/test_fuzz.py: a usage event that does not decode (here a data line
+    # split inside a key) fell back to an earlier usage event only if a result() taken
+    # mid-stream had decoded that one already, so peeking changed the final usage.
+    good = (b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":11,'
+            b'"completion_tokens":7,"total_tokens":18}}\n\n')
+    bad = (b'data: {"\ndata: id":"c","choices":[],"usage":{"prompt_tokens":11,'
+           b'"completion_tokens":7,"total_tokens":18}}\n\n')
+    for first, last, want in ((good, bad, None), (bad, good, 18), (good, good, 18)):
+        results = []
+        for peek in (False, True):
+            tap = make_tap("openai", "/v1/chat/completions", True, body_cap=300)
+            for piece in (first, last):
+                tap.feed(piece)
+                if peek:
+                    tap.result()
+            results.append(tap.result().usage)
+        assert results[0] == results[1]
+        assert (results[0].total_tokens if results[0] else None) == want
+
+
 @pytest.mark.parametrize("tail", [b"\n\r", b"\r\r", b"\r\n\r", b"\n\n\r"])
 def test_stripper_keeps_blank_lines_at_the_end_of_a_cr_stream(tail: bytes) -> None:
     # Found by tests/fuzz_atheris.py: at flush, with \r line ends, an empty event (a

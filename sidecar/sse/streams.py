@@ -304,9 +304,11 @@ class _ChatTap(_SseTap):
         ev = self._usage_ev
         if ev is not None:
             self._usage_ev = None
-            usage = _chat_usage_dict(ev)
-            if usage is not None:
-                self._usage_dict = usage
+            # The last usage-carrying event decides, even when it does not decode: a
+            # fallback to an earlier one would depend on whether a result() decoded that
+            # one before the next arrived, i.e. on when results were asked for and how
+            # the reads were split (found by tests/test_fuzz.py).
+            self._usage_dict = _chat_usage_dict(ev)
         return usage_from_openai(self._usage_dict) if self._usage_dict is not None else None
 
 
