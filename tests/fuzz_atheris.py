@@ -43,6 +43,8 @@ SEEDS = {
 }
 SEEDS["client_side"] = SEEDS["request_reader"]
 SEEDS["stripper"] = SEEDS["tap"]
+SEEDS["scrub"] = (b"\x07sk-abc12" + b"\x00" * 28
+                  + b'{"error":{"message":"Incorrect API key provided: sk-abc12"}}')
 
 
 def run_one(name: str, fdp: atheris.FuzzedDataProvider) -> None:
@@ -65,6 +67,8 @@ def run_one(name: str, fdp: atheris.FuzzedDataProvider) -> None:
         T.response_body_start(data)
     elif name == "stripper":
         T.stripper_target(data, cuts)
+    elif name == "scrub":
+        T.TARGETS["scrub"](data, cuts)
     elif name == "json_edit":
         T.json_edit_target(data)
 

@@ -37,6 +37,7 @@ from sidecar.http1 import LAST_CHUNK, ResponseParser
 from sidecar.json_edit import JsonEditError, set_member, set_nested
 from sidecar.request_reader import ParsedRequest, RequestReader
 from sidecar.responses import error_for
+from sidecar.scrub import MASK, SecretScrubber
 from sidecar.sse import COMPLETION_TEXT_CAP, TapResult, UsageChunkStripper, make_tap
 from sidecar.sse.streams import _stream_tap
 
@@ -446,6 +447,38 @@ def stripper_target(data: bytes, cuts: Sequence[int] = ()) -> None:
     assert whole == cut, f"split changed the stripped stream: {split(data, cuts)!r}"
 
 
+# ============================================================================ error scrubber
+def _overlap(a: bytes, b: bytes) -> bool:
+    """Can an occurrence of ``a`` share bytes with one of ``b`` (one inside the other,
+    or a suffix of one the prefix of the other)?"""
+    if a in b or b in a:
+        return True
+    return any(a.endswith(b[:k]) or b.endswith(a[:k]) for k in range(1, min(len(a), len(b))))
+
+
+def scrub_target(data: bytes, secrets: Sequence[bytes], cuts: Sequence[int] = ()) -> None:
+    """A provider's error body through the credential scrubber: no secret survives in
+    any split, nothing but secrets changes (same length, same bytes elsewhere), and with
+    secrets that cannot overlap, any split masks the same bytes."""
+    secrets = tuple(sorted({s for s in secrets if len(s) >= 1 and MASK not in s},
+                           key=len, reverse=True))
+
+    def run(pieces: Sequence[bytes]) -> bytes:
+        f = SecretScrubber(secrets)
+        return b"".join([f.feed(p) for p in pieces] + [f.flush()])
+
+    with bounded("SecretScrubber"):
+        whole = run([data])
+        cut = run(split(data, cuts))
+    for out in (whole, cut):
+        assert len(out) == len(data), (data, out)
+        for secret in secrets:
+            assert secret not in out, (secret, data, out)
+        assert all(o == d or o == MASK[0] for o, d in zip(out, data, strict=True)), (data, out)
+    if not any(_overlap(a, b) for a in secrets for b in secrets if a is not b):
+        assert whole == cut, (secrets, split(data, cuts), whole, cut)
+
+
 # ============================================================================ JSON editor
 def _strict_json(raw: bytes) -> Any:
     """Python's json, with what RFC 8259 forbids refused (NaN, Infinity)."""
@@ -486,12 +519,23 @@ def json_edit_target(data: bytes, value: bytes = b"true") -> None:
     assert _strict_json(nested) == want_nested
 
 
+def _secrets_from(head: bytes) -> list[bytes]:
+    out, at = [], 0
+    while at < len(head) and len(out) < 3:
+        n = 1 + head[at] % 12
+        out.append(head[at + 1:at + 1 + n])
+        at += 1 + n
+    return out
+
+
 TARGETS = {
     "request_reader": request_reader_target,
     "client_side": client_side_target,
     "response_parser": response_parser_target,
     "tap": tap_target,
     "stripper": stripper_target,
+    # Secrets from the input's first bytes: up to three, 1-12 bytes each.
+    "scrub": lambda data, cuts=(): scrub_target(data[36:], _secrets_from(data[:36]), cuts),
     # One signature for all, (data, cuts): the editor has no reads to split.
     "json_edit": lambda data, cuts=(): json_edit_target(data),
 }

@@ -34,6 +34,7 @@ from fuzz_targets import (
     request_reader_target,
     response_body_start,
     response_parser_target,
+    scrub_target,
     stripper_target,
     tap_target,
 )
@@ -341,6 +342,32 @@ def test_tap_regressions() -> None:
                 tap_target(data, cuts, endpoint, True, 64, True, True, True)
                 tap_target(data, cuts, endpoint, False, 64)
         stripper_target(data, list(range(len(data))))
+
+
+# ---------------------------------------------------------------------------- error scrubber
+# Secrets over a small alphabet, so that they overlap each other and the body often.
+SECRET_ALPHABET = b"ab-k"
+SECRETS = st.lists(st.binary(min_size=1, max_size=10).map(
+    lambda b: bytes(SECRET_ALPHABET[c % len(SECRET_ALPHABET)] for c in b)), max_size=3)
+
+
+@st.composite
+def error_bodies(draw: Any) -> tuple[bytes, list[bytes]]:
+    secrets = draw(SECRETS)
+    parts = draw(st.lists(st.one_of(st.sampled_from(secrets) if secrets else st.just(b"x"),
+                                    st.binary(max_size=12).map(
+                                        lambda b: bytes(SECRET_ALPHABET[c % 4] for c in b)),
+                                    st.sampled_from([b'{"error":{"message":"', b'"}}', b"*"])),
+                          max_size=12))
+    return b"".join(parts), secrets
+
+
+@PROFILE
+@given(case=error_bodies(), cuts=CUTS)
+def test_scrubber_masks_every_secret_in_any_split(case: tuple[bytes, list[bytes]],
+                                                   cuts: list[int]) -> None:
+    data, secrets = case
+    scrub_target(data, secrets, cuts)
 
 
 # ---------------------------------------------------------------------------- JSON bodies
