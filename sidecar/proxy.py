@@ -343,6 +343,9 @@ class Proxy:
         # smaller of it and max_connections is the one comparison a connect pays.
         self._nofile = nofile_limit()
         self._fd_log = BurstLog(log, "out of file descriptors for client connections")
+        # Other listeners' connections (metrics.listen) that the client sweep also checks
+        # (idle timeout, request deadlines): one sweep for every client connection.
+        self.swept: list[set[ClientConnection]] = []
         self._conn_cap = self._connection_cap(config)
         self._idle_handle: asyncio.TimerHandle | None = self.loop.call_later(
             self._idle_period, self._sweep_idle)
@@ -395,6 +398,9 @@ class Proxy:
         cutoff = now - self.runtime.timeouts.client_idle
         for conn in list(self.connections):
             conn.sweep(now, cutoff)
+        for others in self.swept:
+            for conn in list(others):
+                conn.sweep(now, cutoff)
         self._fd_log.end_if_quiet(now)
         self._idle_handle = self.loop.call_later(self._idle_period, self._sweep_idle)
 
