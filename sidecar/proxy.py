@@ -238,7 +238,7 @@ class Flight(Lifecycle):
         tap = make_tap(fmt, UPSTREAM_PATH[fmt], sse, body_cap=cap)
         opts = body.get("stream_options") if body is not None else None
         usage = isinstance(opts, dict) and opts.get("include_usage") is True
-        return tap, response_filter(self.route.table.route.format, sse, head.status, usage,
+        return tap, response_filter(self.route.table.format, sse, head.status, usage,
                                     cap, int(time.time())), extra
 
     def on_end(self, ex: Exchange) -> None:
@@ -248,7 +248,7 @@ class Flight(Lifecycle):
         if not self.sse:
             return None
         # In the format the client reads: a translated stream is in the route's.
-        fmt = self.route.table.route.format if self.xlate else self.ctx.api_format
+        fmt = self.route.table.format if self.xlate else self.ctx.api_format
         return stream_error_event(fmt, error)
 
     def note_failure(self, upstream: str, cause: RetryReason) -> None:
@@ -633,7 +633,7 @@ class Proxy:
         if flight.body is None:  # never: the body is kept until an attempt commits
             return flight.req.body
         try:
-            return request_bytes(flight.body, route.table.route.format, upstream.format,
+            return request_bytes(flight.body, route.table.format, upstream.format,
                                  upstream.default_max_tokens, rename)
         except RequestError as exc:
             gate = route.pools[i].gate
@@ -740,7 +740,7 @@ class Proxy:
         target, headers = req.target, req.headers
         if flight.xlate:
             fmt = flight.pool.cfg.format
-            target = upstream_target(target, flight.route.table.route.format, fmt)
+            target = upstream_target(target, flight.route.table.format, fmt)
             headers = client_headers(headers, fmt)
         client = flight.client
         peer = client.peer_ip
