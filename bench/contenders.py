@@ -480,6 +480,33 @@ class SidecarObserved(Sidecar):
                 f"access_log: {log}\n" + routing), helpers
 
 
+class SidecarTranslated(Sidecar):
+    """The sidecar translating every request: the OpenAI-format clients of the load
+    reach the mock as an Anthropic-format upstream (the same mock process answers
+    /v1/messages in Anthropic's format), so each request is translated to a Messages
+    request and each Anthropic stream event back to a chat.completion.chunk. Against
+    ``sidecar`` (passthrough) this is the cost of translation per request."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.name = "sidecar-translated"
+
+    def routing(
+        self, mock_port: int, workdir: Path, cpus: set[int] | None
+    ) -> tuple[str, list[Proc]]:
+        return (
+            "upstreams:\n"
+            "  mock:\n"
+            f"    url: http://127.0.0.1:{mock_port}\n"
+            "    format: anthropic  # OpenAI clients, Anthropic upstream: translated\n"
+            "    pool_max_idle: 1024  # as nginx's `keepalive 1024` (the default is 64)\n"
+            "routes:\n"
+            "  - path: /v1/chat/completions\n"
+            "    upstreams:\n"
+            "      - target: mock\n"
+        ), []
+
+
 class Floor(Contender):
     """A uvloop byte pump with no HTTP (bench/floor_proxy.py): the Python floor."""
 
@@ -891,6 +918,7 @@ ALL: dict[str, Contender] = {
         SidecarNoJournal(),
         SidecarObserved(),
         SidecarObserved(metrics=False),
+        SidecarTranslated(),
         Floor(),
         Nginx(1),
         Nginx(2),

@@ -45,7 +45,8 @@ from bench.compare import (
 # tens of times more than the sidecar (compare measures that), and V8's JIT under
 # valgrind measures valgrind more than Portkey.
 SUPPORTED = ("sidecar", "sidecar-ref", "sidecar-2up", "sidecar-limited", "sidecar-nojournal",
-             "sidecar-observed", "sidecar-metrics-off", "uvloop-floor", "nginx", "nginx-lua")
+             "sidecar-observed", "sidecar-metrics-off", "sidecar-translated", "uvloop-floor",
+             "nginx", "nginx-lua")
 DEFAULT = ("sidecar", "uvloop-floor", "nginx", "nginx-lua")
 # Python start-up and imports run uninstrumented but still several times slower.
 READY_TIMEOUT_S = 120.0

@@ -238,7 +238,7 @@ class Flight(Lifecycle):
         tap = make_tap(fmt, UPSTREAM_PATH[fmt], sse, body_cap=cap)
         opts = body.get("stream_options") if body is not None else None
         usage = isinstance(opts, dict) and opts.get("include_usage") is True
-        return tap, response_filter(self.route.table.route.format, sse, head.status, usage,
+        return tap, response_filter(self.route.table.format, sse, head.status, usage,
                                     cap, int(time.time())), extra
 
     def on_end(self, ex: Exchange) -> None:
@@ -248,7 +248,7 @@ class Flight(Lifecycle):
         if not self.sse:
             return None
         # In the format the client reads: a translated stream is in the route's.
-        fmt = self.route.table.route.format if self.xlate else self.ctx.api_format
+        fmt = self.route.table.format if self.xlate else self.ctx.api_format
         return stream_error_event(fmt, error)
 
     def note_failure(self, upstream: str, cause: RetryReason) -> None:
@@ -343,6 +343,9 @@ class Proxy:
         # smaller of it and max_connections is the one comparison a connect pays.
         self._nofile = nofile_limit()
         self._fd_log = BurstLog(log, "out of file descriptors for client connections")
+        # Other listeners' connections (metrics.listen) that the client sweep also checks
+        # (idle timeout, request deadlines): one sweep for every client connection.
+        self.swept: list[set[ClientConnection]] = []
         self._conn_cap = self._connection_cap(config)
         self._idle_handle: asyncio.TimerHandle | None = self.loop.call_later(
             self._idle_period, self._sweep_idle)
@@ -395,6 +398,9 @@ class Proxy:
         cutoff = now - self.runtime.timeouts.client_idle
         for conn in list(self.connections):
             conn.sweep(now, cutoff)
+        for others in self.swept:
+            for conn in list(others):
+                conn.sweep(now, cutoff)
         self._fd_log.end_if_quiet(now)
         self._idle_handle = self.loop.call_later(self._idle_period, self._sweep_idle)
 
@@ -627,7 +633,7 @@ class Proxy:
         if flight.body is None:  # never: the body is kept until an attempt commits
             return flight.req.body
         try:
-            return request_bytes(flight.body, route.table.route.format, upstream.format,
+            return request_bytes(flight.body, route.table.format, upstream.format,
                                  upstream.default_max_tokens, rename)
         except RequestError as exc:
             gate = route.pools[i].gate
@@ -734,7 +740,7 @@ class Proxy:
         target, headers = req.target, req.headers
         if flight.xlate:
             fmt = flight.pool.cfg.format
-            target = upstream_target(target, flight.route.table.route.format, fmt)
+            target = upstream_target(target, flight.route.table.format, fmt)
             headers = client_headers(headers, fmt)
         client = flight.client
         peer = client.peer_ip

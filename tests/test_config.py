@@ -749,6 +749,20 @@ def test_limits_water_marks_must_be_ordered(tmp_path: pathlib.Path) -> None:
     )
 
 
+def test_request_deadlines_and_header_count_load_and_are_checked(
+        tmp_path: pathlib.Path) -> None:
+    cfg = load(tmp_path, "timeouts:\n  request_head: 5s\n  request_body: 2m\n"
+                         "limits:\n  max_headers: 50\n")
+    assert (cfg.timeouts.request_head, cfg.timeouts.request_body) == (5.0, 120.0)
+    assert cfg.limits.max_headers == 50
+    defaults = load(tmp_path, "listen: :8080\n")
+    assert (defaults.timeouts.request_head, defaults.timeouts.request_body,
+            defaults.limits.max_headers) == (10.0, 60.0, 100)
+    found = problems(tmp_path, "timeouts:\n  request_head: 0s\nlimits:\n  max_headers: 0\n")
+    assert [f.split(": ")[0:2] for f in found] == [["c.yaml:2", "timeouts.request_head"],
+                                                   ["c.yaml:4", "limits.max_headers"]], found
+
+
 def test_missing_tokenizer_dir(tmp_path: pathlib.Path) -> None:
     path = write(tmp_path, "tokenizer:\n  dir: ./nope\n")
     [err] = validate_config_file(path)

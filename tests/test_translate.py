@@ -492,3 +492,9 @@ def test_round_trip_keeps_every_text_delta(texts: list[str], cuts: list[int]) ->
     # OpenAI has no cache-write count: the write folds into the uncached input (11 + 1).
     assert back[-2]["usage"]["input_tokens"] == 12 and \
         back[-2]["usage"]["cache_read_input_tokens"] == 3
+
+
+def test_a_field_without_counterpart_is_refused_whatever_else_the_body_has() -> None:
+    for body in ({"messages": [], "n": 2}, {"n": 3}, {"model": "m", "logprobs": True}):
+        with pytest.raises(Untranslatable):
+            translate_request(body, "openai", "anthropic")

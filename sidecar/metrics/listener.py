@@ -32,6 +32,9 @@ class MetricsEndpoint:
         self.loop: asyncio.AbstractEventLoop = proxy.loop
         self.draining = False
         self.connections: set[ClientConnection] = set()
+        # Swept with the proxy's own: an idle scraper connection is closed, a request
+        # read too slowly gets its 408 (a slow client must not hold the 64 slots).
+        proxy.swept.append(self.connections)
 
     @property
     def limits(self) -> LimitsConfig:

@@ -79,20 +79,7 @@ def openai_to_anthropic(body: Mapping[str, Any], default_max_tokens: int) -> dic
     for key in body:
         if key not in _OAI_FIELDS:
             raise _bad_anth(key, "this field has no Anthropic counterpart")
-    _require_default(body, "n", (None, 1), "only n=1 can be translated")
-    _require_default(body, "logprobs", (None, False), "logprobs cannot be translated")
-    _require_default(body, "presence_penalty", (None, 0, 0.0), "must be 0 or absent")
-    _require_default(body, "frequency_penalty", (None, 0, 0.0), "must be 0 or absent")
-    _require_default(body, "store", (None, False), "stored completions cannot be translated")
-    bias = body.get("logit_bias")
-    if bias not in (None, {}):
-        raise _bad_anth("logit_bias", "must be empty or absent")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise _bad_anth("response_format", "only {\"type\": \"text\"} can be translated")
-    mods = body.get("modalities")
-    if mods is not None and mods != ["text"]:
-        raise _bad_anth("modalities", "only [\"text\"] can be translated")
+    _neutral_only(body)
 
     out: dict[str, Any] = {}
     if "model" in body:
@@ -145,11 +132,27 @@ def openai_to_anthropic(body: Mapping[str, Any], default_max_tokens: int) -> dic
     return out
 
 
-def _require_default(body: Mapping[str, Any], key: str, ok: tuple[Any, ...], why: str) -> None:
-    value = body.get(key)
-    if any(value is v or (type(value) is type(v) and value == v) for v in ok):
-        return
-    raise _bad_anth(key, why)
+def _neutral_only(body: Mapping[str, Any]) -> None:
+    """OpenAI fields Anthropic lacks are accepted only with their neutral value."""
+    n = body.get("n")
+    if n is not None and not (type(n) is int and n == 1):
+        raise _bad_anth("n", "only n=1 can be translated")
+    if body.get("logprobs") not in (None, False):
+        raise _bad_anth("logprobs", "logprobs cannot be translated")
+    for key in ("presence_penalty", "frequency_penalty"):
+        v = body.get(key)
+        if v is not None and not (_number(v) and v == 0):
+            raise _bad_anth(key, "must be 0 or absent")
+    if body.get("store") not in (None, False):
+        raise _bad_anth("store", "stored completions cannot be translated")
+    if body.get("logit_bias") not in (None, {}):
+        raise _bad_anth("logit_bias", "must be empty or absent")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise _bad_anth("response_format", "only {\"type\": \"text\"} can be translated")
+    mods = body.get("modalities")
+    if mods is not None and mods != ["text"]:
+        raise _bad_anth("modalities", "only [\"text\"] can be translated")
 
 
 def _number(v: Any) -> bool:

@@ -61,8 +61,8 @@ class EventMachine(Protocol):
         ...
 
 
-def _dumps(obj: Any) -> bytes:
-    return orjson.dumps(obj)
+# Called straight (not through a Python wrapper): once or more per event.
+_dumps: Final = orjson.dumps
 
 
 class AnthropicToOpenAI:
@@ -98,7 +98,9 @@ class AnthropicToOpenAI:
                 text = delta.get("text")
                 if not text:
                     return []
-                return [self._delta(b'{"content":' + _dumps(text) + b'}')]
+                # Most events of a stream: built inline, one concatenation.
+                return [self._prefix + b'[{"index":0,"delta":{"content":' + _dumps(text)
+                        + b'},"logprobs":null,"finish_reason":null}]}\n\n']
             if dtype == "input_json_delta":
                 part = delta.get("partial_json")
                 k = self._blocks.get(data.get("index", -1))
@@ -234,9 +236,9 @@ class OpenAIToAnthropic:
             if isinstance(text, str) and text:
                 if not self._open_text:
                     self._open_block(out, {"type": "text", "text": ""})
-                out.append(_named(b"content_block_delta", b'{"type":"content_block_delta",'
-                                  b'"index":%d,"delta":{"type":"text_delta","text":%b}}'
-                                  % (self._open, _dumps(text))))
+                out.append(b'event: content_block_delta\ndata: {"type":"content_block_delta",'
+                           b'"index":%d,"delta":{"type":"text_delta","text":%b}}\n\n'
+                           % (self._open, _dumps(text)))
             for call in delta.get("tool_calls") or ():
                 self._tool_call(out, call)
             finish = choice.get("finish_reason")
@@ -310,8 +312,12 @@ class SseTranslator:
         if not self._cr and _CR in data:
             self._cr = True
         pending = self._pending
+        if not pending and not self._cr and data.endswith(b"\n\n"):
+            # The usual read: whole events, nothing held. split() finds the same
+            # separators split_events would (leftmost, non-overlapping), in C.
+            return self._events(data[:-2].split(b"\n\n"))
         buf = split_events(pending, data, self._cr, self._bounds)
-        out = self._events(buf)
+        out = self._events(self._cut(buf))
         if buf is pending and self._bounds:
             del pending[:self._bounds[-1]]
         if len(pending) > self._max:
@@ -319,15 +325,30 @@ class SseTranslator:
                 f"upstream stream event over {self._max} bytes: too large to translate")
         return out
 
-    def _events(self, buf: bytes | bytearray) -> bytes:
-        out: list[bytes] = []
+    def _cut(self, buf: bytes | bytearray) -> list[bytes]:
+        """The events split_events found in ``buf``, without their separators."""
+        out = []
         start = 0
-        machine = self._machine
         ends = iter(self._bounds)
         for end in ends:
-            nxt = next(ends)
-            data = _payload(buf[start:end])
-            start = nxt
+            out.append(bytes(buf[start:end]))
+            start = next(ends)
+        return out
+
+    def _events(self, events: list[bytes]) -> bytes:
+        out: list[bytes] = []
+        machine = self._machine
+        for ev in events:
+            # The two shapes providers send, "data: JSON" and "event: NAME\ndata: JSON",
+            # are cut here; anything else (several data lines, comments, ids) is parsed
+            # by the SSE field rules.
+            if ev.startswith(b"event: "):
+                i = ev.find(b"\ndata: ")
+                data = ev[i + 7:] if i > 0 and ev.find(b"\n", i + 1) < 0 else _payload(ev)
+            elif ev.startswith(b"data: ") and ev.find(b"\n") < 0:
+                data = ev[6:]
+            else:
+                data = _payload(ev)
             if not data:
                 continue  # a comment, or an event with no data line
             if data == _DONE:
@@ -353,7 +374,7 @@ class SseTranslator:
             split_events(pending, b"", self._cr, self._bounds, at_end=True)
             if self._bounds:
                 try:
-                    out = self._events(pending)
+                    out = self._events(self._cut(pending))
                 except UpstreamProtocolError:
                     out = b""  # the relay is ending the stream anyway
             self._pending = bytearray()
