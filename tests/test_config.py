@@ -477,7 +477,7 @@ def test_unknown_keys_at_every_depth(tmp_path: pathlib.Path) -> None:
         "db, flush_ms, queue_size, spill",
         "c.yaml:19: limits.max_body: unknown key (did you mean 'max_body_bytes'?); allowed: "
         "backend, max_body_bytes, max_connections, max_header_bytes, max_pipelined_bytes, "
-        "redis_failure, tap_body_bytes, write_high_water, write_low_water",
+        "redis_failure, redis_timeout, tap_body_bytes, write_high_water, write_low_water",
         "c.yaml:20: timeouts.conect: unknown key (did you mean 'connect'?); allowed: "
         "client_idle, connect, first_byte, idle, shutdown_grace, total",
         "c.yaml:21: tokenizer.path: unknown key; allowed: dir",
@@ -1076,3 +1076,11 @@ def test_routing_key_problems(tmp_path: pathlib.Path) -> None:
         "c.yaml:2: upstreams.u.health_check.timeout: must be shorter than interval "
         "(1s >= 1s)",
     ]
+
+
+def test_redis_timeout_loads_and_names_its_line_when_bad(tmp_path: pathlib.Path) -> None:
+    assert load(tmp_path, FAILOVER_ROUTE).limits.redis_timeout == 0.5
+    cfg = load(tmp_path, FAILOVER_ROUTE + "limits:\n  redis_timeout: 2s\n")
+    assert cfg.limits.redis_timeout == 2.0
+    problem = only_problem(tmp_path, FAILOVER_ROUTE + "limits:\n  redis_timeout: soon\n")
+    assert problem.startswith("c.yaml:7: limits.redis_timeout: "), problem
