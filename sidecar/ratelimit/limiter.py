@@ -142,8 +142,9 @@ class Limiter:
             reset = period_start_ms("day" if period == "day" else "month",
                                     time.time()) / 1000
             raise QuotaExceeded(
-                f"API key {key.id} has spent ${spent:.2f} of its ${key.budget_usd:.2f} "
-                f"{period}ly budget", (retry_after(_next_period(period, reset) - time.time()),))
+                f"API key {key.id} has spent {_usd(spent)} of its {_usd(key.budget_usd)} "
+                f"{'daily' if period == 'day' else 'monthly'} budget",
+                (retry_after(_next_period(period, reset) - time.time()),))
 
     def settle(self, ctx: RequestContext) -> None:
         name = ctx.bucket
@@ -231,6 +232,12 @@ def _next_period(period: str, start_s: float) -> float:
     t = time.gmtime(start_s)
     year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
     return float(calendar.timegm((year, month, 1, 0, 0, 0)))
+
+
+def _usd(amount: float) -> str:
+    """Cents for ordinary sums; small ones keep their significant digits ($0.00 would
+    tell a user with a $0.001 budget nothing)."""
+    return f"${amount:.2f}" if amount >= 0.01 or amount == 0 else f"${amount:.3g}"
 
 
 def _whom(policy: LimitPolicy, ctx: RequestContext) -> str:
