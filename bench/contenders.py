@@ -281,6 +281,7 @@ class Direct(Contender):
 # --------------------------------------------------------------------------- sidecar
 class Sidecar(Contender):
     meters = True
+    meter_extra = ""  # more meter: keys for a variant (indented two spaces)
 
     def __init__(self, workers: int, ref: bool = False) -> None:
         self.workers = workers
@@ -332,6 +333,7 @@ class Sidecar(Contender):
             + routing
             + "meter:\n"
             f"  db: {db}\n"
+            + self.meter_extra
         )
         path = workdir / f"{self.name}.yaml"
         path.write_text(cfg)
@@ -399,6 +401,17 @@ class Sidecar2Up(Sidecar):
         ), [mock_b]
 
 
+class SidecarNoJournal(Sidecar):
+    """The sidecar with its crash journal off (``meter.journal: false``): read against
+    ``sidecar`` (journal on, the default), what journalling each request costs."""
+
+    meter_extra = "  journal: false  # the crash journal off\n"
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.name = "sidecar-nojournal"
+
+
 class SidecarLimited(Sidecar):
     """The sidecar with an authenticated route (identity: api_key, a key made in a keys
     file of its own) and the in-process token limiter: what identity, the estimate
@@ -441,6 +454,57 @@ class SidecarLimited(Sidecar):
         assert isinstance(run, SidecarRunning)
         run.auth = {"authorization": f"Bearer {self.secret}"}
         return run
+
+
+class SidecarObserved(Sidecar):
+    """The sidecar with everything issue 13 adds to a request switched on: /metrics
+    counting (on by default), per-key token/cost series, and the JSON access log
+    written to a file in the work folder. Scraped by nobody during the run: the scrape
+    itself is not per-request work. ``metrics: false`` instead switches /metrics
+    counting off (and no access log): what counting costs, against plain ``sidecar``."""
+
+    def __init__(self, metrics: bool = True) -> None:
+        super().__init__(1)
+        self.metrics = metrics
+        self.name = "sidecar-observed" if metrics else "sidecar-metrics-off"
+
+    def routing(
+        self, mock_port: int, workdir: Path, cpus: set[int] | None
+    ) -> tuple[str, list[Proc]]:
+        routing, helpers = super().routing(mock_port, workdir, cpus)
+        if not self.metrics:
+            return "metrics: { enabled: false }\n" + routing, helpers
+        log = workdir / f"{self.name}-access.jsonl"
+        log.unlink(missing_ok=True)
+        return ("metrics: { per_key: true }\n"
+                f"access_log: {log}\n" + routing), helpers
+
+
+class SidecarTranslated(Sidecar):
+    """The sidecar translating every request: the OpenAI-format clients of the load
+    reach the mock as an Anthropic-format upstream (the same mock process answers
+    /v1/messages in Anthropic's format), so each request is translated to a Messages
+    request and each Anthropic stream event back to a chat.completion.chunk. Against
+    ``sidecar`` (passthrough) this is the cost of translation per request."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.name = "sidecar-translated"
+
+    def routing(
+        self, mock_port: int, workdir: Path, cpus: set[int] | None
+    ) -> tuple[str, list[Proc]]:
+        return (
+            "upstreams:\n"
+            "  mock:\n"
+            f"    url: http://127.0.0.1:{mock_port}\n"
+            "    format: anthropic  # OpenAI clients, Anthropic upstream: translated\n"
+            "    pool_max_idle: 1024  # as nginx's `keepalive 1024` (the default is 64)\n"
+            "routes:\n"
+            "  - path: /v1/chat/completions\n"
+            "    upstreams:\n"
+            "      - target: mock\n"
+        ), []
 
 
 class Floor(Contender):
@@ -851,6 +915,10 @@ ALL: dict[str, Contender] = {
         Sidecar(1, ref=True),
         Sidecar2Up(),
         SidecarLimited(),
+        SidecarNoJournal(),
+        SidecarObserved(),
+        SidecarObserved(metrics=False),
+        SidecarTranslated(),
         Floor(),
         Nginx(1),
         Nginx(2),

@@ -44,7 +44,9 @@ from bench.compare import (
 # Contenders that run under valgrind here. LiteLLM and Portkey are left out: they cost
 # tens of times more than the sidecar (compare measures that), and V8's JIT under
 # valgrind measures valgrind more than Portkey.
-SUPPORTED = ("sidecar", "sidecar-ref", "sidecar-2up", "sidecar-limited", "uvloop-floor", "nginx", "nginx-lua")
+SUPPORTED = ("sidecar", "sidecar-ref", "sidecar-2up", "sidecar-limited", "sidecar-nojournal",
+             "sidecar-observed", "sidecar-metrics-off", "sidecar-translated", "uvloop-floor",
+             "nginx", "nginx-lua")
 DEFAULT = ("sidecar", "uvloop-floor", "nginx", "nginx-lua")
 # Python start-up and imports run uninstrumented but still several times slower.
 READY_TIMEOUT_S = 120.0
@@ -186,7 +188,8 @@ def report(res: dict[str, Any]) -> str:
     rows = res["results"]
     ref = next((r for r in rows if r["contender"] == "nginx" and r.get("requests")), None)
     base = ref["instructions_per_request"] if ref else None
-    # The sidecar's own variants (sidecar-ref, sidecar-2up, sidecar-limited) read against the plain one.
+    # The sidecar's own variants (sidecar-ref, -2up, -limited, -nojournal, -observed,
+    # -metrics-off) read against the plain one.
     own = next((r for r in rows if r["contender"] == "sidecar" and r.get("requests")), None)
     own_base = own["instructions_per_request"] if own else None
     md = [

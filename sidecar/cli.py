@@ -21,7 +21,8 @@ def _setup_logging(level: str) -> None:
 
 
 class _LazyGroup(click.Group):
-    """Imports the mock, the meter and the keys CLI only when they are the command being run.
+    """Imports the mock, the meter, the keys and the shadow CLI only when they are the command
+    being run.
 
     A serving worker never needs them; importing them anyway cost ~2 MB of RSS
     in every worker process.
@@ -31,6 +32,7 @@ class _LazyGroup(click.Group):
         "keys": ("sidecar.auth.cli", "keys"),
         "meter": ("sidecar.meter_cli", "meter"),
         "mock-upstream": ("sidecar.mock", "mock_upstream"),
+        "shadow": ("sidecar.shadow_cli", "shadow_group"),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

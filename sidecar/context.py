@@ -25,10 +25,13 @@ class RequestContext(MeterRecord):
     # ttft_ms below a millisecond read 0.0 or 1.0.
     t_received: float
     t_first_byte: float | None = None
+    # The longest pause between two provider body reads (seconds), for /metrics.
+    max_gap: float | None = None
     usage: Usage | None = None
-    # (raw request JSON, the response's tap or None, path) when no usage was reported
-    # and the row needs a tiktoken estimate, computed off the event loop before queueing.
-    pending_estimate: tuple[bytes, Tap | None, str] | None = None
+    # (raw request JSON, the response's tap or None, path, payload bytes the tap was fed)
+    # when no usage was reported and the row needs a tiktoken estimate, computed off the
+    # event loop before queueing.
+    pending_estimate: tuple[bytes, Tap | None, str, int] | None = None
     # Admission (sidecar.ratelimit): the identity's key record, the bucket charged and
     # its size, the tokens reserved there, and the x-ratelimit-* headers to send.
     api_key: Any = None
@@ -36,6 +39,8 @@ class RequestContext(MeterRecord):
     bucket_limits: Any = None
     reserved: int = 0
     rate_headers: tuple[tuple[bytes, bytes], ...] = ()
+    # This request's line in the crash journal (sidecar.meter.journal); 0: none yet.
+    journal_seq: int = 0
 
     def to_record(self, t_end: float) -> MeterRecord:
         """Complete the row (tokens, timings) and hand it over; not changed after."""

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final, cast
 
-from sidecar.errors import Overloaded, SidecarError
+from sidecar.errors import Overloaded, RequestTimeout, SidecarError
 from sidecar.handler import (
     FRAMING_CHUNKED,
     FRAMING_LENGTH,
@@ -60,6 +60,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "paused_reading",
         "paused_writing",
         "peer_trusted",
+        "read_deadline",
         "reader",
         "request",
         "transport",
@@ -88,6 +89,10 @@ class DownstreamProtocol(asyncio.Protocol):
         # loop.time() when the connection last became idle, -1 while a request is
         # being read or answered; the proxy's idle sweep closes the long-idle ones.
         self.idle_since = -1.0
+        # loop.time() by which the request being read must be complete (its head, then
+        # its body: timeouts.request_head / request_body), -1 when none is being read.
+        # Set only when a read leaves a request incomplete; the same sweep checks it.
+        self.read_deadline = -1.0
         # The response being written: may the connection take another request after
         # it (the one place that is decided), is its payload re-chunked, and what is
         # queued for the next write (made when something is queued: an empty list on
@@ -113,7 +118,8 @@ class DownstreamProtocol(asyncio.Protocol):
         reader = self.reader
         if reader is None:
             limits = self.limits
-            reader = self.reader = RequestReader(limits.max_header_bytes, limits.max_body_bytes)
+            reader = self.reader = RequestReader(limits.max_header_bytes, limits.max_body_bytes,
+                                                 limits.max_headers)
         reader.feed(data)
         if self.busy:
             # Pipelined requests wait for the current response; bound how much we hold.
@@ -239,13 +245,14 @@ class DownstreamProtocol(asyncio.Protocol):
         self._events = events
 
     def reply(self, status: int, body: bytes,
-              extra: tuple[tuple[bytes, bytes], ...] = ()) -> int:
+              extra: tuple[tuple[bytes, bytes], ...] = (),
+              content_type: bytes = b"application/json") -> int:
         req = self.request
         assert req is not None, "a reply with no request"
         if self.handler.draining:
             self._keep_alive = False
         data = render(status, body, request_id=req.request_id,
-                      keep_alive=self._keep_alive, extra=extra,
+                      keep_alive=self._keep_alive, content_type=content_type, extra=extra,
                       head_only=req.method == b"HEAD")
         self._queue(data)
         return self.flush()
@@ -284,31 +291,51 @@ class DownstreamProtocol(asyncio.Protocol):
         while not self.busy and not self.closed:
             if reader.ready:
                 req = reader.ready.pop(0)
-                self._begin(req)
+                self._begin(req, body_pending=False)
+                if self.closed:
+                    return
                 self._dispatch(req)
             elif reader.error is not None:
                 # Behind every request that came before it: now it is this one's turn.
                 if reader.error_head is not None:
-                    self._begin(reader.error_head)
+                    self._begin(reader.error_head, body_pending=False)
                 else:
                     self.request = None  # its head was never read
                 self._fail_request(reader.error, close=True)
                 return
             else:
                 head = reader.current
-                if head is not None and head is not self.request:
-                    self._begin(head)  # its body is still coming
+                if head is not None:
+                    if head is not self.request:
+                        self._begin(head, body_pending=True)  # its body is still coming
+                        if self.closed:
+                            return
+                        self.read_deadline = self.handler.loop.time() \
+                            + self.handler.timeouts.request_body
+                elif self.read_deadline < 0.0 and reader.reading_head:
+                    # A head has begun: from now on it has request_head to be complete
+                    # (the idle timeout no longer applies: this is a request, not idling).
+                    self._cancel_idle()
+                    self.read_deadline = self.handler.loop.time() \
+                        + self.handler.timeouts.request_head
                 break
         if reader.idle and self.reader is reader:
             self.reader = None
 
-    def _begin(self, req: ParsedRequest) -> None:
+    def _begin(self, req: ParsedRequest, body_pending: bool) -> None:
         """The request's turn has come (its head is read; its body may still be arriving)."""
         self._cancel_idle()
         self.request = req
         if req.expect_continue and not req.continued:
             req.continued = True
-            if self.transport is not None and not self.closed:
+            if not body_pending:
+                return  # the body came anyway: nothing to invite
+            # The body is invited only when something will take it: a request for an
+            # unknown path gets its 404 now, never a "100 Continue" first.
+            refusal = self.handler.precheck(req)
+            if refusal is not None:
+                self._fail_request(refusal, close=True)
+            elif self.transport is not None and not self.closed:
                 self.transport.write(CONTINUE)
 
     def _dispatch(self, req: ParsedRequest) -> None:
@@ -319,6 +346,7 @@ class DownstreamProtocol(asyncio.Protocol):
         req.request_id = request_id_from(req.headers)
         req.t_received = time.perf_counter()  # the row's clock (see RequestContext)
         req.ts_ms = int(time.time() * 1000)
+        self.read_deadline = -1.0
         self._keep_alive = req.keep_alive
         self.busy = True
         self.handler.handle(req, self)
@@ -353,10 +381,24 @@ class DownstreamProtocol(asyncio.Protocol):
     def _cancel_idle(self) -> None:
         self.idle_since = -1.0
 
-    def close_if_idle_since(self, deadline: float) -> None:
-        """The idle sweep: close when idle since before ``deadline``."""
-        if 0.0 <= self.idle_since < deadline:
+    def sweep(self, now: float, idle_cutoff: float) -> None:
+        """The proxy's periodic sweep: close when idle since before ``idle_cutoff``;
+        answer 408 and close when the request being read is past its deadline."""
+        if 0.0 <= self.idle_since < idle_cutoff:
             self._close()
+        elif 0.0 <= self.read_deadline <= now and not self.busy and not self.closed:
+            self._request_timed_out()
+
+    def _request_timed_out(self) -> None:
+        self.read_deadline = -1.0
+        t = self.handler.timeouts
+        if self.request is None:
+            what, limit = "head", t.request_head
+        else:
+            what, limit = "body", t.request_body
+        self.reader = None  # nothing more is read: the connection closes
+        self._fail_request(RequestTimeout(
+            f"request {what} not received within {limit:g}s"), close=True)
 
     def close_if_idle(self) -> None:
         """Drain: an idle keep-alive connection is closed; a busy one closes after its response."""

@@ -39,6 +39,10 @@ KIND_FORMAT: Mapping[EndpointKind, ApiFormat] = {
 # (``stream_options.include_usage``); the Responses API always reports it.
 USAGE_OPT_IN: frozenset[EndpointKind] = frozenset({"chat", "completions"})
 
+# The kinds whose routes may have an upstream of the other format: requests and
+# answers are translated between them (sidecar.translate).
+TRANSLATABLE_KINDS: frozenset[EndpointKind] = frozenset({"chat", "messages"})
+
 
 def kind_for_path(path: str) -> EndpointKind:
     """The kind a path names by its suffix (a query string or trailing slash ignored)."""

@@ -46,6 +46,18 @@ class BodyTooLarge(RequestError):
     code = "request_too_large"
 
 
+class RequestTimeout(RequestError):
+    """The request's head or body did not arrive within its deadline."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class TooManyHeaders(RequestError):
+    status = 431
+    code = "request_header_fields_too_large"
+
+
 class NotFound(RequestError):
     status = 404
     code = "not_found"

@@ -21,7 +21,7 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, Final, Protocol
 
 if TYPE_CHECKING:
-    from sidecar.config import LimitsConfig
+    from sidecar.config import LimitsConfig, TimeoutsConfig
     from sidecar.errors import SidecarError
     from sidecar.request_reader import ParsedRequest
 
@@ -126,8 +126,10 @@ class ClientSide(ResponseWriter, Protocol):
         ...
 
     def reply(self, status: int, body: bytes,
-              extra: tuple[tuple[bytes, bytes], ...] = ()) -> int:
-        """A whole response the sidecar writes itself (an error, /healthz); bytes written."""
+              extra: tuple[tuple[bytes, bytes], ...] = (),
+              content_type: bytes = b"application/json") -> int:
+        """A whole response the sidecar writes itself (an error, /healthz, /metrics);
+        bytes written."""
         ...
 
     def cycle_done(self, keep_alive: bool) -> None:
@@ -138,7 +140,10 @@ class ClientSide(ResponseWriter, Protocol):
 class ClientConnection(Protocol):
     """What the proxy keeps of each open client connection, for idle sweeps and drain."""
 
-    def close_if_idle_since(self, deadline: float) -> None: ...
+    def sweep(self, now: float, idle_cutoff: float) -> None:
+        """Close when idle since before ``idle_cutoff``; 408 a request being read past
+        its deadline (timeouts.request_head / request_body)."""
+        ...
 
     def close_if_idle(self) -> None: ...
 
@@ -155,6 +160,11 @@ class RequestHandler(Protocol):
         """The limits a new connection keeps for its whole life."""
         ...
 
+    @property
+    def timeouts(self) -> TimeoutsConfig:
+        """The current timeouts (a request being read asks for its deadlines)."""
+        ...
+
     draining: bool
 
     def connection_opened(self, conn: ClientConnection) -> bool:
@@ -165,6 +175,11 @@ class RequestHandler(Protocol):
 
     def trusts(self, transport: asyncio.BaseTransport) -> bool:
         """Is this connection's peer a trusted one (may it set identity headers)?"""
+        ...
+
+    def precheck(self, req: ParsedRequest) -> SidecarError | None:
+        """Before a body is invited (``100 Continue``): the refusal the request will get
+        whatever its body (no route for its path), else None."""
         ...
 
     def handle(self, req: ParsedRequest, client: ClientSide) -> None:

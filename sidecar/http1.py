@@ -159,7 +159,8 @@ class ResponseParser:
             error = self.body_error(exc)
             if error is not None:
                 raise error from None
-            return
+            # Our response ended and bytes after it stopped llhttp: where ours began
+            # still matters when its head came in this very read.
         finally:
             f.parser = None
         if waiting:
@@ -255,7 +256,11 @@ class ResponseParser:
         self: ResponseParser | None = _THREAD.feeding.parser
         assert self is not None, "llhttp called back outside a feed"
         if self.done:
+            # A second response behind the one we asked for (a desynced or hostile
+            # provider): stop llhttp here, so nothing of it is parsed (its head must not
+            # replace ours, its payload must not reach the pieces, the tap or the client).
             self.extra = True
+            raise _SecondMessage
         self._headers = []
         self._reason = b""
 
@@ -300,6 +305,10 @@ class ResponseParser:
         assert self is not None, "llhttp called back outside a feed"
         if self.head is not None:
             self.done = True
+
+
+class _SecondMessage(Exception):
+    """Raised in on_message_begin to stop llhttp at a message after ours (``extra``)."""
 
 
 class Feeding:

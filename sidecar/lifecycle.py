@@ -18,14 +18,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 from sidecar.errors import SidecarError
 from sidecar.meter import Outcome
 from sidecar.retry import RetryReason
 
 if TYPE_CHECKING:
-    from sidecar.sse import Tap, UsageChunkStripper
+    from sidecar.sse import Tap
 
 
 class Phase(IntEnum):
@@ -103,10 +103,21 @@ class Lifecycle:
 
 # ------------------------------------------------------------- the decision at the head
 
-# Accept this provider head: relay it, with this tap and stripper on the body and
+class BodyFilter(Protocol):
+    """Rewrites a response body on its way to the client: the include_usage stripper
+    (sidecar.sse.stripper) or a format translator (sidecar.translate). ``feed`` gets
+    each payload piece and returns what the client gets for it now; ``flush``, at a
+    clean end of the body, returns the rest."""
+
+    def feed(self, data: bytes) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+
+# Accept this provider head: relay it, with this tap and body filter on the body and
 # these headers added to it. A plain tuple: a NamedTuple's __new__ is Python code,
 # paid on every request.
-Proceed = tuple["Tap | None", "UsageChunkStripper | None", tuple[tuple[bytes, bytes], ...]]
+Proceed = tuple["Tap | None", BodyFilter | None, tuple[tuple[bytes, bytes], ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +150,7 @@ __all__ = [
     "SETTLED",
     "STREAMING",
     "TRANSITIONS",
+    "BodyFilter",
     "Decision",
     "Lifecycle",
     "LifecycleError",

@@ -17,6 +17,7 @@ from sidecar.usage import Usage
 if TYPE_CHECKING:
     from sidecar.context import RequestContext
     from sidecar.splice import Exchange
+    from sidecar.sse.tap import TapResult
     from sidecar.tokenizer import Tokenizer
 
 _OK: Final = Outcome.OK
@@ -52,10 +53,12 @@ def may_have_billed(status: int, exchange_outcome: Outcome) -> bool:
     return exchange_outcome is _CLIENT_DISCONNECT or exchange_outcome is _SHUTDOWN
 
 
-def take_attempt(ctx: RequestContext, ex: Exchange, body: bytes) -> None:
-    """Fill the row from the attempt that served the request."""
+def take_attempt(ctx: RequestContext, ex: Exchange, body: bytes, path: str | None = None) -> None:
+    """Fill the row from the attempt that served the request. ``body`` and ``path`` are
+    the request as the upstream got it (a translated one differs from the client's)."""
     ctx.bytes_out = ex.bytes_out
     ctx.t_first_byte = ex.t_first_byte
+    ctx.max_gap = ex.max_gap
     status = ctx.status = ex.head.status if ex.head is not None else 0
     ctx.outcome = outcome_of(ex.outcome, status)
     if ex.error is not None:
@@ -69,14 +72,15 @@ def take_attempt(ctx: RequestContext, ex: Exchange, body: bytes) -> None:
         # No (complete) usage came: estimate what the provider most likely billed,
         # keeping any part it did report (Anthropic's message_start input tokens).
         # The full parse of the stream happens with the count, off the loop.
-        ctx.pending_estimate = (body, ex.tap, ctx.path)
+        ctx.pending_estimate = (body, ex.tap, ctx.path if path is None else path,
+                                ex.tap_bytes)
 
 
 def estimate_usage(ctx: RequestContext, tokenizer: Tokenizer) -> None:
     """Fill the row's usage with a tiktoken estimate (off the loop: tiktoken releases
     the GIL), keeping any part the provider did report."""
     assert ctx.pending_estimate is not None
-    body, tap, path = ctx.pending_estimate
+    body, tap, path, fed = ctx.pending_estimate
     result = tap.result() if tap is not None else None
     partial = result.usage if result is not None else None
     if partial is not None and partial.prompt_tokens is not None:
@@ -102,4 +106,15 @@ def estimate_usage(ctx: RequestContext, tokenizer: Tokenizer) -> None:
         raw=partial.raw if partial is not None else None,
     )
     ctx.usage_source = "estimated"
-    ctx.usage_approx = approx_p or approx_c
+    unread = fed if result is not None and read_nothing(result) else 0
+    # A body the tap could not read as text (gzip the provider sent although we asked
+    # for identity, binary garbage) leaves its completion uncounted: the row says so,
+    # approximate, with the bytes left out, rather than a plain completion of 0.
+    ctx.unread_bytes = unread or None
+    ctx.usage_approx = approx_p or approx_c or unread > 0
+
+
+def read_nothing(result: TapResult) -> bool:
+    """The tap found no text and no event it could read in what it was fed."""
+    return not result.completion_text and not result.completion_tokens_counted \
+        and not result.done and (result.events == 0 or result.truncated)

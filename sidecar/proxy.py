@@ -13,6 +13,7 @@ The proxy reads one :class:`~sidecar.runtime.Runtime` snapshot per request;
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
 import time
@@ -21,8 +22,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
+from sidecar.access_log import AccessLog
 from sidecar.admission import Admission
-from sidecar.config import Config, LimitsConfig
+from sidecar.config import Config, LimitsConfig, TimeoutsConfig
 from sidecar.context import RequestContext
 from sidecar.errors import (
     MethodNotAllowed,
@@ -34,6 +36,7 @@ from sidecar.errors import (
     SidecarError,
     UpstreamError,
 )
+from sidecar.fdlimit import FD_RESERVE, BurstLog, client_budget, nofile_limit
 from sidecar.gate import Gate, QueueFull, Waiter
 from sidecar.handler import ClientConnection, ClientSide
 from sidecar.health_check import HealthCheckers
@@ -51,9 +54,11 @@ from sidecar.lifecycle import (
     Decision,
     Lifecycle,
     Outcome,
+    Proceed,
     Retry,
 )
 from sidecar.meter import Meter
+from sidecar.metrics import CONTENT_TYPE, Exporter, Metrics, Share
 from sidecar.outcome import estimate_usage, outcome_of, take_attempt
 from sidecar.pricing import PriceTable
 from sidecar.ratelimit.backends import limit_backend
@@ -64,9 +69,17 @@ from sidecar.request_reader import ParsedRequest
 from sidecar.responses import error_for, stream_error_event
 from sidecar.retry import STATUS_REASONS, RetryReason, parse_retry_after
 from sidecar.runtime import Route, Runtime
+from sidecar.scrub import SecretScrubber, mask_headers, request_secrets
 from sidecar.splice import Exchange, Sweeper
 from sidecar.sse import UsageChunkStripper, make_tap
 from sidecar.tokenizer import Tokenizer
+from sidecar.translate import (
+    UPSTREAM_PATH,
+    client_headers,
+    request_bytes,
+    response_filter,
+    upstream_target,
+)
 from sidecar.upstream import UpstreamConnection, UpstreamPool
 
 if TYPE_CHECKING:
@@ -74,7 +87,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.proxy")
 
-LOCAL_PATHS = frozenset({"/healthz", "/readyz"})
+LOCAL_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+METRICS_PATH = "/metrics"
 # Shutdown: how often to look whether in-flight requests have finished, and how
 # long cut ones get to settle (meter rows, estimates) before connections are aborted.
 DRAIN_POLL_S = 0.05
@@ -100,6 +114,24 @@ TIER_HEADER: Final = b"x-sidecar-tier"
 Queued = tuple["Flight", int, bool]
 
 
+def _is_loopback(ip: str | None) -> bool:
+    if ip is None:
+        return False
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def _client_sweep_period(t: TimeoutsConfig) -> float:
+    # Fine enough that no client deadline fires later than a quarter of itself past due.
+    return min(IDLE_SWEEP_MAX_INTERVAL, t.client_idle / 4, t.request_head / 4,
+               t.request_body / 4)
+
+
 def _is_event_stream(head: ResponseHead) -> bool:
     ctype = head.get(b"content-type")
     return ctype is not None and ctype.split(b";", 1)[0].strip().lower() == b"text/event-stream"
@@ -113,9 +145,10 @@ class Flight(Lifecycle):
     (``client_gone``, ``pause``, ``resume``): one object, no closure per request.
     """
 
-    __slots__ = ("body", "client", "ctx", "ended_by", "exchange", "failed", "index", "limits",
+    __slots__ = ("body", "client", "ctx", "drained", "ended_by", "exchange", "failed", "index",
+                 "limits",
                  "payload", "pool", "prices", "proxy", "replays", "req", "route", "sse",
-                 "strip", "task", "tried", "waiter")
+                 "strip", "task", "tried", "waiter", "xlate")
 
     def __init__(self, req: ParsedRequest, client: ClientSide, ctx: RequestContext,
                  proxy: Proxy, route: Route, limits: LimitsConfig, prices: PriceTable) -> None:
@@ -141,12 +174,16 @@ class Flight(Lifecycle):
         # The head is rebuilt per attempt rather than kept for the life of the stream.
         self.payload = b""
         self.strip = False  # hide the usage chunk we asked for from the client
+        # The current attempt's upstream speaks the other format: its request was
+        # translated (payload) and its answer is translated back (sidecar.translate).
+        self.xlate = False
         self.exchange: Exchange | None = None
         self.task: asyncio.Task[None] | None = None  # connecting (or admitting)
         self.waiter: Waiter[Queued] | None = None  # queued for a slot (sidecar.gate)
         # Set when the sidecar itself ends the request (shutdown's deadline): the row's
         # outcome, whatever the attempt saw, and no further attempt.
         self.ended_by: Outcome | None = None
+        self.drained = False  # its attempt is read to the end after the client left
 
     # -- the sweeper's question, passed to the attempt (if one is running) ------------
     def check_deadlines(self, now: float) -> None:
@@ -164,26 +201,55 @@ class Flight(Lifecycle):
             if retry is not None:
                 return retry
         self.advance(STREAMING)
+        # A provider's error answer may echo this request's credentials (the upstream's
+        # key, the client's): found before the head is forgotten, masked in the relayed
+        # head and body (sidecar.scrub). Success answers are not scanned.
+        secrets = request_secrets(self.pool.cfg.api_key, self.req.headers) \
+            if head.status >= 400 else ()
         # No attempt will need the request again: let the client's headers, target and
         # the parsed body go for the rest of the stream.
         self.req.forget_head()
-        self.body = None
+        body, self.body = self.body, None
         extra = self.pool.response_headers(self.ctx.attempts)
         if self.ctx.rate_headers:
             extra = (*extra, *self.ctx.rate_headers)
+        if secrets:
+            head.headers = mask_headers(head.headers, secrets)
         if not head.has_body:
             return None, None, extra
         sse = self.sse = _is_event_stream(head)
-        tap = make_tap(self.ctx.api_format, self.ctx.path, sse,
-                       body_cap=self.limits.tap_body_bytes)
-        strip = self.strip and sse and head.status < 300
-        return tap, (UsageChunkStripper() if strip else None), extra
+        if self.xlate:
+            tap, body_filter, extra = self._translated(head, sse, body, extra)
+        else:
+            tap = make_tap(self.ctx.api_format, self.ctx.path, sse,
+                           body_cap=self.limits.tap_body_bytes)
+            strip = self.strip and sse and head.status < 300
+            body_filter = UsageChunkStripper() if strip else None
+        if secrets:
+            body_filter = SecretScrubber(secrets, body_filter)
+        return tap, body_filter, extra
+
+    def _translated(self, head: ResponseHead, sse: bool, body: dict[str, Any] | None,
+                    extra: tuple[tuple[bytes, bytes], ...]) -> Proceed:
+        """The head of an upstream of the other format: its tap reads the upstream's
+        own bytes (the meter's usage), and its body goes to the client translated."""
+        fmt = self.pool.cfg.format
+        cap = self.limits.tap_body_bytes
+        tap = make_tap(fmt, UPSTREAM_PATH[fmt], sse, body_cap=cap)
+        opts = body.get("stream_options") if body is not None else None
+        usage = isinstance(opts, dict) and opts.get("include_usage") is True
+        return tap, response_filter(self.route.table.format, sse, head.status, usage,
+                                    cap, int(time.time())), extra
 
     def on_end(self, ex: Exchange) -> None:
         self.proxy._attempt_ended(self, ex)
 
     def stream_error(self, error: SidecarError) -> bytes | None:
-        return stream_error_event(self.ctx.api_format, error) if self.sse else None
+        if not self.sse:
+            return None
+        # In the format the client reads: a translated stream is in the route's.
+        fmt = self.route.table.format if self.xlate else self.ctx.api_format
+        return stream_error_event(fmt, error)
 
     def note_failure(self, upstream: str, cause: RetryReason) -> None:
         """An attempt failed over: its upstream and why, for the row."""
@@ -206,8 +272,13 @@ class Flight(Lifecycle):
 
     # -- ClientEvents --------------------------------------------------------------------
     def client_gone(self) -> None:
+        if self.drained:
+            return  # told again (EOF, then the connection's loss): it is draining already
         ex = self.exchange
         if ex is not None:
+            if self.route.table.route.on_client_disconnect == "drain" \
+                    and self.proxy._start_drain(self, ex):
+                return
             ex.client_gone()
         elif self.waiter is not None:
             self.proxy._unqueue(self, _CLIENT_DISCONNECT)
@@ -226,11 +297,22 @@ class Flight(Lifecycle):
 
 class Proxy:
     def __init__(self, config: Config, meter: Meter, tokenizer: Tokenizer,
-                 admission: Admission | None = None) -> None:
+                 admission: Admission | None = None, share: Share | None = None) -> None:
         self.meter = meter
         self.tokenizer = tokenizer
         self.loop = asyncio.get_running_loop()
         self.runtime = Runtime.build(config)
+        # /metrics (sidecar.metrics): counted at each row's end, read at scrape time.
+        # None when metrics.enabled is false: the hot path then pays one test.
+        mc = config.metrics
+        self.metrics: Metrics | None = Metrics(mc.per_key, mc.max_models, mc.max_keys) \
+            if mc.enabled else None
+        self.access_log: AccessLog | None = AccessLog(config.access_log, self.loop) \
+            if config.access_log is not None else None
+        self.exporter: Exporter | None = Exporter(
+            self.metrics, meter, self.access_log, share) if self.metrics is not None else None
+        # Without metrics.listen the main listener answers /metrics, to loopback peers.
+        self.metrics_here = self.exporter is not None and mc.listen_port is None
         # Token buckets (sidecar.ratelimit): a route without a token_limiter pays one
         # attribute test. The backend is chosen at start (limits.backend is restart-only).
         self.admission: Admission = admission if admission is not None else Limiter(
@@ -252,9 +334,19 @@ class Proxy:
         self.sweeper = Sweeper.for_timeouts(self.loop, config.timeouts, self.flights)
         # A plain attribute, not a property: every response head reads it.
         self.draining = False
+        self.drains = 0  # responses read on after their client left (on_client_disconnect)
         self._rand = random.random
-        # Idle keep-alive clients are closed by one periodic sweep, not a timer each.
-        self._idle_period = min(IDLE_SWEEP_MAX_INTERVAL, config.timeouts.client_idle / 4)
+        # Idle keep-alive clients are closed, and requests read too slowly answered 408,
+        # by one periodic sweep, not a timer each.
+        self._idle_period = _client_sweep_period(config.timeouts)
+        # Client connections the descriptor limit carries (sidecar.fdlimit); the
+        # smaller of it and max_connections is the one comparison a connect pays.
+        self._nofile = nofile_limit()
+        self._fd_log = BurstLog(log, "out of file descriptors for client connections")
+        # Other listeners' connections (metrics.listen) that the client sweep also checks
+        # (idle timeout, request deadlines): one sweep for every client connection.
+        self.swept: list[set[ClientConnection]] = []
+        self._conn_cap = self._connection_cap(config)
         self._idle_handle: asyncio.TimerHandle | None = self.loop.call_later(
             self._idle_period, self._sweep_idle)
 
@@ -272,7 +364,8 @@ class Proxy:
         self._watch_keys(config)
         self.health_checks.sync(new.upstreams)
         self.sweeper.interval = Sweeper.interval_for(config.timeouts)
-        self._idle_period = min(IDLE_SWEEP_MAX_INTERVAL, config.timeouts.client_idle / 4)
+        self._idle_period = _client_sweep_period(config.timeouts)
+        self._conn_cap = self._connection_cap(config)
         return new
 
     def _watch_keys(self, config: Config) -> None:
@@ -290,10 +383,28 @@ class Proxy:
                 wanted=lambda: keys.current.has_budgets)
             self._spend_task = self.loop.create_task(ledger.run(), name="spend-ledger")
 
+    def _connection_cap(self, config: Config) -> int:
+        idle = sum(u.pool_max_idle for u in config.upstreams.values())
+        budget = client_budget(self._nofile, idle)
+        if budget < config.limits.max_connections:
+            # Info, not a warning: it only matters if that many clients come, and then
+            # the burst itself is logged as an error.
+            log.info("limits.max_connections is %d but RLIMIT_NOFILE %d carries about %d "
+                        "client connections (each with a provider connection, %d idle pool "
+                        "connections, %d reserved); connections past it get 503: raise "
+                        "LimitNOFILE / ulimit -n", config.limits.max_connections,
+                        self._nofile, budget, idle, FD_RESERVE)
+        return min(config.limits.max_connections, budget)
+
     def _sweep_idle(self) -> None:
-        deadline = self.loop.time() - self.runtime.timeouts.client_idle
+        now = self.loop.time()
+        cutoff = now - self.runtime.timeouts.client_idle
         for conn in list(self.connections):
-            conn.close_if_idle_since(deadline)
+            conn.sweep(now, cutoff)
+        for others in self.swept:
+            for conn in list(others):
+                conn.sweep(now, cutoff)
+        self._fd_log.end_if_quiet(now)
         self._idle_handle = self.loop.call_later(self._idle_period, self._sweep_idle)
 
     # -- task tracking: every task is kept until done, none orphaned ---------------
@@ -313,9 +424,28 @@ class Proxy:
     def limits(self) -> LimitsConfig:
         return self.runtime.limits
 
+    @property
+    def timeouts(self) -> TimeoutsConfig:
+        return self.runtime.timeouts
+
+    def precheck(self, req: ParsedRequest) -> SidecarError | None:
+        path = req.target.split(b"?", 1)[0].decode("latin-1")
+        if path in LOCAL_PATHS or path in self.runtime.routes:
+            return None
+        return NotFound(f"no route for {path}")
+
     def connection_opened(self, conn: ClientConnection) -> bool:
         self.connections.add(conn)
-        return len(self.connections) <= self.runtime.limits.max_connections
+        n = len(self.connections)
+        if n <= self._conn_cap:
+            return True
+        if n <= self.runtime.limits.max_connections:
+            # Under max_connections but past what RLIMIT_NOFILE carries: refused now,
+            # with a 503, rather than dropped unseen by libuv at EMFILE (sidecar.fdlimit).
+            self._fd_log.hit(self.loop.time(), f"{n - 1} client connections open, "
+                             f"RLIMIT_NOFILE {self._nofile} carries {self._conn_cap}; "
+                             f"refusing new connections with 503 (raise LimitNOFILE / ulimit -n)")
+        return False
 
     def connection_closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
@@ -456,6 +586,13 @@ class Proxy:
                        entered: bool = False) -> None:
         """Run an attempt on the route's upstream ``i`` (``entered``: its slot is held)."""
         route, ctx = flight.route, flight.ctx
+        xlate = route.table.translate[i]
+        payload = b""
+        if xlate:
+            translated = self._translate(flight, i, entered)
+            if translated is None:
+                return
+            payload = translated
         if not entered:
             gate = route.pools[i].gate
             if gate is not None and not gate.try_enter():
@@ -468,7 +605,17 @@ class Proxy:
         ctx.upstream = upstream.name
         ctx.api_format = upstream.format
         ctx.attempts += 1
-        flight.payload = self._payload(flight, upstream.format, route.table.renames[i])
+        flight.xlate = xlate
+        if xlate:
+            flight.payload = payload
+        else:
+            flight.payload = self._payload(flight, upstream.format, route.table.renames[i])
+        if not ctx.journal_seq:
+            journal = self.meter.journal
+            if journal is not None:
+                # Before a byte goes upstream: a crash from here on leaves the request
+                # open in the journal, and the next start records it (interrupted).
+                ctx.journal_seq = journal.admit(ctx, flight.req.request_id.decode())
         pool.health.begin(now)
         conn = None if fresh else pool.take_idle()
         if conn is not None:
@@ -476,6 +623,30 @@ class Proxy:
         else:
             flight.advance(CONNECTING)
             flight.task = self.spawn(self._connect_and_launch(flight))
+
+    def _translate(self, flight: Flight, i: int, entered: bool) -> bytes | None:
+        """The request translated for the route's upstream ``i``, which speaks the other
+        format; None when it cannot be (refused with 400 naming the field, and the
+        slot given up if one was held)."""
+        route = flight.route
+        upstream = route.table.upstreams[i]
+        rename = route.table.renames[i]
+        flight.strip = False
+        flight.ctx.upstream_model = rename
+        if flight.body is None:  # never: the body is kept until an attempt commits
+            return flight.req.body
+        try:
+            return request_bytes(flight.body, route.table.format, upstream.format,
+                                 upstream.default_max_tokens, rename)
+        except RequestError as exc:
+            gate = route.pools[i].gate
+            if entered and gate is not None:
+                waiter = gate.leave()
+                if waiter is not None:
+                    self._dequeue(waiter)
+            flight.ctx.upstream = upstream.name
+            self._refuse(flight, exc)
+            return None
 
     def _payload(self, flight: Flight, api_format: str, rename: str | None) -> bytes:
         """The body this upstream gets: the client's bytes, unless usage must be asked
@@ -569,8 +740,16 @@ class Proxy:
         flight.exchange = ex
         if flight.client.paused_writing:
             ex.pause()
-        head = flight.pool.head.build(req.method, req.target, req.headers,
-                                      len(flight.payload), req.request_id)
+        target, headers = req.target, req.headers
+        if flight.xlate:
+            fmt = flight.pool.cfg.format
+            target = upstream_target(target, flight.route.table.format, fmt)
+            headers = client_headers(headers, fmt)
+        client = flight.client
+        peer = client.peer_ip
+        head = flight.pool.head.build(req.method, target, headers,
+                                      len(flight.payload), req.request_id,
+                                      peer.encode() if peer else b"", client.peer_trusted)
         ex.start(head + flight.payload)
 
     def _may_fail_over(self, flight: Flight, cause: RetryReason, now: float) -> bool:
@@ -602,9 +781,27 @@ class Proxy:
                      UpstreamError(f"upstream '{pool.cfg.name}' answered {status}"),
                      retry_after, cause, granted=True)
 
+    def _start_drain(self, flight: Flight, ex: Exchange) -> bool:
+        """The client left a drain route's request: read the provider on for its usage,
+        unless limits.max_drains are already draining or the sidecar is stopping."""
+        if self.draining or flight.ended_by is not None:
+            return False
+        runtime = self.runtime
+        if self.drains >= runtime.limits.max_drains:
+            log.info("client left %s: %d responses already draining (limits.max_drains); "
+                     "aborting this one", flight.ctx.route, self.drains)
+            return False
+        self.drains += 1
+        flight.drained = True
+        ex.drain(self.loop.time() + runtime.timeouts.drain)
+        return True
+
     def _attempt_ended(self, flight: Flight, ex: Exchange) -> None:
         """An attempt ended (completed, failed, cut): fail over, retry, or settle."""
         flight.exchange = None
+        if flight.drained:
+            flight.drained = False
+            self.drains -= 1
         ctx, health, now = flight.ctx, flight.pool.health, self.loop.time()
         self._release(flight)
         retry = ex.retry
@@ -630,7 +827,10 @@ class Proxy:
                 flight.note_failure(flight.pool.cfg.name, cause)
                 self._attempt(flight)
                 return
-        take_attempt(ctx, ex, flight.req.body)
+        if flight.xlate:  # the estimate counts the request the upstream was sent
+            take_attempt(ctx, ex, flight.payload, UPSTREAM_PATH[flight.pool.cfg.format])
+        else:
+            take_attempt(ctx, ex, flight.req.body)
         if flight.ended_by is not None:
             ctx.outcome = flight.ended_by
         if ex.error is not None and not ex.committed and ex.outcome is not _CLIENT_DISCONNECT \
@@ -749,10 +949,19 @@ class Proxy:
             row.upstream_model or row.model, row.prompt_tokens, row.completion_tokens,
             row.cache_read_tokens, row.cache_write_tokens)
         self.meter.submit(row)
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.observe(row, flight.failed, ctx.max_gap)
+        log = self.access_log
+        if log is not None:
+            log.write(row)
         flight.advance(SETTLED)
 
     # -- local answers ----------------------------------------------------------------
     def _local(self, req: ParsedRequest, client: ClientSide) -> None:
+        if req.path == METRICS_PATH:
+            self._metrics(req, client)
+            return
         if req.path == "/readyz":
             status, body = readiness(self.runtime, self.loop.time(), self.draining)
         else:
@@ -760,12 +969,32 @@ class Proxy:
         client.reply(status, body)
         client.cycle_done(True)
 
+    def _metrics(self, req: ParsedRequest, client: ClientSide) -> None:
+        """``GET /metrics``: to loopback peers, unless metrics.listen serves it elsewhere
+        (then, and to anyone else, this path does not exist here)."""
+        if not self.metrics_here or not _is_loopback(client.peer_ip):
+            self._reply_error(client, NotFound(f"no route for {req.path}"))
+        else:
+            self.serve_metrics(req, client)
+        client.cycle_done(True)
+
+    def serve_metrics(self, req: ParsedRequest, client: ClientSide) -> None:
+        """The exposition, on whichever listener asked (the main one or metrics.listen)."""
+        if req.method not in (b"GET", b"HEAD"):
+            self._reply_error(client, MethodNotAllowed(
+                f"{req.method.decode()} is not allowed on {req.path}; use GET"),
+                ((b"allow", b"GET, HEAD"),))
+        elif self.exporter is None:
+            self._reply_error(client, NotFound("metrics are disabled (metrics.enabled)"))
+        else:
+            client.reply(200, self.exporter.render(self), content_type=CONTENT_TYPE)
+
     def _reply_error(self, client: ClientSide, exc: SidecarError,
                      extra: tuple[tuple[bytes, bytes], ...] = ()) -> int:
         status, body = error_for(exc)
         if exc.headers:
             extra = (*extra, *exc.headers)
-        if isinstance(exc, MethodNotAllowed):
+        if isinstance(exc, MethodNotAllowed) and not any(n == b"allow" for n, _ in extra):
             extra = (*extra, (b"allow", b"POST"))
         return client.reply(status, body, extra)
 
@@ -782,7 +1011,12 @@ class Proxy:
                              t_received=time.perf_counter(), path=path,
                              route=route.table.route.path, status=status, outcome=_REJECTED,
                              error=str(exc))
-        self.meter.submit(ctx.to_record(time.perf_counter()))
+        row = ctx.to_record(time.perf_counter())
+        self.meter.submit(row)
+        if self.metrics is not None:
+            self.metrics.observe(row, None, None)
+        if self.access_log is not None:
+            self.access_log.write(row)
 
     # -- shutdown -------------------------------------------------------------------
     async def drain(self, grace: float) -> None:
@@ -811,6 +1045,8 @@ class Proxy:
             await asyncio.sleep(DRAIN_POLL_S)
         for conn in list(self.connections):
             conn.abort()
+        if self.access_log is not None:
+            await self.access_log.close()
         self.runtime.upstreams.close()
         self.admission.close()
         self.sweeper.close()

@@ -14,7 +14,8 @@ from typing import Final
 
 import httptools
 
-from sidecar.errors import BodyTooLarge, RequestError
+from sidecar.config import LimitsConfig
+from sidecar.errors import BodyTooLarge, RequestError, TooManyHeaders
 from sidecar.http1 import NO_HEADERS
 
 # Headers the reader itself looks at (names lower-cased); all others are only kept.
@@ -23,6 +24,7 @@ _FRAMING = frozenset((b"host", b"content-length", b"transfer-encoding", b"connec
 # " HTTP/1.1\r\n" and the blank line (the method itself is added once known).
 _REQUEST_LINE_OVERHEAD = 1 + 11 + 2
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_MAX_HEADERS: Final = LimitsConfig().max_headers  # the config's default (sidecar.config.model)
 
 
 @dataclass(slots=True, eq=False)
@@ -73,8 +75,10 @@ class RequestReader:
     ``connection: close``) is read. Library errors become ``RequestError`` here.
 
     Limits: ``max_head`` bounds a request head (request line and header lines);
-    ``max_body`` the body, whether announced by content-length (refused at once)
-    or chunked (refused once the decoded body passes it).
+    ``max_headers`` the number of header lines (431); ``max_body`` the body, whether
+    announced by content-length (refused at once) or chunked (refused once the
+    decoded body passes it). A request line without an HTTP version (HTTP/0.9) or
+    with another version than 1.0 or 1.1 is refused.
     """
 
     __slots__ = (
@@ -96,12 +100,15 @@ class RequestReader:
         "error_head",
         "max_body",
         "max_head",
+        "max_headers",
         "ready",
     )
 
-    def __init__(self, max_head: int, max_body: int) -> None:
+    def __init__(self, max_head: int, max_body: int,
+                 max_headers: int = _MAX_HEADERS) -> None:
         self.max_head = max_head
         self.max_body = max_body
+        self.max_headers = max_headers
         # A list, not a deque: an empty deque costs ~600 bytes per connection, and
         # more than one queued (pipelined) request is rare.
         self.ready: list[ParsedRequest] = []
@@ -128,6 +135,11 @@ class RequestReader:
     def current(self) -> ParsedRequest | None:
         """The request whose head is read and whose body is still arriving."""
         return self._msg
+
+    @property
+    def reading_head(self) -> bool:
+        """Bytes of a request head have arrived and the head is not complete yet."""
+        return self._in_head
 
     @property
     def idle(self) -> bool:
@@ -237,7 +249,16 @@ class RequestReader:
         self._in_head = False
         parser = self._parser
         assert parser is not None  # a callback runs inside feed, which made it
-        http11 = parser.get_http_version() == "1.1"
+        version = parser.get_http_version()
+        http11 = version == "1.1"
+        if not http11 and version != "1.0":
+            # llhttp reads "GET /path" with no version as HTTP/0.9: a request line that
+            # proxies and caches may frame differently than we do. Refused, as is any
+            # other version this HTTP/1.x reader cannot speak.
+            problem = "request line has no HTTP version" if version == "0.9" \
+                else f"unsupported HTTP version {version}"
+            self._fail(RequestError(f"malformed HTTP request: {problem}"), None)
+            raise _Stop
         hosts = 0
         length = -1
         chunked = close = expect = False
@@ -270,6 +291,11 @@ class RequestReader:
         self._head_bytes += len(method)
         if self._head_bytes > self.max_head:
             self._fail(RequestError(f"request head exceeds {self.max_head} bytes"), None)
+            raise _Stop
+        if len(self._headers) > self.max_headers:
+            # Counted once the head is in (its bytes are bounded by max_head already):
+            # thousands of tiny headers would each be copied to the provider otherwise.
+            self._fail(TooManyHeaders(f"request has more than {self.max_headers} headers"), None)
             raise _Stop
         msg = ParsedRequest(method, self._url, self._headers, http11, http11 and not close,
                             expect and http11)

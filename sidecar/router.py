@@ -37,6 +37,11 @@ class RouteTable:
     usage_opt_in: bool = False
     # Per upstream: the model name it is sent instead of the client's (None: as asked).
     renames: tuple[str | None, ...] = ()
+    # Per upstream: it speaks the other format than the route's path, so its requests
+    # and answers are translated (sidecar.translate).
+    translate: tuple[bool, ...] = ()
+    # The format the route's clients speak (its path's), read per translated request.
+    format: str = "openai"
 
     @classmethod
     def build(cls, route: RouteConfig) -> RouteTable:
@@ -47,6 +52,8 @@ class RouteTable:
             weights=tuple(ru.weight for ru in live),
             usage_opt_in=kind_for_path(route.path) in USAGE_OPT_IN,
             renames=tuple(ru.model for ru in live),
+            translate=tuple(ru.upstream.format != route.format for ru in live),
+            format=route.format,
         )
 
 

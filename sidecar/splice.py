@@ -9,7 +9,9 @@ chunk costs no task switch and no await:
   and feed the payload to the tap;
 * ``pause`` / ``resume`` (the client's write-buffer pressure) -> stop and restart
   reading the provider, so a slow client never makes us buffer a whole response;
-* ``client_gone`` -> abort the provider connection at once so it stops generating.
+* ``client_gone`` -> abort the provider connection at once so it stops generating;
+  or, under ``on_client_disconnect: drain``, ``drain`` -> keep reading the provider
+  into a writer that discards, so the tap still sees the usage frame (up to a deadline).
 
 The decision point: when the provider's head is complete and before a byte goes
 downstream, the handler's ``on_head`` returns :class:`~sidecar.lifecycle.Proceed`
@@ -47,11 +49,11 @@ from sidecar.http1 import (
     feeding,
     frame_chunk,
 )
-from sidecar.lifecycle import Decision, Outcome, Retry
+from sidecar.lifecycle import BodyFilter, Decision, Outcome, Retry
 from sidecar.retry import RetryReason
 
 if TYPE_CHECKING:
-    from sidecar.sse import Tap, UsageChunkStripper
+    from sidecar.sse import Tap
     from sidecar.upstream import UpstreamConnection, UpstreamPool
 
 
@@ -120,6 +122,38 @@ STALE_CLOSE_WINDOW = 0.002
 TAP_BATCH = 64
 
 
+class _Discard:
+    """The client of a drained response: it left, so every byte goes nowhere."""
+
+    keep_alive = False
+    verbatim_ok = False  # payload framing: the slow path, where the tap sees each read
+
+    def send_head(self, status: int, reason: bytes, headers: object, framing: object,
+                  length: int | None, extra: object = ()) -> None:
+        pass
+
+    def send_data(self, data: bytes) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+    def flush(self) -> int:
+        return 0  # nothing reached a client: bytes_out stays what it got
+
+    def verbatim_transport(self) -> RawWriter:
+        raise AssertionError("a drained response has no verbatim path")
+
+    def end_connection(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+DISCARD: Final = _Discard()
+
+
 class HasDeadlines(Protocol):
     def check_deadlines(self, now: float) -> None: ...
 
@@ -177,14 +211,17 @@ class Exchange:
     __slots__ = (
         "_fast",
         "_feeding",
+        "_gap",
         "_llhttp",
         "_parser",
         "_raw",
         "_remaining",
+        "_t_read",
         "bytes_out",
         "client",
         "committed",
         "conn",
+        "drain_until",
         "error",
         "handler",
         "head",
@@ -201,6 +238,7 @@ class Exchange:
         "sweeper",
         "t_first_byte",
         "tap",
+        "tap_bytes",
     )
 
     def __init__(
@@ -218,7 +256,11 @@ class Exchange:
         self.client = client
         self.handler = handler
         self.tap: Tap | None = None
-        self.stripper: UsageChunkStripper | None = None
+        # Payload bytes fed to the tap: an estimate that could read none of them as
+        # text (compressed, binary) says how many it had to leave out.
+        self.tap_bytes = 0
+        # The body filter (include_usage stripper or format translator), if any.
+        self.stripper: BodyFilter | None = None
         self.sweeper = sweeper
         self.stage = _WAIT_HEAD
         self.mode = _MODE_NONE
@@ -250,11 +292,18 @@ class Exchange:
         self.last_read = 0.0
         self.reads = 0
         self.reads_seen = 0
+        # The time of the last read after the head, and the longest pause between two
+        # such reads (-1: fewer than two), for the gap histogram of /metrics: a clock
+        # read per read is the one per-read cost metrics add.
+        self._t_read = 0.0
+        self._gap = -1.0
         self.outcome: Outcome = _OK
         self.error: SidecarError | None = None
         # Set when the attempt ended with nothing committed and another may be made:
         # the head decision said so, or a reused connection was found dead.
         self.retry: Retry | None = None
+        # Loop time by which a drain (client gone, provider still read) must end; 0: none.
+        self.drain_until = 0.0
 
     # -- start --------------------------------------------------------------
     def start(self, request: bytes) -> None:
@@ -268,6 +317,11 @@ class Exchange:
     # -- deadlines: checked by the shared Sweeper, so a chunk only stores a timestamp
     def check_deadlines(self, now: float) -> None:
         if self.stage is _DONE:
+            return
+        if self.drain_until and now >= self.drain_until:
+            # The drain ran out of time: cut it, as an abort would have at once.
+            self.error = UpstreamTimeout("drained past timeouts.drain after the client left")
+            self._end(reusable=False)
             return
         t = self.pool.timeouts
         if now - self.started >= t.total:
@@ -290,16 +344,26 @@ class Exchange:
         self._fail(error, _UPSTREAM_TIMEOUT)
 
     # -- upstream callbacks ---------------------------------------------------
+    @property
+    def max_gap(self) -> float | None:
+        """The longest pause between two reads of the response (seconds), if any."""
+        return self._gap if self._gap >= 0 else None
+
     def upstream_data(self, data: bytes) -> None:
         self.reads += 1
         if self._fast:
-            # Most reads of a stream: written to the client as they are, then llhttp
-            # walks the frames (C code, appending payload to the parser's list).
-            self.bytes_out += len(data)
-            self._raw.write(data)  # type: ignore[union-attr]  # set with _fast
+            # Most reads of a stream: llhttp walks the frames (C code, appending payload
+            # to the parser's list), then the read goes to the client as it is. Parsed
+            # first: a read that holds the end of our response and the start of another
+            # (a desynced provider) must not reach the client whole.
+            t = perf_counter()
+            if t - self._t_read > self._gap:
+                self._gap = t - self._t_read
+            self._t_read = t
             # Left set after the read (one store per read less): every feed on this
             # thread sets it first, and llhttp calls back only inside a feed.
             parser = self._feeding.parser = self._parser  # type: ignore[union-attr]
+            held = len(parser.pieces)
             try:
                 self._llhttp.feed_data(data)  # type: ignore[union-attr]  # set with _fast
             except LLHTTP_ERROR as exc:
@@ -307,11 +371,20 @@ class Exchange:
                 if error is not None:
                     self._fail(error, _UPSTREAM_ERROR)
                     return
+            if parser.extra:
+                self._last_read_reframed(held)
+            else:
+                self.bytes_out += len(data)
+                self._raw.write(data)  # type: ignore[union-attr]  # set with _fast
             if parser.done or len(parser.pieces) >= TAP_BATCH:
                 self._chunked_read_done()
             return
         try:
             if self.stage is _BODY:
+                t = perf_counter()
+                if t - self._t_read > self._gap:
+                    self._gap = t - self._t_read
+                self._t_read = t
                 self._body(data)
             elif self.stage is _WAIT_HEAD:
                 self._head_data(data)
@@ -358,6 +431,23 @@ class Exchange:
         self.outcome = _CLIENT_DISCONNECT
         self._end(reusable=False)
 
+    def drain(self, until: float) -> None:
+        """The client left: read the rest of the response anyway, discarding it, so the
+        tap sees the provider's usage; cut at loop time ``until`` (check_deadlines).
+        From here on the exchange never touches the client connection again."""
+        if self.stage is _DONE:
+            return
+        self.outcome = _CLIENT_DISCONNECT
+        self.drain_until = until
+        if self._fast:
+            # Leave the verbatim path: reads now go through _body, whose parser feed
+            # and tap see each read; what the fast path held goes to the tap first.
+            self._fast = False
+            self._raw = self._llhttp = self._feeding = None
+            self._tap_pieces()
+        self.client = DISCARD
+        self.conn.resume_reading()  # it may have been paused by the client's backpressure
+
     def pause(self) -> None:
         self.conn.pause_reading()
 
@@ -382,6 +472,7 @@ class Exchange:
             return
         self.stage = _BODY
         self.committed = True
+        self._t_read = perf_counter()
         self.tap, self.stripper, extra = decision
         self._choose_mode(head)
         self._write_head_and(data[parser.body_start:], extra)
@@ -392,8 +483,11 @@ class Exchange:
             return
         if not head.chunked:
             self._remaining = head.content_length if head.content_length is not None else -1
+        # A head read that already holds the whole chunked body and more (a second
+        # response in the same read) is re-framed: only our payload reaches the client.
         if self.stripper is not None or not self.client.verbatim_ok \
-                or (not head.chunked and head.content_length is None):
+                or (not head.chunked and head.content_length is None) \
+                or (head.chunked and self._parser.extra):
             self.mode = _MODE_PAYLOAD
         elif head.chunked:
             self.mode = _MODE_VERBATIM_CHUNKED
@@ -421,7 +515,8 @@ class Exchange:
         # Relayed: the headers are not needed for the rest of the stream (~0.4 KiB).
         head.headers = ()
         if mode is _MODE_NONE:
-            self._finish_body(reusable_hint=not rest and not self._parser.extra
+            self._finish_body(out_of_step=bool(rest) or self._parser.extra,
+                              reusable_hint=not rest and not self._parser.extra
                               and head.content_length in (None, 0))
             self._flush_out()
             return
@@ -462,11 +557,21 @@ class Exchange:
             self._remaining = remaining - len(data)
             done = self._remaining == 0
         if done:
-            self._finish_body(reusable_hint=not extra)
+            self._finish_body(reusable_hint=not extra, out_of_step=extra)
         self._flush_out()
         tap = self.tap
         if tap is not None:
+            self.tap_bytes += len(data)
             tap.feed(data)
+
+    def _last_read_reframed(self, held: int) -> None:
+        """A verbatim chunked read that ended our response and went on with bytes
+        that are not ours: the client gets this read's payload in frames of our own and
+        the last chunk (trailers, if any, are dropped), never the provider's bytes."""
+        payload = b"".join(self._parser.pieces[held:])
+        data = (frame_chunk(payload) if payload else b"") + LAST_CHUNK
+        self.bytes_out += len(data)
+        self._raw.write(data)  # type: ignore[union-attr]  # set with _fast
 
     def _chunked_read_done(self) -> None:
         """After a verbatim chunked read: end at the last chunk; feed the tap in batches.
@@ -478,11 +583,7 @@ class Exchange:
         parser = self._parser
         if parser.done:
             self._tap_pieces()
-            if parser.extra:
-                # Bytes after the last chunk already went to the client: it must not
-                # read them as the start of its next response.
-                self.client.end_connection()
-            self._finish_body(reusable_hint=not parser.extra)
+            self._finish_body(reusable_hint=not parser.extra, out_of_step=parser.extra)
         elif len(parser.pieces) >= TAP_BATCH:
             self._tap_pieces()
 
@@ -492,7 +593,9 @@ class Exchange:
             return
         tap = self.tap
         if tap is not None:
-            tap.feed(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            self.tap_bytes += len(data)
+            tap.feed(data)
         pieces.clear()
 
     def _reframe_pieces(self) -> None:
@@ -501,11 +604,12 @@ class Exchange:
         pieces = parser.take()
         self._emit_payload(pieces)
         if parser.done:
-            self._finish_body(reusable_hint=not parser.extra)
+            self._finish_body(reusable_hint=not parser.extra, out_of_step=parser.extra)
         self._flush_out()
         tap = self.tap
         if tap is not None:
             for piece in pieces:
+                self.tap_bytes += len(piece)
                 tap.feed(piece)
 
     def _emit_payload(self, pieces: list[bytes]) -> None:
@@ -526,9 +630,14 @@ class Exchange:
                 self.t_first_byte = perf_counter()  # the row's clock (see RequestContext)
             self.bytes_out += n
 
-    def _finish_body(self, reusable_hint: bool = True) -> None:
+    def _finish_body(self, reusable_hint: bool = True, out_of_step: bool = False) -> None:
         if self.stage is _DONE:
             return
+        if out_of_step:
+            # Bytes came after the end of the response (never relayed): the provider is
+            # out of step, so its connection is closed, never reused, and the client's
+            # ends after this response, as a precaution.
+            self.client.end_connection()
         if self.stripper is not None:
             self.client.send_data(self.stripper.flush())
         self.client.end()

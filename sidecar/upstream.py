@@ -17,11 +17,14 @@ from typing import Any, Final, Protocol, cast
 from sidecar.addresses import is_ip_literal
 from sidecar.config import TimeoutsConfig, UpstreamConfig
 from sidecar.errors import UpstreamError, UpstreamTimeout
+from sidecar.fdlimit import OUT_OF_FILES, BurstLog
 from sidecar.gate import Gate
 from sidecar.health import UpstreamHealth
 from sidecar.http1 import HOP_BY_HOP, ResponseParser
 
 log = logging.getLogger("sidecar.upstream")
+# EMFILE/ENFILE on a provider connect: one line per burst (sidecar.fdlimit).
+_OUT_OF_FILES: Final = BurstLog(log, "out of file descriptors")
 
 
 class ConnState(IntEnum):
@@ -187,10 +190,15 @@ class UpstreamPool:
                 f"TLS handshake with upstream '{cfg.name}' failed: {exc.reason}"
             ) from None
         except OSError as exc:
+            if exc.errno in OUT_OF_FILES:
+                _OUT_OF_FILES.hit(time.monotonic(), f"connecting to upstream '{cfg.name}': "
+                                  f"{exc.strerror} (raise LimitNOFILE / ulimit -n)")
             raise UpstreamError(
                 f"cannot connect to upstream '{cfg.name}': {exc.strerror or type(exc).__name__}"
             ) from None
         self.connects += 1
+        if _OUT_OF_FILES.count:
+            _OUT_OF_FILES.end_if_quiet(time.monotonic())
         proto.state = _CONN_ACTIVE
         return proto
 
@@ -243,6 +251,12 @@ _DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"accept-encoding", b"
 # Client credentials: removed unless the upstream is configured to forward them,
 # so a client's key is never leaked to a provider it was not meant for.
 _CLIENT_AUTH = frozenset({b"authorization", b"x-api-key", b"api-key"})
+# Headers that say who the client is. Believed (passed on) only from trusted_peers (the
+# Nginx in front); from anyone else they are dropped, as a client may write anything
+# there. x-forwarded-for is then rebuilt as Nginx does: what the trusted peer sent,
+# plus the address of the peer we accepted the connection from.
+_FORWARDING = frozenset({b"x-forwarded-for", b"forwarded", b"x-real-ip"})
+_XFF = b"x-forwarded-for"
 
 
 def host_header(cfg: UpstreamConfig) -> bytes:
@@ -276,7 +290,11 @@ class HeadTemplate:
         self._version = b"anthropic-version: " + cfg.anthropic_version.encode() + b"\r\n"
 
     def build(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
-              body_len: int, request_id: bytes) -> bytes:
+              body_len: int, request_id: bytes, peer: bytes = b"",
+              trusted: bool = False) -> bytes:
+        """The provider request head. ``peer``: the client connection's address, appended
+        to x-forwarded-for; ``trusted``: that peer is one of trusted_peers, whose own
+        x-forwarded-for / forwarded / x-real-ip are kept (dropped otherwise)."""
         parts = [method, b" ", self._prefix, target, self._host,
                  b"%d\r\naccept-encoding: identity\r\n" % body_len]
         # Headers the client named in `connection` are hop-by-hop too (RFC 9110 7.6.1).
@@ -284,14 +302,25 @@ class HeadTemplate:
                  for t in v.split(b",")}
         has_version = False
         forward_auth = self._forward_auth
+        forwarded_for = b""
         for name, value in headers:
             if name in _DROP_REQUEST or name == b"x-request-id" or name in named:
                 continue
             if name in _CLIENT_AUTH and not forward_auth:
                 continue
+            if name in _FORWARDING:
+                if not trusted:
+                    continue
+                if name == _XFF:
+                    forwarded_for += value + b", "
+                    continue
             if name == b"anthropic-version":
                 has_version = True
             parts += (name, b": ", value, b"\r\n")
+        if peer:
+            parts += (b"x-forwarded-for: ", forwarded_for, peer, b"\r\n")
+        elif forwarded_for:
+            parts += (b"x-forwarded-for: ", forwarded_for[:-2], b"\r\n")
         if self._auth:
             parts.append(self._auth)
         if self._anthropic and not has_version:

@@ -458,28 +458,31 @@ def test_unknown_keys_at_every_depth(tmp_path: pathlib.Path) -> None:
         tokenizer: { path: x }
         """
     assert problems(tmp_path, text) == [
-        "c.yaml:1: listne: unknown key (did you mean 'listen'?); allowed: auth, limits, "
-        "listen, meter, prices, prices_defaults, routes, tiers, timeouts, tokenizer, "
+        "c.yaml:1: listne: unknown key (did you mean 'listen'?); allowed: access_log, auth, "
+        "limits, listen, meter, metrics, prices, prices_defaults, routes, tiers, timeouts, "
+        "tokenizer, "
         "trusted_peers, upstreams, workers",
         "c.yaml:5: upstreams.u.timeout: unknown key (did you mean 'queue_timeout'?); "
         "allowed: anthropic_version, api_key, "
-        "ca_bundle, format, forward_client_auth, health_check, max_concurrent, max_queue, "
+        "ca_bundle, default_max_tokens, format, forward_client_auth, health_check, max_concurrent, max_queue, "
         "pool_idle_ttl, pool_max_idle, queue_timeout, tls_verify, url",
         "c.yaml:7: routes[0].upstreams: is required",
         "c.yaml:8: routes[0].upstream: unknown key (did you mean 'upstreams'?); allowed: "
-        "identity, max_attempts, middleware, model, path, retry_budget, retry_on, strategy, "
-        "upstreams",
+        "identity, max_attempts, middleware, model, on_client_disconnect, path, retry_budget, "
+        "retry_on, strategy, upstreams",
         "c.yaml:12: routes[1].upstreams[0].wieght: unknown key (did you mean 'weight'?); "
         "allowed: model, target, weight",
         "c.yaml:15: routes[1].middleware[0].config.burst: unknown key; allowed: key, limit, "
         "period, requests, reserve, tiers",
         "c.yaml:18: meter.flush: unknown key (did you mean 'flush_ms'?); allowed: batch_rows, "
-        "db, flush_ms, queue_size, spill",
+        "db, flush_ms, journal, journal_dir, journal_rotate_bytes, queue_size, spill",
         "c.yaml:19: limits.max_body: unknown key (did you mean 'max_body_bytes'?); allowed: "
-        "backend, max_body_bytes, max_connections, max_header_bytes, max_pipelined_bytes, "
-        "redis_failure, redis_timeout, tap_body_bytes, write_high_water, write_low_water",
+        "backend, max_body_bytes, max_connections, max_drains, max_header_bytes, max_headers, "
+        "max_pipelined_bytes, redis_failure, redis_timeout, tap_body_bytes, write_high_water, "
+        "write_low_water",
         "c.yaml:20: timeouts.conect: unknown key (did you mean 'connect'?); allowed: "
-        "client_idle, connect, first_byte, idle, shutdown_grace, total",
+        "client_idle, connect, drain, first_byte, idle, request_body, request_head, "
+        "shutdown_grace, total",
         "c.yaml:21: tokenizer.path: unknown key; allowed: dir",
     ]
 
@@ -572,10 +575,10 @@ def test_route_rules(tmp_path: pathlib.Path) -> None:
     ]
 
 
-def test_cross_format_routes_are_errors(tmp_path: pathlib.Path) -> None:
+def test_cross_format_routes_translate_on_chat_and_messages_only(tmp_path: pathlib.Path) -> None:
     text = """\
         upstreams:
-          claude: { url: https://api.anthropic.com }
+          claude: { url: https://api.anthropic.com, api_key: "${A_KEY:-}", default_max_tokens: 1000 }
           gpt: { url: https://api.openai.com, api_key: "${OPENAI_API_KEY:-}" }
         routes:
           - path: /v1/messages
@@ -584,19 +587,43 @@ def test_cross_format_routes_are_errors(tmp_path: pathlib.Path) -> None:
           - path: /v1/chat/completions
             upstreams:
               - target: claude
+        """
+    cfg = load(tmp_path, text)
+    assert [r.format for r in cfg.routes] == ["anthropic", "openai"]
+    assert cfg.routes[1].upstreams[0].upstream.default_max_tokens == 1000
+    text = """\
+        upstreams:
+          gpt: { url: https://api.openai.com, api_key: "${O_KEY:-}", default_max_tokens: 10 }
+          fwd: { url: http://127.0.0.1:9, format: openai, forward_client_auth: true }
+        routes:
           - path: /v1/passthrough
             upstreams:
               - target: api.anthropic.com
+          - path: /v1/embeddings
+            upstreams:
+              - target: api.anthropic.com
+          - path: /v1/messages
+            upstreams:
+              - target: fwd
+          - path: /v1/messages
+            model: m
+            upstreams:
+              - target: http://127.0.0.1:9
         """
     assert problems(tmp_path, text) == [
-        "c.yaml:7: routes[0].upstreams[0].target: route path /v1/messages serves Anthropic "
-        "format but upstream 'gpt' is openai; cross-format translation is not supported yet",
-        "c.yaml:10: routes[1].upstreams[0].target: route path /v1/chat/completions serves OpenAI "
-        "format but upstream 'claude' is anthropic; cross-format translation is not supported "
-        "yet",
-        "c.yaml:13: routes[2].upstreams[0].target: route path /v1/passthrough serves OpenAI "
-        "format but upstream 'api.anthropic.com' is anthropic; cross-format translation is not "
-        "supported yet",
+        "c.yaml:2: upstreams.gpt.default_max_tokens: only applies to format: anthropic",
+        "c.yaml:7: routes[0].upstreams[0].target: route path /v1/passthrough serves OpenAI "
+        "format but upstream 'api.anthropic.com' is anthropic; only chat completions and "
+        "messages routes translate between formats",
+        "c.yaml:10: routes[1].upstreams[0].target: route path /v1/embeddings serves OpenAI "
+        "format but upstream 'api.anthropic.com' is anthropic; only chat completions and "
+        "messages routes translate between formats",
+        "c.yaml:13: routes[2].upstreams[0].target: upstream 'fwd' is openai and forwards the "
+        "client's credential, which is an Anthropic one on this route; give it an api_key to "
+        "translate",
+        "c.yaml:17: routes[3].upstreams[0].target: route path /v1/messages serves Anthropic "
+        "format but inline target '127.0.0.1:9' is assumed openai; to translate, declare it "
+        "under upstreams: with its format",
     ]
 
 
@@ -721,6 +748,20 @@ def test_limits_water_marks_must_be_ordered(tmp_path: pathlib.Path) -> None:
         "c.yaml:3: limits.write_low_water: write_low_water (131072) must not exceed "
         "write_high_water (65536)"
     )
+
+
+def test_request_deadlines_and_header_count_load_and_are_checked(
+        tmp_path: pathlib.Path) -> None:
+    cfg = load(tmp_path, "timeouts:\n  request_head: 5s\n  request_body: 2m\n"
+                         "limits:\n  max_headers: 50\n")
+    assert (cfg.timeouts.request_head, cfg.timeouts.request_body) == (5.0, 120.0)
+    assert cfg.limits.max_headers == 50
+    defaults = load(tmp_path, "listen: :8080\n")
+    assert (defaults.timeouts.request_head, defaults.timeouts.request_body,
+            defaults.limits.max_headers) == (10.0, 60.0, 100)
+    found = problems(tmp_path, "timeouts:\n  request_head: 0s\nlimits:\n  max_headers: 0\n")
+    assert [f.split(": ")[0:2] for f in found] == [["c.yaml:2", "timeouts.request_head"],
+                                                   ["c.yaml:4", "limits.max_headers"]], found
 
 
 def test_missing_tokenizer_dir(tmp_path: pathlib.Path) -> None:
@@ -979,6 +1020,8 @@ def test_failover_keys_load_and_default(tmp_path: pathlib.Path) -> None:
     ("    retry_on: 429\n", "c.yaml:6: routes[0].retry_on: must be a list of connect,"),
     ("    max_attempts: 0\n", "c.yaml:6: routes[0].max_attempts: must be an integer >= 1"),
     ("    retry_budget: 1.5\n", "c.yaml:6: routes[0].retry_budget: must be a number from 0 to 1"),
+    ("    on_client_disconnect: wait\n",
+     "c.yaml:6: routes[0].on_client_disconnect: must be one of abort, drain, got 'wait'"),
 ])
 def test_bad_failover_keys_name_file_line_and_field(
         tmp_path: pathlib.Path, line: str, problem: str) -> None:
@@ -1084,3 +1127,15 @@ def test_redis_timeout_loads_and_names_its_line_when_bad(tmp_path: pathlib.Path)
     assert cfg.limits.redis_timeout == 2.0
     problem = only_problem(tmp_path, FAILOVER_ROUTE + "limits:\n  redis_timeout: soon\n")
     assert problem.startswith("c.yaml:7: limits.redis_timeout: "), problem
+
+
+def test_disconnect_policy_and_its_caps_load_with_defaults(tmp_path: pathlib.Path) -> None:
+    plain = load(tmp_path, FAILOVER_ROUTE)
+    assert plain.routes[0].on_client_disconnect == "abort"
+    assert (plain.timeouts.drain, plain.limits.max_drains) == (60.0, 64)
+    cfg = load(tmp_path, FAILOVER_ROUTE + "    on_client_disconnect: drain\n"
+               "timeouts: { drain: 2m }\nlimits: { max_drains: 0 }\n")
+    assert cfg.routes[0].on_client_disconnect == "drain"
+    assert (cfg.timeouts.drain, cfg.limits.max_drains) == (120.0, 0)
+    assert only_problem(tmp_path, FAILOVER_ROUTE + "limits: { max_drains: -1 }\n").startswith(
+        "c.yaml:6: limits.max_drains: must be an integer >= 0, got -1")

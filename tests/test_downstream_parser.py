@@ -436,8 +436,7 @@ AGREED = [
     request(b"POST", b"/ws", b"{}", headers=[(b"Connection", b"upgrade"),
                                              (b"Upgrade", b"x")]) + request(b"GET", b"/n"),
     b"CONNECT h:443 HTTP/1.1\r\nHost: h\r\n\r\n" + request(b"GET", b"/n"),
-    b"GET / HTTP/0.9\r\n\r\n",
-    b"GET / HTTP/2.0\r\nhost: x\r\n\r\n" + request(b"GET", b"/after"),  # read as not-1.1
+    b"GET /healthz\r\n\r\n",  # no version (HTTP/0.9-style): refused by both
     b"THIS IS NOT HTTP\r\n\r\n",
     b"POST / HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}",
     b"GET / HTTP/1.1\r\nhost: x\r\nhost: y\r\n\r\n",
@@ -469,6 +468,10 @@ DIFFERENT = {
     "unknown-method": (b"FOO / HTTP/1.1\r\nhost: x\r\n\r\n", True),
     "lower-case-method": (b"get / HTTP/1.1\r\nhost: x\r\n\r\n", True),
     "http-1.2": (b"GET / HTTP/1.2\r\nhost: x\r\n\r\n", True),
+    # h11 reads these as not-1.1 requests; an HTTP/1.x reader that serves only 1.0 and
+    # 1.1 refuses them (issue 14: no HTTP/0.9-style request lines).
+    "http-0.9": (b"GET / HTTP/0.9\r\n\r\n", True),
+    "http-2.0": (b"GET / HTTP/2.0\r\nhost: x\r\n\r\n" + request(b"GET", b"/after"), True),
     "leading-crlf": (b"\r\nGET / HTTP/1.1\r\nhost: x\r\n\r\n", False),
     "crlf-between-requests": (request(b"GET", b"/1") + b"\r\n" + request(b"GET", b"/2"), False),
     "double-space-in-request-line": (b"GET  / HTTP/1.1\r\nhost: x\r\n\r\n", False),

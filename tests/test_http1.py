@@ -130,6 +130,21 @@ def test_bytes_after_the_last_chunk_are_flagged_not_parsed() -> None:
         assert p2.done and p2.extra
 
 
+def test_a_whole_second_response_after_ours_is_not_parsed() -> None:
+    """A desynced provider: our response and another one in the same read. The head,
+    body start and payload stay ours; the second's never reach the pieces."""
+    second = (b"HTTP/1.1 201 Created\r\ncontent-length: 8\r\nx-evil: 1\r\n\r\nSMUGGLED")
+    for ours, payload_want in ((CHUNKED_HEAD + frame_chunk(b"x") + LAST_CHUNK, b"x"),
+                               (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", b"ok")):
+        p, payload = _parse(ours + second)
+        assert p.head is not None and p.head.status == 200, p.head
+        assert p.head.get(b"x-evil") is None
+        assert p.done and p.extra
+        assert p.body_start == ours.index(b"\r\n\r\n") + 4
+        if p.head.chunked:
+            assert payload == payload_want
+
+
 def test_chunk_extensions_and_trailers() -> None:
     p, payload = _parse(CHUNKED_HEAD + b"5;name=v\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n")
     assert payload == b"hello" and p.done and not p.extra

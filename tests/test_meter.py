@@ -363,16 +363,55 @@ def test_a_batch_that_cannot_be_written_is_spilled_not_lost(
 
     m = asyncio.run(main())
     assert (m.stats.written, m.stats.spilled, m.stats.errors, m.stats.lost) == (5, 5, 1, 0)
-    assert request_ids(cfg.db) == {f"req-{i}" for i in range(5, 10)}
+    # The spilled batch went in as soon as a write succeeded again, not at the next start.
+    assert m.stats.replayed == 5
+    assert count(cfg.db) == 10
+    assert request_ids(cfg.db) == {f"req-{i}" for i in range(10)}
+    assert not os.path.exists(m.spill_path)
 
     async def restart() -> None:
         m2 = Meter(cfg)
         await m2.start()
         await m2.close()
 
-    asyncio.run(restart())
+    asyncio.run(restart())  # nothing left to replay: still exactly once
     assert count(cfg.db) == 10
     assert request_ids(cfg.db) == {f"req-{i}" for i in range(10)}
+
+
+def test_spilled_rows_reach_the_db_once_it_is_writable_again_without_traffic_or_restart(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(meter_mod.writer, "BUSY_TIMEOUT_MS", 50)
+    cfg = cfg_for(tmp_path, flush_ms=10)
+
+    async def main() -> tuple[Meter, int, int]:
+        m = Meter(cfg)
+        await m.start()
+        locker = hold_write_lock(cfg.db)
+        for i in range(20):
+            m.submit(rec(i))
+        await wait_until(lambda: m.stats.spilled == 20)
+        in_db_while_locked = visible_rows(cfg.db)
+        locker.rollback()
+        locker.close()
+        # No new record is submitted: the idle writer retries the replay by itself.
+        await wait_until(lambda: visible_rows(cfg.db) == 20, limit_s=10.0)
+        await asyncio.sleep(2 * meter_mod.writer.REPLAY_RETRY_S)  # a later retry adds nothing
+        rows_later = count(cfg.db)
+        await m.close()
+        return m, in_db_while_locked, rows_later
+
+    m, in_db_while_locked, rows_later = asyncio.run(main())
+    assert in_db_while_locked == 0
+    assert rows_later == 20
+    assert (m.stats.spilled, m.stats.replayed, m.stats.written, m.stats.lost) == (20, 20, 0, 0)
+    with ro(cfg.db) as c:
+        dupes = c.execute("SELECT request_id FROM requests GROUP BY request_id "
+                          "HAVING COUNT(*) > 1").fetchall()
+    assert dupes == []
+    assert request_ids(cfg.db) == {f"req-{i}" for i in range(20)}
+    assert not os.path.exists(m.spill_path)
 
 
 def test_close_timeout_spills_what_is_still_queued(

@@ -883,3 +883,92 @@ def test_cli_serves_until_sigterm() -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# --------------------------------------------------------------------------- tool calls
+
+WEATHER_OAI = [{"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object",
+                                          "properties": {"query": {"type": "string"}}}}}]
+WEATHER_ANTH = [{"name": "get_weather", "input_schema": {
+    "type": "object", "properties": {"query": {"type": "string"}}}}]
+
+
+def test_openai_sdk_tool_call_stream_and_whole() -> None:
+    from sidecar.mock import expected_tool_arguments
+
+    args = expected_tool_arguments(3)
+    body = {**CHAT_BODY, "tools": WEATHER_OAI}
+
+    async def main() -> None:
+        async with MockUpstream(chunks=3) as mock:
+            client = openai.AsyncOpenAI(base_url=mock.url + "/v1", api_key="sk-test", max_retries=0)
+            async with client:
+                stream = await client.chat.completions.create(
+                    stream=True, stream_options={"include_usage": True}, **body)
+                chunks = [c async for c in stream]
+                whole = await client.chat.completions.create(**body)
+                answered = await client.chat.completions.create(**{**body, "messages": [
+                    *body["messages"],
+                    {"role": "assistant", "content": None, "tool_calls": [
+                        {"id": "call_1", "type": "function",
+                         "function": {"name": "get_weather", "arguments": args}}]},
+                    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]})
+            calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or ()]
+            assert calls[0].id == "call_" + mock.requests[0].response_id.split("-", 1)[1] \
+                and calls[0].function is not None and calls[0].function.name == "get_weather"
+            assert "".join(tc.function.arguments or "" for tc in calls if tc.function) == args
+            assert {tc.index for tc in calls} == {0}
+            assert all(c.choices[0].delta.content is None for c in chunks if c.choices)
+            assert chunks[-2].choices[0].finish_reason == "tool_calls"
+            usage = chunks[-1].usage
+            assert usage is not None and usage.completion_tokens == count_tokens(args, "o200k_base")
+            msg = whole.choices[0].message
+            assert whole.choices[0].finish_reason == "tool_calls" and msg.content is None
+            assert msg.tool_calls is not None and msg.tool_calls[0].function.arguments == args
+            # The tool's result is in: the model answers in text.
+            assert answered.choices[0].finish_reason == "stop"
+            assert answered.choices[0].message.content == expected_text(3)
+
+    run(main)
+
+
+def test_anthropic_sdk_tool_use_stream_and_whole() -> None:
+    from sidecar.mock import expected_tool_arguments
+
+    args = expected_tool_arguments(3)
+    body: dict[str, Any] = {"model": "claude-mock-1", "max_tokens": 100, "tools": WEATHER_ANTH,
+                            "messages": [{"role": "user", "content": "Weather?"}]}
+
+    async def main() -> None:
+        async with MockUpstream(api_format="anthropic", chunks=3) as mock:
+            client = anthropic.AsyncAnthropic(base_url=mock.url, api_key="sk-ant-test",
+                                              max_retries=0)
+            async with client:
+                async with client.messages.stream(**body) as stream:
+                    partial = [e.delta.partial_json async for e in stream
+                               if e.type == "content_block_delta"
+                               and e.delta.type == "input_json_delta"]
+                    final = await stream.get_final_message()
+                whole = await client.messages.create(**body)
+                answered = await client.messages.create(**{**body, "messages": [
+                    *body["messages"],
+                    {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1",
+                                                       "name": "get_weather",
+                                                       "input": orjson.loads(args)}]},
+                    {"role": "user", "content": [{"type": "tool_result",
+                                                  "tool_use_id": "toolu_1",
+                                                  "content": "sunny"}]}]})
+            assert "".join(partial) == args
+            block = final.content[0]
+            assert block.type == "tool_use" and block.name == "get_weather"
+            assert block.input == orjson.loads(args) and final.stop_reason == "tool_use"
+            assert final.usage.output_tokens == mock.requests[0].completion_tokens \
+                == count_tokens(args, "o200k_base")
+            assert whole.stop_reason == "tool_use" and whole.content[0].type == "tool_use"
+            assert whole.content[0].input == orjson.loads(args)
+            assert answered.stop_reason == "end_turn"
+            assert answered.content[0].type == "text" and \
+                answered.content[0].text == expected_text(3)
+
+    run(main)

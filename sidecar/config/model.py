@@ -30,6 +30,7 @@ __all__ = [
     "Identity",
     "LimitsConfig",
     "MeterConfig",
+    "MetricsConfig",
     "MiB",
     "MiddlewareConfig",
     "Price",
@@ -51,13 +52,23 @@ class TimeoutsConfig:
     idle: float = 300.0  # max gap between two body reads from the provider
     total: float = 3600.0  # whole request; LLM streams can last many minutes
     client_idle: float = 75.0  # keep-alive connection with no request in flight
+    # A request being read: its head must be complete this long after its first byte
+    # arrived (or after its turn came, when pipelined), its body this long after its
+    # head; else 408 and the connection closes (a slow or stalled client must not hold
+    # a connection slot). Bodies are read whole, so this bounds the upload time.
+    request_head: float = 10.0
+    request_body: float = 60.0
     shutdown_grace: float = 30.0  # SIGTERM: how long in-flight streams may finish
+    # on_client_disconnect: drain: how long the provider is read after the client left
+    # (for its usage frame) before the request is cut and estimated as with abort.
+    drain: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
     max_body_bytes: int = 8 * MiB  # request JSON must be read whole to inspect it
     max_header_bytes: int = 64 * 1024  # request/response head
+    max_headers: int = 100  # header lines in a request head (431 beyond)
     max_connections: int = 10_000  # open downstream connections per worker
     max_pipelined_bytes: int = 1 * MiB  # buffered bytes of requests queued behind one in flight
     write_high_water: int = 256 * 1024  # downstream buffer that pauses upstream reads
@@ -72,6 +83,9 @@ class LimitsConfig:
     # being unreachable (the failure mode above, then a 1 s breaker). Loopback answers in
     # ~0.2 ms; the margin is for a loaded host, not for a slow network.
     redis_timeout: float = 0.5
+    # on_client_disconnect: drain: responses read to their end (for the provider's usage)
+    # at once after their client left, per worker; beyond it a disconnect aborts.
+    max_drains: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +111,9 @@ class UpstreamConfig:
     api_key: str | None = field(default=None, repr=False)  # secret: never logged
     forward_client_auth: bool = False  # pass the client's own credential through
     anthropic_version: str = "2023-06-01"
+    # max_tokens a translated request gets when an OpenAI client named none (the
+    # Messages API requires one); only read for format: anthropic (sidecar.translate).
+    default_max_tokens: int = 4096
     ca_bundle: str | None = None
     tls_verify: bool = True
     pool_max_idle: int = 64  # idle keep-alive connections kept per upstream
@@ -152,6 +169,8 @@ class MiddlewareConfig:
 # How a route picks the upstream of an attempt (sidecar.router.Balancer).
 Strategy = Literal["weighted", "priority", "least_inflight", "latency"]
 STRATEGIES: tuple[Strategy, ...] = ("weighted", "priority", "least_inflight", "latency")
+DisconnectPolicy = Literal["abort", "drain"]
+DISCONNECT_POLICIES: tuple[DisconnectPolicy, ...] = ("abort", "drain")
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +190,11 @@ class RouteConfig:
     max_attempts: int = 3
     retry_budget: float = 0.2
     identity: Identity = "none"
+    # When the client hangs up mid-response: "abort" cuts the provider connection (it
+    # stops generating; the row is a tiktoken estimate); "drain" keeps reading the
+    # provider, discarding the bytes, until its usage frame (the row has the exact
+    # usage, hidden reasoning tokens included), within timeouts.drain / limits.max_drains.
+    on_client_disconnect: DisconnectPolicy = "abort"
 
     @property
     def format(self) -> ApiFormat:
@@ -185,10 +209,39 @@ class MeterConfig:
     batch_rows: int = 500  # commit at most this many rows at once
     flush_ms: int = 50  # ... or at least this often
     spill: str | None = None  # overflow JSONL file; default: <db>.spill.jsonl
+    # The crash journal (sidecar.meter.journal): each request in flight is appended to
+    # a per-process file when its first attempt starts and closed by its meter row, so
+    # a restart after kill -9 records what was in flight as outcome 'interrupted'.
+    journal: bool = True
+    journal_dir: str | None = None  # default: <db>.journal
+    journal_rotate_bytes: int = 4 * MiB  # a journal larger than this is compacted
 
     @property
     def spill_path(self) -> str:
         return self.spill if self.spill is not None else self.db + ".spill.jsonl"
+
+    @property
+    def journal_path(self) -> str | None:
+        """The journal directory, or None when there is none (off, or no DB file)."""
+        if not self.journal or self.db == ":memory:":
+            return None
+        return self.journal_dir if self.journal_dir is not None else self.db + ".journal"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """``/metrics`` (sidecar.metrics). Without ``listen`` it is answered on the main
+    listener to loopback peers only; with it, on that address only (to any peer)."""
+
+    enabled: bool = True
+    listen_host: str | None = None
+    listen_port: int | None = None
+    # Tokens and cost also by key id (one series per key: off by default).
+    per_key: bool = False
+    # Distinct model (and key) label values before the rest count as "_other": the
+    # model name comes from the client, so its series must be bounded.
+    max_models: int = 200
+    max_keys: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +270,9 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # The JSON access log (sidecar.access_log): None (off), "stdout", or a file path.
+    access_log: str | None = None
     # Peers (the Nginx in front) whose x-sidecar-* identity headers are believed:
     # addresses or CIDR networks, as strings. Empty: the headers are ignored.
     trusted_peers: tuple[str, ...] = ()

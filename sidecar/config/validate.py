@@ -8,14 +8,16 @@ one pass reports them all.
 A route's API format follows its path, by ``sidecar.endpoints.path_format``:
 a path ending in ``/messages`` is anthropic; ``/v1/chat/completions``,
 ``/v1/completions``, ``/v1/responses``, ``/v1/embeddings`` and any other path
-are openai (other paths are passed through as is). Every upstream of a route
-must speak the route's format: relaying bytes of one format to a client
-expecting the other would be wrong, and translation does not exist yet.
+are openai (other paths are passed through as is). An upstream of the other
+format is allowed on a chat completions or messages route only: the sidecar
+translates requests and answers between those two (``sidecar.translate``); other
+endpoints have no counterpart, so there every upstream must speak the route's format.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from typing import Any
 
@@ -23,6 +25,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from sidecar.config.model import (
     DEFAULT_METRICS_PROVIDER,
+    DISCONNECT_POLICIES,
     IDENTITIES,
     METRICS_PROVIDERS,
     MIDDLEWARE_TYPES,
@@ -33,6 +36,7 @@ from sidecar.config.model import (
     HealthCheckConfig,
     LimitsConfig,
     MeterConfig,
+    MetricsConfig,
     MiddlewareConfig,
     Price,
     RouteConfig,
@@ -41,7 +45,14 @@ from sidecar.config.model import (
     TokenizerConfig,
     UpstreamConfig,
 )
-from sidecar.config.targets import _c_listen, _c_url, _known_format, _Registry, _Url
+from sidecar.config.targets import (
+    WELL_KNOWN_HOSTS,
+    _c_listen,
+    _c_url,
+    _known_format,
+    _Registry,
+    _Url,
+)
 from sidecar.config.values import (
     _c_api_key,
     _c_bool,
@@ -71,7 +82,7 @@ from sidecar.config.yaml_lines import (
     _sequence,
     _show,
 )
-from sidecar.endpoints import path_format
+from sidecar.endpoints import TRANSLATABLE_KINDS, kind_for_path, path_format
 from sidecar.retry import RetryReason
 
 
@@ -82,7 +93,7 @@ def _config(ctx: _Ctx, root: MappingNode) -> Config:
         "",
         ("listen", "workers", "upstreams", "routes", "meter", "limits", "timeouts", "tokenizer",
          "prices", "prices_defaults",
-         "trusted_peers", "tiers", "auth"),
+         "trusted_peers", "tiers", "auth", "metrics", "access_log"),
     )
     kwargs: dict[str, Any] = {"source": ctx.file}
     if "listen" in top:
@@ -117,6 +128,10 @@ def _config(ctx: _Ctx, root: MappingNode) -> Config:
             value = _convert(ctx, conv, top[key][1], key)
             if value is not None:
                 kwargs[key] = value
+    if "metrics" in top:
+        kwargs["metrics"] = _metrics(ctx, top["metrics"][1])
+    if "access_log" in top:
+        kwargs["access_log"] = _convert(ctx, _c_access_log, top["access_log"][1], "access_log")
     if "prices" in top:
         kwargs["prices"] = _prices(ctx, top["prices"][1])
     if "prices_defaults" in top:
@@ -131,7 +146,18 @@ def _config(ctx: _Ctx, root: MappingNode) -> Config:
         kwargs["auth"] = AuthConfig(keys_db=ctx.resolve_path(AuthConfig().keys_db))
     config = Config(**kwargs)
     _check_limits_backend(ctx, top, config)
+    _check_metrics_listen(ctx, top, config)
     return config
+
+
+def _check_metrics_listen(ctx: _Ctx, top: dict[str, tuple[Node, Node]], config: Config) -> None:
+    m = config.metrics
+    if m.listen_port is not None and m.listen_port != 0 \
+            and m.listen_port == config.listen_port \
+            and m.listen_host == config.listen_host:
+        ctx.error(_mapping_value(top["metrics"][1], "listen"), "metrics.listen",
+                  f"is the main listener's address ({config.listen}); leave it out to serve "
+                  f"/metrics there (to loopback peers), or give it an address of its own")
 
 
 def _check_limits_backend(ctx: _Ctx, top: dict[str, tuple[Node, Node]], config: Config) -> None:
@@ -229,6 +255,7 @@ _UPSTREAM_FIELDS: dict[str, Conv] = {
     "api_key": _c_api_key,
     "forward_client_auth": _c_bool,
     "anthropic_version": _c_str,
+    "default_max_tokens": _int(1),
     "ca_bundle": _path("file"),
     "tls_verify": _c_bool,
     "pool_max_idle": _int(0),
@@ -262,12 +289,9 @@ def _named_upstream(
             ctx.error(
                 nodes["ca_bundle"][1], _join(path, "ca_bundle"), "only applies to https upstreams"
             )
-        if "anthropic_version" in vals and fmt != "anthropic":
-            ctx.error(
-                nodes["anthropic_version"][1],
-                _join(path, "anthropic_version"),
-                "only applies to format: anthropic",
-            )
+        for key in ("anthropic_version", "default_max_tokens"):
+            if key in vals and fmt != "anthropic":
+                ctx.error(nodes[key][1], _join(path, key), "only applies to format: anthropic")
     if vals.get("forward_client_auth") and vals.get("api_key"):
         # Both would send two credentials to the provider; one must be chosen.
         ctx.error(
@@ -428,6 +452,7 @@ _FAILOVER_KEYS: dict[str, Conv] = {
     "retry_on": _c_retry_on,
     "max_attempts": _int(1),
     "retry_budget": _fraction,
+    "on_client_disconnect": _choice(DISCONNECT_POLICIES),
 }
 
 
@@ -466,14 +491,25 @@ def _route_upstream(
         )
         return None
     seen[up.name] = _line(tnode)
-    if fmt is not None and up.format != fmt:
-        ctx.error(
-            tnode,
-            f"{path}.target",
-            f"route path {route_path} serves {_FORMAT_TITLE[fmt]} format but upstream "
-            f"{up.name!r} is {up.format}; cross-format translation is not supported yet",
-        )
-        return None
+    if fmt is not None and up.format != fmt and route_path is not None:
+        problem = None
+        if kind_for_path(route_path) not in TRANSLATABLE_KINDS:
+            problem = (f"route path {route_path} serves {_FORMAT_TITLE[fmt]} format but upstream "
+                       f"{up.name!r} is {up.format}; only chat completions and messages "
+                       f"routes translate between formats")
+        elif up.name not in reg.named and up.host not in WELL_KNOWN_HOSTS:
+            # An inline target's format is only assumed (openai): translating on a guess
+            # would turn a mistyped route into a silently rewritten one.
+            problem = (f"route path {route_path} serves {_FORMAT_TITLE[fmt]} format but inline "
+                       f"target {up.name!r} is assumed {up.format}; to translate, declare it "
+                       f"under upstreams: with its format")
+        elif up.forward_client_auth:
+            problem = (f"upstream {up.name!r} is {up.format} and forwards the client's "
+                       f"credential, which is an {_FORMAT_TITLE[fmt]} one on this route; give it "
+                       f"an api_key to translate")
+        if problem is not None:
+            ctx.error(tnode, f"{path}.target", problem)
+            return None
     if any(k not in vals for k in nodes):
         return None  # a bad weight or model, already reported
     return RouteUpstream(up, **{k: v for k, v in vals.items() if k in ("weight", "model")})
@@ -569,6 +605,9 @@ def _meter(ctx: _Ctx, node: Node | None) -> MeterConfig:
         "batch_rows": _int(1),
         "flush_ms": _c_millis,
         "spill": _path(),
+        "journal": _c_bool,
+        "journal_dir": _path(),
+        "journal_rotate_bytes": _size(4096),
     }
     vals: dict[str, Any] = {}
     if node is not None:
@@ -577,10 +616,45 @@ def _meter(ctx: _Ctx, node: Node | None) -> MeterConfig:
     return MeterConfig(**vals)
 
 
+def _metrics(ctx: _Ctx, node: Node) -> MetricsConfig:
+    spec: dict[str, Conv] = {
+        "enabled": _c_bool,
+        "listen": _c_listen,
+        "per_key": _c_bool,
+        "max_models": _int(1),
+        "max_keys": _int(1),
+    }
+    vals, _ = _fields(ctx, node, "metrics", spec)
+    listen = vals.pop("listen", None)
+    if listen is not None:
+        vals["listen_host"], vals["listen_port"] = listen
+    return MetricsConfig(**vals)
+
+
+def _c_access_log(ctx: _Ctx, node: Node) -> str | None:
+    """off (YAML also reads it as false), stdout, or a file path (its directory must
+    exist: the file is created at start)."""
+    v = _read(ctx, node, "off, stdout or a file path")
+    if v.value is False or v.value is None or v.value == "off":
+        return None
+    if v.value == "stdout":
+        return "stdout"
+    if not isinstance(v.value, str) or not v.value.strip():
+        raise _Bad(f"must be off, stdout or a file path, got {_show(v)}")
+    p = ctx.resolve_path(v.value.strip())
+    parent = os.path.dirname(p) or "."
+    if not os.path.isdir(parent):
+        raise _Bad(f"directory not found: {parent!r}")
+    if os.path.isdir(p):
+        raise _Bad(f"is a directory, not a file: {p!r}")
+    return p
+
+
 def _limits(ctx: _Ctx, node: Node) -> LimitsConfig:
     spec: dict[str, Conv] = {
         "max_body_bytes": _size(),
         "max_header_bytes": _size(),
+        "max_headers": _int(1),
         "max_connections": _int(1),
         "max_pipelined_bytes": _size(),
         "write_high_water": _size(),
@@ -589,6 +663,7 @@ def _limits(ctx: _Ctx, node: Node) -> LimitsConfig:
         "backend": _c_limits_backend,
         "redis_failure": _choice(("open", "closed")),
         "redis_timeout": _duration(),
+        "max_drains": _int(0),
     }
     vals, nodes = _fields(ctx, node, "limits", spec)
     cfg = LimitsConfig(**vals)
@@ -618,7 +693,10 @@ def _timeouts(ctx: _Ctx, node: Node) -> TimeoutsConfig:
         "idle": _duration(),
         "total": _duration(),
         "client_idle": _duration(),
+        "request_head": _duration(),
+        "request_body": _duration(),
         "shutdown_grace": _duration(allow_zero=True),  # 0: stop at once on SIGTERM
+        "drain": _duration(),
     }
     vals, _ = _fields(ctx, node, "timeouts", spec)
     return TimeoutsConfig(**vals)

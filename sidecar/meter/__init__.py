@@ -3,9 +3,13 @@
 The hot path calls :meth:`Meter.submit`, which only appends to a bounded
 queue; one writer task per process drains the queue into SQLite (WAL) in
 batches, as multi-row INSERTs. Nothing is dropped silently: a record that finds the queue full, or
-a batch the database refuses, is appended as one JSON line to a spill file, and
-the next :meth:`Meter.start` (of any worker sharing the database) replays that
-file into the table.
+a batch the database refuses, is appended as one JSON line to a spill file, which
+the writer replays into the table as soon as a write succeeds again (retried about
+once a second while idle), as does every :meth:`Meter.start`.
+
+Requests in flight are journalled (``journal``: one line per request, per process,
+closed once its row is committed or spilled); what a dead process left open is
+recorded once as ``outcome='interrupted'`` by the next start (``recovery``).
 
 Several worker processes write the same database, each through its own Meter,
 and by default share the same spill file. That sharing is made safe by:

@@ -72,3 +72,7 @@ class MeterRecord:
     # (``model`` keeps the one the client asked for). None: not renamed.
     upstream_model: str | None = None
     tier: str | None = None  # the queue tier the request was served in
+    # An estimated row whose response body the estimate could not read as text (gzip
+    # although identity was asked for, binary): those bytes, which completion_tokens
+    # counts none of (usage_approx is set). None: nothing was left unread.
+    unread_bytes: int | None = None

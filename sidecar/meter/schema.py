@@ -77,6 +77,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # Routing: the model sent upstream when a route renamed it; the queue tier.
     (f"ALTER TABLE {TABLE} ADD COLUMN upstream_model TEXT",
      f"ALTER TABLE {TABLE} ADD COLUMN tier TEXT"),
+    # Estimates that say what they are: body bytes the estimate could not read as text.
+    (f"ALTER TABLE {TABLE} ADD COLUMN unread_bytes INTEGER",),
 )
 
 COLUMNS: Final[tuple[str, ...]] = tuple(f.name for f in dataclasses.fields(MeterRecord))

@@ -1,9 +1,10 @@
 """The spill file: records that could not be queued or written, as JSON lines.
 
 A record that finds the meter's queue full, or a batch the database refuses, is
-appended here instead of being dropped; the next Meter.start() of any worker
-sharing the file replays it into the table. See the package docstring for how
-concurrent appenders and replayers stay safe.
+appended here instead of being dropped; the writer that spilled replays it into the
+table once a write succeeds again (and every Meter.start() of a worker sharing the
+file replays what is left). See the package docstring for how concurrent appenders
+and replayers stay safe.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import IO, Any, Final
 
 import aiosqlite
@@ -184,14 +185,17 @@ class Spill:
         self.replayed = 0  # rows inserted from spill files
         self.lost = 0  # records that could not be appended either (logged)
         self.errors = 0  # failed appends, failed replays
+        # This process appended since its last replay: the writer replays again soon.
+        self.pending = False
 
     def close(self) -> None:
         self._file.close()
 
-    def append(self, records: Sequence[MeterRecord], reason: str | None) -> None:
-        """Append records that will not reach the table now; ``reason`` (if any) is logged."""
+    def append(self, records: Sequence[MeterRecord], reason: str | None) -> bool:
+        """Append records that will not reach the table now; ``reason`` (if any) is logged.
+        False when they could not be appended either (counted as lost)."""
         if not records:
-            return
+            return True
         try:
             self._file.append(_encode(records))
         except (OSError, TypeError, orjson.JSONEncodeError) as exc:
@@ -203,16 +207,21 @@ class Spill:
                 self.path,
                 exc,
             )
-            return
+            return False
         self.spilled += len(records)
+        self.pending = True
         if reason is not None:
             log.warning("meter: spilled %d records to %s (%s)", len(records), self.path, reason)
+        return True
 
-    async def replay(self, db: aiosqlite.Connection) -> None:
-        """Insert spill files left by earlier runs (of any worker), then remove them.
+    async def replay(self, db: aiosqlite.Connection,
+                     then: Callable[[], Awaitable[None]] | None = None) -> bool:
+        """Insert spill files left by any worker (earlier runs, or this one while the
+        database refused writes), then remove them; then run ``then`` (journal
+        recovery), still holding the replay lock. True when all of it was done.
 
         All claimed files go in one transaction, so a failure leaves them all
-        in place (claimed) for the next start to retry, with nothing doubled.
+        in place (claimed) for the next replay to retry, with nothing doubled.
         A failure here is logged, not raised: the meter can still write.
         """
         lock_path = self.path + LOCK_SUFFIX
@@ -221,19 +230,27 @@ class Spill:
         except OSError as exc:
             self.errors += 1
             log.error("meter: cannot lock %s (%s); spill files not replayed", lock_path, exc)
-            return
+            return False
         if lock_fd is None:
             log.info("meter: another worker is replaying %s", self.path)
-            return
+            return False
+        # Cleared before the claim: whatever is appended from here on lands in a file
+        # this replay may not see, and sets it again.
+        self.pending = False
         try:
             paths = await asyncio.to_thread(_claim_spill_files, self.path)
             if paths:
                 await self._insert_files(db, paths)
+            if then is not None:
+                await then()
         except (OSError, sqlite3.Error) as exc:
             self.errors += 1
-            log.error("meter: replaying %s failed (%s); will retry at next start", self.path, exc)
+            self.pending = True
+            log.error("meter: replaying %s failed (%s); will retry", self.path, exc)
+            return False
         finally:
             os.close(lock_fd)
+        return True
 
     async def _insert_files(self, db: aiosqlite.Connection, paths: Sequence[str]) -> None:
         rows_in = 0

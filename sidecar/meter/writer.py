@@ -3,8 +3,10 @@
 :meth:`Meter.submit` (once per request) only appends to the queue; one writer
 task per process drains it into SQLite in batches, one multi-row INSERT each.
 :meth:`Meter.start` opens the database (busy timeout, WAL, page cache), migrates
-it and replays old spill files; what cannot be queued or written is handed to
-the spill (spill.py). The package docstring has the whole design.
+it, replays old spill files and records what dead processes' journals left open
+(journal.py, recovery.py); what cannot be queued or written is handed to the spill
+(spill.py), and the writer replays it as soon as the database takes writes again.
+The package docstring has the whole design.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -23,9 +25,12 @@ import aiosqlite
 
 from sidecar.config import MeterConfig
 from sidecar.errors import SidecarError
+from sidecar.meter.journal import Journal, orphan_files_exist
 from sidecar.meter.record import MeterRecord
+from sidecar.meter.recovery import recover
 from sidecar.meter.schema import _insert_args, _insert_sql, _statement_rows, migrate
 from sidecar.meter.spill import Spill
+from sidecar.metrics.core import Histogram
 
 log = logging.getLogger("sidecar.meter")  # one logger for all the meter modules
 
@@ -40,8 +45,9 @@ class MeterStats:
     batches: int  # committed writer batches
     errors: int  # failed batch writes, failed spill appends, failed replays
     overflowed: int = 0  # of `spilled`: the queue was full at submit()
-    replayed: int = 0  # rows inserted from spill files at start()
+    replayed: int = 0  # rows inserted from spill files (at start() or while running)
     lost: int = 0  # records neither written nor spilled (both failed; logged)
+    interrupted: int = 0  # rows recorded from dead processes' journals
 
 
 class MeterError(SidecarError):
@@ -68,6 +74,9 @@ PAGE_CACHE_KIB: Final = 256
 # Queue-overflow warnings are rate-limited: at full overload submit() is called
 # thousands of times per second and each call would otherwise log a line.
 OVERFLOW_LOG_INTERVAL_S: Final = 10.0
+# While something is left to replay (this process spilled, or a dead process's journal
+# could not be recovered yet), the writer tries again at most this often, idle or not.
+REPLAY_RETRY_S: Final = 1.0
 
 
 async def enable_wal(db: aiosqlite.Connection) -> Any:
@@ -102,6 +111,17 @@ class Meter:
         # calls per record, and nothing here awaits the queue itself (see _wake).
         self._queue: collections.deque[MeterRecord] = collections.deque()
         self._spill = Spill(self.spill_path)
+        # The crash journal (journal.py): opened by start(); None when off.
+        self.journal: Journal | None = None
+        journal_dir = cfg.journal_path
+        self._journal_dir = journal_dir
+        if journal_dir is not None:
+            self.journal = Journal(journal_dir, cfg.journal_rotate_bytes)
+        # Prices an interrupted row (set by the server; None: cost_usd stays null).
+        self.price: Callable[[MeterRecord], float | None] | None = None
+        self._recovery_pending = journal_dir is not None  # orphans to look for
+        self._interrupted = 0
+        self._next_replay = 0.0  # monotonic time of the next replay try while running
         self._db: aiosqlite.Connection | None = None
         self._writer: asyncio.Task[None] | None = None
         self._close_task: asyncio.Task[None] | None = None
@@ -117,6 +137,8 @@ class Meter:
         self._batches = 0
         self._errors = 0  # failed batch writes (the spill counts its own)
         self._overflowed = 0
+        # Milliseconds per committed batch (sidecar_meter_batch_seconds); the writer's.
+        self.batch_ms = Histogram()
         self._last_overflow_log = -OVERFLOW_LOG_INTERVAL_S
 
     @property
@@ -131,6 +153,7 @@ class Meter:
             overflowed=self._overflowed,
             replayed=spill.replayed,
             lost=spill.lost,
+            interrupted=self._interrupted,
         )
 
     # -- lifecycle -------------------------------------------------------------
@@ -166,7 +189,14 @@ class Meter:
                 raise MeterError(f"cannot prepare meter db {path!r}: {exc}") from exc
             raise
         self._db = db
-        await self._spill.replay(db)
+        if self.journal is not None:
+            try:
+                self.journal.open()
+            except OSError as exc:
+                # Serving without it is better than not serving: say so loudly.
+                log.error("meter journal: cannot create a journal in %s (%s); requests "
+                          "in flight will not survive a crash", self._journal_dir, exc)
+        await self._replay(db)
         self._writer = asyncio.get_running_loop().create_task(
             self._run(db), name="sidecar-meter-writer"
         )
@@ -175,7 +205,7 @@ class Meter:
     def submit(self, rec: MeterRecord) -> None:
         """Queue one record. Never awaits, never touches the database, never raises."""
         if self._spill_only:
-            self._spill.append([rec], "meter is closed")
+            self._spill_closed([rec], "meter is closed")
             return
         queue = self._queue
         if len(queue) >= self._cfg.queue_size:
@@ -189,7 +219,7 @@ class Meter:
                     self.spill_path,
                     self._overflowed,
                 )
-            self._spill.append([rec], None)
+            self._spill_closed([rec], None)
             return
         queue.append(rec)
         if len(queue) >= self._wake_at:
@@ -232,9 +262,11 @@ class Meter:
         # Records submitted after the writer's last look (or with no writer at
         # all) go to the spill file; from here on submit() spills directly.
         # No await between these two steps, so none can slip in between.
-        self._spill.append(self._drain(len(self._queue)), "meter is closing")
+        self._spill_closed(self._drain(len(self._queue)), "meter is closing")
         self._spill_only = True
         self._spill.close()
+        if self.journal is not None:
+            self.journal.shutdown()
         db, self._db = self._db, None
         if db is not None:
             try:
@@ -257,7 +289,10 @@ class Meter:
             if not queue:
                 if self._closing:
                     return
-                await self._wait(1, None)
+                pending = self._spill.pending or self._recovery_pending
+                await self._wait(1, REPLAY_RETRY_S if pending else None)
+                if pending and not queue and not self._closing:
+                    await self._replay_due(db)
                 continue
             # First record is here: give the batch until flush_ms to fill (unless
             # the last write left records behind: then they are due already).
@@ -267,7 +302,40 @@ class Meter:
                 return
             batch = self._drain(_statement_rows(min(len(queue), batch_rows)))
             backlog = bool(queue)
-            await self._write(db, batch)
+            if await self._write(db, batch) and (self._spill.pending or self._recovery_pending):
+                await self._replay_due(db)
+
+    async def _replay_due(self, db: aiosqlite.Connection) -> None:
+        """Replay (spill, then journals) when the last try is REPLAY_RETRY_S old."""
+        now = time.monotonic()
+        if now < self._next_replay:
+            return
+        self._next_replay = now + REPLAY_RETRY_S
+        await self._replay(db)
+
+    async def _replay(self, db: aiosqlite.Connection) -> None:
+        """Spill files first, then dead processes' journals, under one replay lock: a
+        dead process's spilled rows must be in the table before its journal is read."""
+        if self._recovery_pending:
+            await self._spill.replay(db, lambda: self._recover(db))
+        else:
+            await self._spill.replay(db)
+
+    async def _recover(self, db: aiosqlite.Connection) -> None:
+        directory = self._journal_dir
+        assert directory is not None
+        own = self.journal.path if self.journal is not None else ""
+        if not await asyncio.to_thread(orphan_files_exist, directory, own):
+            self._recovery_pending = False
+            return
+        try:
+            inserted, _ = await recover(db, directory, self.price)
+        except (OSError, sqlite3.Error) as exc:
+            self._errors += 1
+            log.error("meter journal: recovering %s failed (%s); will retry", directory, exc)
+            return
+        self._interrupted += inserted
+        self._recovery_pending = False
 
     async def _wait(self, threshold: int, timeout: float | None) -> None:
         """Sleep until ``threshold`` records are queued, close(), or ``timeout``."""
@@ -288,7 +356,7 @@ class Meter:
         queue = self._queue
         return [queue.popleft() for _ in range(min(limit, len(queue)))]
 
-    async def _write(self, db: aiosqlite.Connection, batch: Sequence[MeterRecord]) -> None:
+    async def _write(self, db: aiosqlite.Connection, batch: Sequence[MeterRecord]) -> bool:
         """Insert one batch (a size from _statement_rows) as one atomic multi-row
         INSERT; on a DB error spill it instead.
 
@@ -297,6 +365,7 @@ class Meter:
         as well would write it twice.
         """
         sql, args = _insert_sql(len(batch)), _insert_args(batch)
+        t0 = time.perf_counter()
         try:
             # One statement in autocommit is its own transaction: all rows or none.
             # Its write lock waits busy_timeout for the other workers' writers.
@@ -304,17 +373,27 @@ class Meter:
         except sqlite3.Error as exc:
             self._errors += 1
             log.error("meter: writing %d rows failed (%s); spilling them", len(batch), exc)
-            self._spill.append(batch, "write failed")
-            return
+            self._spill_closed(batch, "write failed")
+            return False
+        self.batch_ms.observe((time.perf_counter() - t0) * 1000)
         self._written += len(batch)
         self._batches += 1
+        if self.journal is not None:
+            self.journal.closed_records(batch)  # after the commit: a crash before it recovers
+        return True
+
+    def _spill_closed(self, records: Sequence[MeterRecord], reason: str | None) -> None:
+        """Spill records; once they are in the spill file their journal lines are closed
+        (the spill is replayed before any journal is recovered)."""
+        if self._spill.append(records, reason) and self.journal is not None:
+            self.journal.closed_records(records)
 
     def _writer_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
             # Someone cancelled the writer (e.g. the loop shut down without
             # close()): what is still queued would vanish with the process.
             self._spill_only = True
-            self._spill.append(self._drain(len(self._queue)), "writer cancelled")
+            self._spill_closed(self._drain(len(self._queue)), "writer cancelled")
             return
         exc = task.exception()
         if exc is None:
@@ -323,4 +402,4 @@ class Meter:
         # queueing records nobody will write.
         log.error("meter writer died; spilling from now on", exc_info=exc)
         self._spill_only = True
-        self._spill.append(self._drain(len(self._queue)), "writer died")
+        self._spill_closed(self._drain(len(self._queue)), "writer died")

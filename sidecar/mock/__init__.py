@@ -14,8 +14,11 @@ from sidecar.mock.expected import (
     encoding_name_for_model,
     expected_completion_tokens,
     expected_text,
+    expected_tool_arguments,
     expected_usage,
     prompt_tokens,
+    tool_argument_fragments,
+    tool_to_call,
 )
 from sidecar.mock.faults import parse_size
 from sidecar.mock.openai import embedding_vector
@@ -39,9 +42,12 @@ __all__ = [
     "encoding_name_for_model",
     "expected_completion_tokens",
     "expected_text",
+    "expected_tool_arguments",
     "expected_usage",
     "kind_for_path",
     "mock_upstream",
     "parse_size",
     "prompt_tokens",
+    "tool_argument_fragments",
+    "tool_to_call",
 ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+import orjson
+
 from sidecar.mock.shapes import Builder, Shape
 from sidecar.mock.wire import ID_PH_S, named_event, to_json
 
@@ -33,7 +35,12 @@ class _Messages(Builder):
         }
 
     def whole(self, shape: Shape, text: str, completion: int) -> bytes:
-        msg = self._message(shape, [{"type": "text", "text": text}], "end_turn")
+        if shape.tool is not None:
+            block = {"type": "tool_use", "id": "toolu_" + ID_PH_S, "name": shape.tool,
+                     "input": orjson.loads(text)}
+            msg = self._message(shape, [block], "tool_use")
+        else:
+            msg = self._message(shape, [{"type": "text", "text": text}], "end_turn")
         if shape.usage:
             msg["usage"] = self._start_usage(shape, completion)
         return to_json(msg)
@@ -45,13 +52,12 @@ class _Messages(Builder):
         if shape.usage:
             msg["usage"] = self._start_usage(shape, 1)
         pre = named_event("message_start", {"type": "message_start", "message": msg})
+        tool = shape.tool
+        block: dict[str, Any] = {"type": "text", "text": ""} if tool is None else {
+            "type": "tool_use", "id": "toolu_" + ID_PH_S, "name": tool, "input": {}}
         pre += named_event(
             "content_block_start",
-            {
-                "type": "content_block_start",
-                "index": 0,
-                "content_block": {"type": "text", "text": ""},
-            },
+            {"type": "content_block_start", "index": 0, "content_block": block},
         )
         pre += named_event("ping", {"type": "ping"})
         deltas = [
@@ -60,7 +66,8 @@ class _Messages(Builder):
                 {
                     "type": "content_block_delta",
                     "index": 0,
-                    "delta": {"type": "text_delta", "text": t},
+                    "delta": {"type": "text_delta", "text": t} if tool is None
+                    else {"type": "input_json_delta", "partial_json": t},
                 },
             )
             for t in texts
@@ -68,7 +75,8 @@ class _Messages(Builder):
         post = named_event("content_block_stop", {"type": "content_block_stop", "index": 0})
         delta: dict[str, Any] = {
             "type": "message_delta",
-            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "delta": {"stop_reason": "end_turn" if tool is None else "tool_use",
+                      "stop_sequence": None},
         }
         if shape.usage:
             delta["usage"] = {"output_tokens": completion}

@@ -92,6 +92,57 @@ def expected_text(chunks: int = DEFAULT_CHUNKS, chunk_tokens: int = DEFAULT_CHUN
     return "".join(chunk_texts(chunks, chunk_tokens))
 
 
+def tool_argument_fragments(
+    chunks: int = DEFAULT_CHUNKS, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> list[str]:
+    """The argument fragments of the mock's tool call, in stream order: the JSON object
+    ``{"query": TEXT}`` (TEXT = expected_text) cut as ``{"query": "``, each chunk's text,
+    ``"}``. The words need no JSON escaping, so the fragments join to valid JSON."""
+    return ['{"query": "', *chunk_texts(chunks, chunk_tokens), '"}']
+
+
+def expected_tool_arguments(
+    chunks: int = DEFAULT_CHUNKS, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> str:
+    """The whole arguments JSON of the mock's tool call (its completion tokens count this)."""
+    return "".join(tool_argument_fragments(chunks, chunk_tokens))
+
+
+def tool_to_call(kind: str, body: dict[str, Any]) -> str | None:
+    """The tool the mock calls for this request, or None for a text answer.
+
+    Like a model in an agent loop: a request that offers tools (and does not forbid
+    them) gets a call of the named tool (tool_choice) or else the first one, unless
+    its last message is a tool result, which gets the text answer.
+    """
+    tools = body.get("tools")
+    if not isinstance(tools, list) or not tools or not isinstance(tools[0], dict):
+        return None
+    choice = body.get("tool_choice")
+    messages = body.get("messages")
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    if kind == "chat":
+        if choice == "none":
+            return None
+        if isinstance(last, dict) and last.get("role") == "tool":
+            return None
+        if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+            return str(choice["function"].get("name"))
+        fn = tools[0].get("function")
+        return str(fn.get("name")) if isinstance(fn, dict) else None
+    if kind == "messages":
+        if isinstance(choice, dict) and choice.get("type") == "none":
+            return None
+        content = last.get("content") if isinstance(last, dict) else None
+        if isinstance(content, list) and any(
+                isinstance(b, dict) and b.get("type") == "tool_result" for b in content):
+            return None
+        if isinstance(choice, dict) and choice.get("type") == "tool":
+            return str(choice.get("name"))
+        return str(tools[0].get("name"))
+    return None
+
+
 def big_chunk_text(chunk_tokens: int = DEFAULT_BIG_CHUNK_TOKENS) -> str:
     """The one delta text repeated by the big mode (x-mock-bytes): constant so a single
     pre-built frame can be written over and over."""

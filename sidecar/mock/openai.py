@@ -66,7 +66,8 @@ class _Chat(Builder):
 
     def whole(self, shape: Shape, text: str, completion: int) -> bytes:
         body = self._base(shape, self.obj)
-        body["choices"] = [self._whole_choice(text)]
+        body["choices"] = [self._whole_choice(text) if shape.tool is None
+                           else self._whole_tool_choice(shape.tool, text)]
         if shape.usage:
             body["usage"] = _openai_usage(shape, completion, details=self.details)
         return to_json(body)
@@ -78,16 +79,38 @@ class _Chat(Builder):
             chunk["usage"] = None
         return data_event(chunk)
 
+    def _whole_tool_choice(self, name: str, arguments: str) -> dict[str, Any]:
+        call = {"id": "call_" + ID_PH_S, "type": "function",
+                "function": {"name": name, "arguments": arguments}}
+        return {
+            "index": 0,
+            "message": {"role": "assistant", "content": None, "tool_calls": [call],
+                        "refusal": None, "annotations": []},
+            "logprobs": None,
+            "finish_reason": "tool_calls",
+        }
+
     def _first(self, shape: Shape) -> bytes:
+        if shape.tool is not None:
+            # OpenAI's tool-call stream: the first chunk names the call (id, function
+            # name, empty arguments); content is null throughout.
+            call = {"index": 0, "id": "call_" + ID_PH_S, "type": "function",
+                    "function": {"name": shape.tool, "arguments": ""}}
+            return self._chunk(shape, self._choice(None, None, {
+                "role": "assistant", "content": None, "tool_calls": [call], "refusal": None}))
         return self._chunk(
             shape, self._choice(None, None, {"role": "assistant", "content": "", "refusal": None})
         )
 
     def _delta(self, shape: Shape, text: str) -> bytes:
+        if shape.tool is not None:
+            return self._chunk(shape, self._choice(text, None, {
+                "tool_calls": [{"index": 0, "function": {"arguments": text}}]}))
         return self._chunk(shape, self._choice(text, None, {"content": text}))
 
     def _last(self, shape: Shape) -> bytes:
-        return self._chunk(shape, self._choice("", "stop", {}))
+        return self._chunk(shape, self._choice("", "stop" if shape.tool is None
+                                               else "tool_calls", {}))
 
     def stream(
         self, shape: Shape, texts: list[str], text: str, completion: int

@@ -16,6 +16,7 @@ from sidecar.mock.expected import (
     DEFAULT_CHUNK_TOKENS,
     input_count,
     prompt_tokens,
+    tool_to_call,
 )
 from sidecar.mock.faults import Faults, Knobs
 from sidecar.mock.shapes import Shape, Template
@@ -161,6 +162,7 @@ class Planner:
             cache_write=knobs.cache_write,
             inputs=input_count(obj) if kind == "embeddings" else 1,
             base64=obj.get("encoding_format") == "base64",
+            tool=None if big else tool_to_call(kind, obj),
         )
         tmpl = self._big_template(shape, knobs.bytes_total) if big else self._template(shape)
         plan.tmpl = tmpl

@@ -28,6 +28,7 @@ class Shape:
     inputs: int = 1  # embeddings: number of vectors
     base64: bool = False  # embeddings: encoding_format=base64 (the openai SDK's default)
     dims: int = 8
+    tool: str | None = None  # chat/messages: call this tool instead of answering in text
 
 
 @dataclass(frozen=True, slots=True)

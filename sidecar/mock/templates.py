@@ -17,6 +17,7 @@ from sidecar.mock.expected import (
     chunk_texts,
     count_tokens,
     encoding_name_for_model,
+    tool_argument_fragments,
 )
 from sidecar.mock.shapes import Builder, Shape, Template
 from sidecar.mock.wire import LAST_FRAME, STREAM_HEAD, http_head
@@ -32,6 +33,11 @@ def build(shape: Shape) -> Template:
         texts = [big_chunk_text(shape.chunk_tokens)]
         completion = big_completion_tokens(shape.chunks, shape.chunk_tokens, shape.model)
         full_text = ""  # never materialised in big mode; the *.done events carry "" instead
+    elif shape.tool is not None:
+        # A tool call: the "texts" are the argument fragments, counted as the completion.
+        texts = tool_argument_fragments(shape.chunks, shape.chunk_tokens)
+        full_text = "".join(texts)
+        completion = count_tokens(full_text, encoding_name_for_model(shape.model))
     else:
         texts = chunk_texts(shape.chunks, shape.chunk_tokens)
         full_text = "".join(texts)
