@@ -377,7 +377,10 @@ class Proxy:
         self._keys_task = self.loop.create_task(self.keys.run(), name="keys-watch")
         if isinstance(self.admission, Limiter) and config.meter.db != ":memory:":
             # Key budgets: the spend per key, read from the meter (every worker's rows).
-            ledger = self.admission.spend = SpendLedger(config.meter.db, config.auth.refresh)
+            keys = self.keys
+            ledger = self.admission.spend = SpendLedger(
+                config.meter.db, config.auth.refresh,
+                wanted=lambda: keys.current.has_budgets)
             self._spend_task = self.loop.create_task(ledger.run(), name="spend-ledger")
 
     def _connection_cap(self, config: Config) -> int:

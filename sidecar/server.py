@@ -197,12 +197,15 @@ class Server:
                         ", ".join(kept))
             new = dataclasses.replace(new, **kept)
         old_lim, new_lim = self.config.limits, new.limits
-        if (new_lim.backend, new_lim.redis_failure) != (old_lim.backend, old_lim.redis_failure):
+        if (new_lim.backend, new_lim.redis_failure, new_lim.redis_timeout) != (
+                old_lim.backend, old_lim.redis_failure, old_lim.redis_timeout):
             # The bucket store is built once, at start: keep what the running proxy uses.
-            log.warning("reload: limits.backend and limits.redis_failure change only on "
-                        "restart; the running values are kept")
+            log.warning("reload: limits.backend, limits.redis_failure and "
+                        "limits.redis_timeout change only on restart; the running values "
+                        "are kept")
             new = dataclasses.replace(new, limits=dataclasses.replace(
-                new_lim, backend=old_lim.backend, redis_failure=old_lim.redis_failure))
+                new_lim, backend=old_lim.backend, redis_failure=old_lim.redis_failure,
+                redis_timeout=old_lim.redis_timeout))
         _warn_unenforced(new)
         self.proxy.swap(new)
         self.config = new

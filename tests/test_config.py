@@ -478,7 +478,8 @@ def test_unknown_keys_at_every_depth(tmp_path: pathlib.Path) -> None:
         "db, flush_ms, journal, journal_dir, journal_rotate_bytes, queue_size, spill",
         "c.yaml:19: limits.max_body: unknown key (did you mean 'max_body_bytes'?); allowed: "
         "backend, max_body_bytes, max_connections, max_drains, max_header_bytes, max_headers, "
-        "max_pipelined_bytes, redis_failure, tap_body_bytes, write_high_water, write_low_water",
+        "max_pipelined_bytes, redis_failure, redis_timeout, tap_body_bytes, write_high_water, "
+        "write_low_water",
         "c.yaml:20: timeouts.conect: unknown key (did you mean 'connect'?); allowed: "
         "client_idle, connect, drain, first_byte, idle, request_body, request_head, "
         "shutdown_grace, total",
@@ -1118,6 +1119,14 @@ def test_routing_key_problems(tmp_path: pathlib.Path) -> None:
         "c.yaml:2: upstreams.u.health_check.timeout: must be shorter than interval "
         "(1s >= 1s)",
     ]
+
+
+def test_redis_timeout_loads_and_names_its_line_when_bad(tmp_path: pathlib.Path) -> None:
+    assert load(tmp_path, FAILOVER_ROUTE).limits.redis_timeout == 0.5
+    cfg = load(tmp_path, FAILOVER_ROUTE + "limits:\n  redis_timeout: 2s\n")
+    assert cfg.limits.redis_timeout == 2.0
+    problem = only_problem(tmp_path, FAILOVER_ROUTE + "limits:\n  redis_timeout: soon\n")
+    assert problem.startswith("c.yaml:7: limits.redis_timeout: "), problem
 
 
 def test_disconnect_policy_and_its_caps_load_with_defaults(tmp_path: pathlib.Path) -> None:

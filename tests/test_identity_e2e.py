@@ -124,3 +124,44 @@ def test_the_identity_header_only_from_trusted_peers(
         assert (rows[0]["key_id"], rows[0]["tier"]) == ("alice", "pro")
     else:
         assert rows[0]["key_id"] is None and rows[0]["status"] == 401
+
+
+def test_a_key_over_its_money_budget_gets_429_insufficient_quota_until_the_next_period(
+        stack_factory: Callable[..., Stack], tmp_path: pathlib.Path) -> None:
+    """The spend ledger reads each served row's cost_usd from the meter; once a key's
+    day budget is spent, its next requests are refused before any provider call, with
+    retry-after at the next UTC midnight. A key without a budget is untouched."""
+    import calendar
+
+    db = str(tmp_path / "keys.db")
+    with KeyStore.open(db) as store:
+        capped, capped_secret = store.create("capped", budget_usd=1e-9, budget_period="day")
+        _, free_secret = store.create("unbudgeted")
+    stack = stack_factory(_keyed(db))
+    first = _post(stack.port, _bearer(capped_secret))
+    assert first.status == 200  # nothing spent yet: admitted, and it costs > $1e-9
+    # The row is flushed (<= 50 ms) and read by the ledger (refresh 0.1 s) within moments.
+    deadline = time.monotonic() + 5
+    while (refused := _post(stack.port, _bearer(capped_secret))).status == 200:
+        assert time.monotonic() < deadline, "the budget was never enforced"
+        time.sleep(0.05)
+    now = time.time()
+    err = assert_openai_error(refused, 429, "insufficient_quota")
+    assert capped.id in err["message"] and "daily budget" in err["message"]
+    t = time.gmtime(now)
+    midnight = calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0)) + 86_400
+    retry = int(refused.header("retry-after") or 0)
+    assert midnight - now - 5 <= retry <= midnight - now + 5, (retry, midnight - now)
+    assert _post(stack.port, _bearer(free_secret)).status == 200
+    calls_before = len(stack.mock.requests)
+    assert _post(stack.port, _bearer(capped_secret)).status == 429
+    assert len(stack.mock.requests) == calls_before  # refused before the provider
+
+    stack.stop()
+    rows = stack.rows()
+    capped_rows = [r for r in rows if r["key_id"] == capped.id]
+    assert capped_rows[0]["status"] == 200 and capped_rows[0]["cost_usd"] > 1e-9
+    # Rows served before the ledger's look may be 200s; every refused one is a 429.
+    assert {r["status"] for r in capped_rows[1:]} <= {200, 429}
+    assert sum(r["status"] == 429 for r in capped_rows) == 2
+    assert capped_rows[-1]["status"] == 429 and capped_rows[-1]["cost_usd"] in (None, 0)

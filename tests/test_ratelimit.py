@@ -85,3 +85,106 @@ def test_the_memory_backend_keeps_spend_across_a_limit_change_and_sweeps_idle() 
     m.reserve("idle", Limits(10, 1.0), 1, 0.0)
     m._sweep(100.0)
     assert "idle" not in m._buckets and "a" not in m._buckets  # both refilled by now
+
+
+# -- the admit fast path decides as the general path does ------------------------------
+
+class _Delegating:
+    """The in-process store behind another face: the Limiter then takes its general
+    path (a Grant per reservation) instead of the one-frame fast path."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryBackend()
+
+    def reserve(self, name: str, limits: Limits, cost: int, now: float) -> object:
+        return self.inner.reserve(name, limits, cost, now)
+
+    def settle(self, name: str, limits: Limits, delta: int, now: float) -> None:
+        self.inner.settle(name, limits, delta, now)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _Tokenizer:
+    """A counted prompt of 37 tokens, whatever the body (the exact estimate's path)."""
+
+    def count_prompt(self, body: object, fmt: object, path: str,
+                     model: object) -> tuple[int, None]:
+        return 37, None
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _limited_route(key: str) -> object:
+    from sidecar.config.load import parse_config_text
+    from sidecar.runtime import Runtime
+
+    cfg = parse_config_text(
+        "routes:\n  - path: /v1/chat/completions\n"
+        "    upstreams: [{ target: http://127.0.0.1:9 }]\n"
+        "    middleware:\n      - type: token_limiter\n"
+        f"        config: {{ limit: 2000, period: 1m, key: {key}, reserve: 100 }}\n")
+    return Runtime.build(cfg).routes.get("/v1/chat/completions")
+
+
+@pytest.mark.parametrize("key", ["route", "api_key"])
+def test_fast_admission_matches_the_general_path_step_by_step(key: str) -> None:
+    """Sequences of admissions, refusals and settlements over time: the fast path
+    (MemoryBackend seen directly) and the general path (the same store behind another
+    object) give the same headers, the same refusals and the same reservations."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from sidecar.context import RequestContext
+    from sidecar.errors import RateLimited
+    from sidecar.ratelimit.limiter import Limiter
+    from sidecar.request_reader import ParsedRequest
+    from sidecar.usage import Usage
+
+    route = _limited_route(key)
+
+    class _Client:
+        peer_ip = "127.0.0.1"
+
+    step = st.tuples(st.integers(0, 3000), st.one_of(st.none(), st.integers(0, 900)),
+                     st.integers(0, 1500), st.floats(0, 20), st.sampled_from([None, "k1"]))
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(step, min_size=1, max_size=25))
+    def run(steps: list[tuple[int, int | None, int, float, str | None]]) -> None:
+        clocks = (_Clock(), _Clock())
+        fast = Limiter(MemoryBackend(), _Tokenizer(),  # type: ignore[arg-type]
+                       clock=clocks[0])
+        general = Limiter(_Delegating(), _Tokenizer(),  # type: ignore[arg-type]
+                          clock=clocks[1])
+        assert fast.memory is not None and general.memory is None
+        for size, max_tokens, used, dt, key_id in steps:
+            body = {"model": "m", "messages": []}
+            if max_tokens is not None:
+                body["max_tokens"] = max_tokens
+            seen = []
+            for limiter, clock in zip((fast, general), clocks, strict=True):
+                clock.now += dt
+                req = ParsedRequest(b"POST", b"/v1/chat/completions", [], True, True,
+                                    False, body=b"x" * size)
+                ctx = RequestContext(request_id="", ts_ms=0, t_received=0.0, path="p",
+                                     route="p", bytes_in=size)
+                ctx.key_id = key_id
+                try:
+                    limiter.admit(req, body, ctx, route, _Client())  # type: ignore[arg-type]
+                except RateLimited as exc:
+                    seen.append(("429", str(exc), exc.headers))
+                    continue
+                seen.append(("ok", ctx.rate_headers, ctx.bucket, ctx.reserved))
+                ctx.usage = Usage(used // 2, used - used // 2, used)
+                limiter.settle(ctx)
+            assert seen[0] == seen[1]
+
+    run()

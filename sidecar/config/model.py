@@ -79,6 +79,10 @@ class LimitsConfig:
     # "open" lets requests through uncharged, "closed" refuses them with 503.
     backend: str = "memory"
     redis_failure: Literal["open", "closed"] = "open"
+    # Connect and reply deadline of one Redis call; past it the call counts as Redis
+    # being unreachable (the failure mode above, then a 1 s breaker). Loopback answers in
+    # ~0.2 ms; the margin is for a loaded host, not for a slow network.
+    redis_timeout: float = 0.5
     # on_client_disconnect: drain: responses read to their end (for the provider's usage)
     # at once after their client left, per worker; beyond it a disconnect aborts.
     max_drains: int = 64

@@ -662,6 +662,7 @@ def _limits(ctx: _Ctx, node: Node) -> LimitsConfig:
         "tap_body_bytes": _size(),
         "backend": _c_limits_backend,
         "redis_failure": _choice(("open", "closed")),
+        "redis_timeout": _duration(),
         "max_drains": _int(0),
     }
     vals, nodes = _fields(ctx, node, "limits", spec)

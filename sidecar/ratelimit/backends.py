@@ -16,4 +16,5 @@ def limit_backend(limits: LimitsConfig) -> Backend:
         return MemoryBackend()
     from sidecar.ratelimit.redis_backend import RedisBackend
 
-    return RedisBackend(limits.backend, fail_open=limits.redis_failure == "open")
+    return RedisBackend(limits.backend, fail_open=limits.redis_failure == "open",
+                        socket_timeout=limits.redis_timeout)

@@ -13,6 +13,10 @@ from sidecar.ratelimit.bucket import Grant
 
 Headers = tuple[tuple[bytes, bytes], ...]
 
+LIMIT_TOKENS = b"x-ratelimit-limit-tokens"
+REMAINING_TOKENS = b"x-ratelimit-remaining-tokens"
+RESET_TOKENS = b"x-ratelimit-reset-tokens"
+
 
 def duration(seconds: float) -> bytes:
     """OpenAI's spelling of a reset time: ms below a second, else [Nh][Nm]Ns."""
@@ -30,9 +34,9 @@ def duration(seconds: float) -> bytes:
 
 def rate_headers(grant: Grant) -> Headers:
     out = [
-        (b"x-ratelimit-limit-tokens", b"%d" % grant.limit_tokens),
-        (b"x-ratelimit-remaining-tokens", b"%d" % grant.remaining_tokens),
-        (b"x-ratelimit-reset-tokens", duration(grant.reset_tokens)),
+        (LIMIT_TOKENS, b"%d" % grant.limit_tokens),
+        (REMAINING_TOKENS, b"%d" % grant.remaining_tokens),
+        (RESET_TOKENS, duration(grant.reset_tokens)),
     ]
     if grant.limit_requests is not None:
         out += [

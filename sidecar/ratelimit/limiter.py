@@ -12,13 +12,22 @@ both are synchronous; a remote backend's reservation is an awaitable.
 from __future__ import annotations
 
 import calendar
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from sidecar.errors import QuotaExceeded, RateLimited
 from sidecar.ratelimit.bucket import Grant
-from sidecar.ratelimit.headers import rate_headers, retry_after
+from sidecar.ratelimit.headers import (
+    LIMIT_TOKENS,
+    REMAINING_TOKENS,
+    RESET_TOKENS,
+    duration,
+    rate_headers,
+    retry_after,
+)
+from sidecar.ratelimit.memory import MemoryBackend
 from sidecar.ratelimit.policy import (
     BYTES_PER_TOKEN_BOUND,
     EXACT_ESTIMATE_MAX_BYTES,
@@ -49,11 +58,14 @@ _NO_PEER: Final = "-"
 
 
 class Limiter:
-    __slots__ = ("backend", "clock", "spend", "tokenizer")
+    __slots__ = ("backend", "clock", "memory", "spend", "tokenizer")
 
     def __init__(self, backend: Backend, tokenizer: Tokenizer,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.backend = backend
+        # The in-process backend, when it is the one: its token-only reservation is
+        # synchronous and is taken without a Grant on the admit fast path.
+        self.memory = backend if isinstance(backend, MemoryBackend) else None
         self.tokenizer = tokenizer
         self.clock = clock
         # Money spent per key (read from the meter by its own task), when keys exist.
@@ -68,6 +80,30 @@ class Limiter:
         policy = route.limit
         if policy is None:
             return None
+        memory = self.memory
+        # The common case, in one frame: the in-process backend, a token bucket alone,
+        # the route's own size (no tier override, no key tpm/rpm), keyed by route or
+        # key, and the free size bound granted. Anything else (or a refusal) takes the
+        # general path below, which decides the same way with a Grant.
+        if memory is not None and policy.fast and (
+                key is None or (key.tpm is None and key.rpm is None)) and (
+                ctx.tier is None or ctx.tier not in policy.tiers):
+            limits = policy.limits
+            name = policy.route_bucket if ctx.key_id is None or policy.key == "route" \
+                else f"{policy.route_bucket}|k:{ctx.key_id}"
+            cost = len(req.body) // BYTES_PER_TOKEN_BOUND + 1
+            if not policy.embeddings:
+                cost += completion_reserve(body, policy.reserve)
+            wait, remaining, reset = memory.reserve_tokens(name, limits, cost, self.clock())
+            if wait == 0.0:
+                ctx.rate_headers = ((LIMIT_TOKENS, limits.header_value),
+                                    (REMAINING_TOKENS, b"%d" % remaining),
+                                    # duration()'s first case, without the call
+                                    (RESET_TOKENS, b"%dms" % math.ceil(reset * 1000)
+                                     if reset < 1.0 else duration(reset)))
+                if cost:
+                    ctx.bucket, ctx.bucket_limits, ctx.reserved = name, limits, cost
+                return None
         name, limits = self._bucket(policy, req, ctx, client)
         cost = self.bound(req, body, route, policy)
         result = self.backend.reserve(name, limits, cost, self.clock())
@@ -106,8 +142,9 @@ class Limiter:
             reset = period_start_ms("day" if period == "day" else "month",
                                     time.time()) / 1000
             raise QuotaExceeded(
-                f"API key {key.id} has spent ${spent:.2f} of its ${key.budget_usd:.2f} "
-                f"{period}ly budget", (retry_after(_next_period(period, reset) - time.time()),))
+                f"API key {key.id} has spent {_usd(spent)} of its {_usd(key.budget_usd)} "
+                f"{'daily' if period == 'day' else 'monthly'} budget",
+                (retry_after(_next_period(period, reset) - time.time()),))
 
     def settle(self, ctx: RequestContext) -> None:
         name = ctx.bucket
@@ -195,6 +232,12 @@ def _next_period(period: str, start_s: float) -> float:
     t = time.gmtime(start_s)
     year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
     return float(calendar.timegm((year, month, 1, 0, 0, 0)))
+
+
+def _usd(amount: float) -> str:
+    """Cents for ordinary sums; small ones keep their significant digits ($0.00 would
+    tell a user with a $0.001 budget nothing)."""
+    return f"${amount:.2f}" if amount >= 0.01 or amount == 0 else f"${amount:.3g}"
 
 
 def _whom(policy: LimitPolicy, ctx: RequestContext) -> str:

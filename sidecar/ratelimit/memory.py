@@ -25,7 +25,9 @@ class MemoryBackend:
 
     def _get(self, name: str, limits: Limits, now: float) -> tuple[Bucket, Bucket | None]:
         entry = self._buckets.get(name)
-        if entry is not None and entry[0] == limits:
+        # The policy's Limits object is the same one request after request: identity
+        # first, and the dataclass's __eq__ only after a reload built new ones.
+        if entry is not None and (entry[0] is limits or entry[0] == limits):
             return entry[1], entry[2]
         if len(self._buckets) >= MAX_BUCKETS:
             self._sweep(now)
@@ -44,11 +46,24 @@ class MemoryBackend:
         return tokens, requests
 
     def reserve(self, name: str, limits: Limits, cost: int, now: float) -> Grant:
-        tokens, requests = self._get(name, limits, now)
-        if requests is not None:
+        if limits.requests is not None:
+            tokens, requests = self._get(name, limits, now)
             return reserve(tokens, requests, cost, now)
-        # The common case (a token bucket alone) is bucket.reserve's arithmetic inlined:
-        # it runs on every admitted request, and the method calls were most of its cost.
+        wait, remaining, reset = self.reserve_tokens(name, limits, cost, now)
+        return Grant(wait == 0.0, wait, limits.tokens, remaining, reset)
+
+    def reserve_tokens(self, name: str, limits: Limits, cost: int,
+                       now: float) -> tuple[float, int, float]:
+        """A token bucket alone (no request count): charge ``cost`` if it fits.
+
+        Returns the seconds to wait (0.0: granted and charged), the tokens left and the
+        seconds until the bucket is full. It is bucket.reserve's arithmetic inlined and
+        without a Grant: it runs on every admitted request, and the calls and the
+        object were most of its cost.
+        """
+        entry = self._buckets.get(name)
+        tokens = entry[1] if entry is not None and entry[0] is limits \
+            else self._get(name, limits, now)[0]
         cap, rate = tokens.capacity, tokens.rate
         level = tokens.level
         if now > tokens.stamp:
@@ -56,20 +71,28 @@ class MemoryBackend:
             if level > cap:
                 level = cap
             tokens.stamp = now
-        need = (cost if cost < cap else cap) - level
-        if need <= 0:
-            level -= cost if cost < cap else cap
-            tokens.level = level
-            return Grant(True, 0.0, int(cap), int(level) if level > 0 else 0,
-                         (cap - level) / rate)
+        take = cost if cost < cap else cap
+        if take <= level:
+            level -= take
+            wait = 0.0
+        else:
+            wait = (take - level) / rate
         tokens.level = level
-        return Grant(False, need / rate, int(cap), int(level) if level > 0 else 0,
-                     (cap - level) / rate)
+        return wait, int(level) if level > 0 else 0, (cap - level) / rate
 
     def settle(self, name: str, limits: Limits, delta: int, now: float) -> None:
         entry = self._buckets.get(name)
-        if entry is not None and delta:
-            entry[1].adjust(delta, now)
+        if entry is None or not delta:
+            return
+        tokens = entry[1]  # Bucket.adjust, inlined for the same reason as above
+        cap, level = tokens.capacity, tokens.level
+        if now > tokens.stamp:
+            level += (now - tokens.stamp) * tokens.rate
+            if level > cap:
+                level = cap
+            tokens.stamp = now
+        level -= delta
+        tokens.level = level if level < cap else cap
 
     def _sweep(self, now: float) -> None:
         for name, (_, tokens, requests) in list(self._buckets.items()):

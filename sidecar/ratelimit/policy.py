@@ -36,6 +36,11 @@ class Limits:
     tokens: int
     period: float
     requests: int | None = None
+    # x-ratelimit-limit-tokens, formatted once: every admitted response carries it.
+    header_value: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "header_value", b"%d" % self.tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +51,17 @@ class LimitPolicy:
     reserve: int
     tiers: Mapping[str, Limits] = field(default_factory=dict)
     embeddings: bool = False  # no completion to reserve for
+    # Bucket names, built once: "r:<route>" is this route's own bucket and the
+    # prefix of the per-identity ones.
+    route_bucket: str = field(init=False, repr=False, compare=False)
+    # Whether the limiter's one-frame path may serve it: keyed by route or API key, a
+    # token bucket alone (the rest: client_ip, header:NAME, a request count).
+    fast: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "route_bucket", "r:" + self.route)
+        object.__setattr__(self, "fast", self.key in ("route", "api_key")
+                           and self.limits.requests is None)
 
     @classmethod
     def of(cls, route: RouteConfig) -> LimitPolicy | None:
@@ -79,6 +95,10 @@ class LimitPolicy:
 
 
 def completion_reserve(body: Mapping[str, Any], default: int) -> int:
+    # Most requests name none of them: three membership tests, no loop.
+    if "max_tokens" not in body and "max_completion_tokens" not in body \
+            and "max_output_tokens" not in body:
+        return default
     for name in _MAX_TOKEN_FIELDS:
         value = body.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:

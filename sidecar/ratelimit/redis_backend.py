@@ -35,6 +35,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from sidecar.config import LimitsConfig
 from sidecar.errors import Overloaded
 from sidecar.ratelimit.bucket import Grant
 from sidecar.ratelimit.policy import Limits
@@ -45,7 +46,7 @@ KEY_PREFIX: Final = "sidecar:rl:"
 # A reservation waits at most this long on a connect or a reply before the failure
 # mode applies. Redis on the same network answers in well under a millisecond, but a
 # loaded 2-core host stalled replies past 0.25 s (a spurious fail-closed 503 in tests).
-SOCKET_TIMEOUT_S: Final = 0.5
+SOCKET_TIMEOUT_S: Final = LimitsConfig().redis_timeout
 # Connections per worker; a reservation waits this long for a free one.
 MAX_CONNECTIONS: Final = 64
 POOL_WAIT_S: Final = 0.25

@@ -17,6 +17,7 @@ import calendar
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -59,6 +60,10 @@ class SpendLedger:
     interval: float = 1.0
     last_id: int = 0
     sums: dict[str, _Sums] = field(default_factory=dict)
+    # Whether any key has a budget now (the keys file can gain one at any time): while
+    # none does, the meter is not read at all. Rows written meanwhile are read by the
+    # first look after (id > last_id), so no spend is missed.
+    wanted: Callable[[], bool] = lambda: True
     _conn: sqlite3.Connection | None = None
 
     def spent(self, key_id: str, period: str, now_s: float) -> float:
@@ -112,7 +117,8 @@ class SpendLedger:
         failing = False
         while True:
             try:
-                await loop.run_in_executor(None, self.look)
+                if self.wanted():
+                    await loop.run_in_executor(None, self.look)
                 if failing:
                     log.info("spend ledger: reading the meter again")
                 failing = False
