@@ -540,7 +540,8 @@ class SidecarLimitedRedis(SidecarLimited):
             except OSError:
                 if time.monotonic() > deadline or redis.popen.poll() is not None:
                     redis.stop()
-                    raise RuntimeError(f"redis-server did not start: {tail(redis.log)}")
+                    raise RuntimeError(
+                        f"redis-server did not start: {tail(redis.log)}") from None
                 time.sleep(0.05)
         return cfg + f"limits:\n  backend: redis://127.0.0.1:{port}/0\n", [*helpers, redis]
 
