@@ -308,3 +308,31 @@ def test_a_stream_cut_mid_way_ends_with_an_error_event_in_the_clients_format(
     assert row["outcome"] == "upstream_error" and row["api_format"] == "openai"
 
 
+
+
+def test_usage_chunk_only_when_asked_and_estimates_read_the_translated_request(
+        providers: Providers) -> None:
+    body = {"model": "claude-x-1", "stream": True,
+            "messages": [{"role": "user", "content": QUESTION}]}
+    with ClientConn(providers.port) as c:
+        c.send(request_bytes("POST", "/v1/chat/completions", body))
+        plain = c.read_response()
+        c.send(request_bytes("POST", "/v1/chat/completions", body,
+                             headers=[(b"x-mock-fault", b"no-usage")]))
+        unreported = c.read_response()
+    for resp in (plain, unreported):
+        assert resp.status == 200
+        assert resp.body.endswith(b"data: [DONE]\n\n") and b'"usage"' not in resp.body
+        assert b'"finish_reason":"stop"' in resp.body
+    served = providers.anth.requests
+    providers.stop()
+    rows = providers.rows()
+    _check_row(rows[0], served[0], "anth", "anthropic")
+    # No usage from the provider: estimated from the Messages request it was sent and the
+    # Anthropic stream it answered with (the text of its deltas).
+    from sidecar.tokenizer import Tokenizer
+
+    assert rows[1]["usage_source"] == "estimated"
+    assert rows[1]["prompt_tokens"] == Tokenizer.load().count_prompt(
+        served[1].json, "anthropic", "/v1/messages")[0]
+    assert rows[1]["completion_tokens"] == served[1].completion_tokens

@@ -8,7 +8,7 @@ the writer replays into the table as soon as a write succeeds again (retried abo
 once a second while idle), as does every :meth:`Meter.start`.
 
 Requests in flight are journalled (``journal``: one line per request, per process,
-closed once its row is committed or spilled); what a dead process left open is
+closed, in batches, once its row is committed or spilled); what a dead process left open is
 recorded once as ``outcome='interrupted'`` by the next start (``recovery``).
 
 Several worker processes write the same database, each through its own Meter,
