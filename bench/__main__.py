@@ -1,4 +1,4 @@
-"""``python -m bench compare|setup|profile|instructions|avalanche|report`` — see bench/README.md."""
+"""``python -m bench compare|setup|profile|instructions|avalanche|soak|report`` — see bench/README.md."""
 
 from __future__ import annotations
 
@@ -87,6 +87,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="after a 503/429: retry-after (default) or seconds (0: at once)")
     av.add_argument("--out", type=Path, default=None)
 
+    so = sub.add_parser(
+        "soak", help="a long run at moderate load with faults: RSS, fds, tasks, errors over time"
+    )
+    so.add_argument("--minutes", type=float, default=30.0)
+    so.add_argument("--clients", type=int, default=16, help="closed-loop clients")
+    so.add_argument("--think-ms", type=float, default=50.0,
+                    help="mean pause between a client's requests (uniform 0..2x)")
+    so.add_argument("--sample", type=float, default=5.0, help="seconds between samples")
+    so.add_argument("--seed", type=int, default=1)
+    so.add_argument("--out", type=Path, default=None)
+
     rg = sub.add_parser("report", help="recompute tables and chart from a results folder")
     rg.add_argument("dir", type=Path)
 
@@ -131,6 +142,15 @@ def main(argv: list[str] | None = None) -> int:
             backoff=a.backoff,
         )
         print((out / "results.md").read_text())
+        return 0
+    if a.cmd == "soak":
+        from bench.soak import soak
+
+        out = soak(a.minutes, a.clients, a.think_ms, a.sample, a.out,
+                   "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
+                   seed=a.seed)
+        print((out / "results.md").read_text())
+        print(out / "soak.png")
         return 0
     if a.cmd == "report":
         from bench.compare import regenerate
