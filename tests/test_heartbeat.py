@@ -7,13 +7,22 @@ import pathlib
 import re
 from typing import Any
 
+import anthropic
 import openai
 import pytest
+from conftest import Stack
 from e2e_helpers import ClientConn, Response, edit_timeouts, request_bytes
 from test_config import load, problems
 
 from sidecar import heartbeat
-from sidecar.config import TimeoutsConfig
+from sidecar.config import (
+    Config,
+    MeterConfig,
+    RouteConfig,
+    RouteUpstream,
+    TimeoutsConfig,
+    UpstreamConfig,
+)
 from sidecar.mock_shapes import count_tokens, expected_text
 from sidecar.splice import Sweeper
 
@@ -188,3 +197,57 @@ def test_no_ping_before_the_head_nor_on_json_nor_when_off(stack_factory: Any) ->
                         config_edit=edit_timeouts(heartbeat=0.0))
     resp = _stream(off.port, _chat(True))
     assert PING_EVENT not in resp.body and resp.header("x-accel-buffering") == "no"
+
+
+class SlowAnthropic(Stack):
+    """An Anthropic-format mock pausing DELAY_MS between deltas, behind an Anthropic
+    route (relayed as it is) and an OpenAI route (translated), heartbeat HEARTBEAT."""
+
+    async def _start_upstreams(self) -> Config:
+        from sidecar.mock import MockUpstream
+
+        self.mock = MockUpstream(api_format="anthropic", chunks=CHUNKS, delay_ms=DELAY_MS)
+        await self.mock.start()
+        port = self.mock.port
+        up = UpstreamConfig(name="anth", url=f"http://127.0.0.1:{port}", scheme="http",
+                            host="127.0.0.1", port=port, format="anthropic", api_key="sk-a")
+        routes = tuple(RouteConfig(path=p, upstreams=(RouteUpstream(up),))
+                       for p in ("/v1/messages", "/v1/chat/completions"))
+        return Config(listen_host="127.0.0.1", listen_port=0, routes=routes,
+                      meter=MeterConfig(db=self.db), source="<test>",
+                      timeouts=TimeoutsConfig(heartbeat=HEARTBEAT))
+
+
+def test_anthropic_stream_and_its_openai_translation_get_pings_sdks_parse_them(
+        tmp_path: pathlib.Path) -> None:
+    stack = SlowAnthropic(tmp_path, {}, None).start()
+    try:
+        raw = _stream(stack.port, {"model": "claude-x-1", "max_tokens": 50, "stream": True,
+                                   "messages": [{"role": "user", "content": "hm"}]})
+        assert raw.header("x-accel-buffering") == "no"
+        assert raw.body.count(b"\n\n" + PING_EVENT + b"\n\n") >= CHUNKS - 1
+        client = anthropic.Anthropic(base_url=stack.url, api_key="sk-c", max_retries=0)
+        with client.messages.stream(model="claude-x-1", max_tokens=50,
+                                    messages=[{"role": "user", "content": "hm"}]) as s:
+            text = "".join(s.text_stream)
+            final = s.get_final_message()
+        assert text == expected_text(CHUNKS)
+        anth_req = stack.mock.requests[-1]
+        assert final.usage.output_tokens == anth_req.completion_tokens
+        oai = openai.OpenAI(base_url=stack.url + "/v1", api_key="sk-c", max_retries=0)
+        chunks = list(oai.chat.completions.create(
+            model="claude-x-1", stream=True, stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": "hm"}]))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks
+                       if c.choices) == expected_text(CHUNKS)
+        oai_req = stack.mock.requests[-1]
+        assert chunks[-1].usage is not None
+        assert chunks[-1].usage.completion_tokens == oai_req.completion_tokens
+    finally:
+        stack.stop()
+    rows = stack.rows()
+    assert len(rows) == 3
+    for row, req in zip(rows[1:], (anth_req, oai_req), strict=True):
+        assert (row["usage_source"], row["outcome"]) == ("reported", "ok")
+        assert (row["prompt_tokens"], row["completion_tokens"]) == (
+            req.prompt_tokens, req.completion_tokens)
