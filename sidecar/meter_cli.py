@@ -185,11 +185,25 @@ def summarize(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Per-group figures and the totals over all groups.
 
-    One pass over the period's rows gives every group's figures; the totals add the
-    groups' sums up, and only the overall median needs a second (sorted) look.
+    Two reads of the period's rows (the ``ts_ms`` index finds them): one GROUP BY for
+    the sums, and the ttfts in ascending order, walked once to pick every group's
+    median and the overall one (see :func:`_medians`). The totals add the groups'
+    sums up. (A single statement with window functions for the medians sorted the
+    rows twice and copied them into a temporary table: ~2 s for a day of a
+    10-million-row database; these two take a fraction of that, bench/RESULTS.md.)
     """
     where, params = _where_since(since_ms)
-    raw = _aggregate(conn, GROUPS[by], where, params, order_by_group=by == "day")
+    group_expr = GROUPS[by]
+    # One read transaction: both reads see the same snapshot while workers write.
+    _query(conn, "BEGIN")
+    try:
+        raw = _aggregate(conn, group_expr, where, params, order_by_group=by == "day")
+        medians, overall = _medians(conn, group_expr, where, params,
+                                    {g["group"]: g["ttft_n"] for g in raw})
+    finally:
+        conn.rollback()
+    for g in raw:
+        g["p50_ttft_ms"] = medians.get(g["group"])
     groups = [_public(g) for g in raw]
     total: dict[str, Any] = dict.fromkeys(FIGURES, 0)
     total["p50_ttft_ms"] = total["avg_duration_ms"] = total["cost_usd"] = None
@@ -200,7 +214,7 @@ def summarize(
         total["cost_usd"] = math.fsum(priced) if priced else None
         dur_n = sum(g["dur_n"] for g in raw)
         total["avg_duration_ms"] = math.fsum(g["dur_sum"] for g in raw) / dur_n if dur_n else None
-        total["p50_ttft_ms"] = _median_ttft(conn, where, params, sum(g["ttft_n"] for g in raw))
+        total["p50_ttft_ms"] = overall
         total = _public(total)
     return groups, total
 
@@ -225,66 +239,64 @@ def _aggregate(
     conn: sqlite3.Connection, group_expr: str, where: str, params: Sequence[Any],
     *, order_by_group: bool
 ) -> list[dict[str, Any]]:
-    order = "agg.grp" if order_by_group else "agg.requests DESC, agg.grp"
-    # base is materialised once, with only the columns the figures read (a `*` copied
-    # every column, the raw usage JSON too, into the temporary table: ~2 s a day's
-    # summary on a 10-million-row database). p50 is the median of the rows that have a
-    # ttft (interpolated between the two middle values for an even count), computed
-    # in SQL with window functions so no per-row data is pulled into Python.
+    """Every figure but the median, per group (p50_ttft_ms is filled in later)."""
+    order = "grp" if order_by_group else "requests DESC, grp"
     sql = f"""
-        WITH base AS MATERIALIZED (
-            SELECT {group_expr} AS grp, prompt_tokens, completion_tokens, total_tokens,
-                   usage_source, outcome, ttft_ms, duration_ms, bytes_out, cost_usd
-            FROM {TABLE} {where}
-        ), agg AS (
-            SELECT grp,
-                   COUNT(*) AS requests,
-                   COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens,
-                   COALESCE(SUM(completion_tokens), 0) AS completion_tokens,
-                   COALESCE(SUM(total_tokens), 0) AS total_tokens,
-                   SUM(usage_source = 'reported') AS reported,
-                   SUM(usage_source = 'estimated') AS estimated,
-                   SUM(usage_source IS NULL
-                       OR usage_source NOT IN ('reported', 'estimated')) AS none_,
-                   SUM(outcome IS NOT 'ok') AS errors,
-                   AVG(duration_ms) AS avg_duration_ms,
-                   COALESCE(SUM(bytes_out), 0) AS bytes_out,
-                   SUM(cost_usd) AS cost_usd,
-                   TOTAL(duration_ms) AS dur_sum,
-                   COUNT(duration_ms) AS dur_n,
-                   COUNT(ttft_ms) AS ttft_n
-            FROM base GROUP BY grp
-        ), ranked AS (
-            SELECT grp, ttft_ms,
-                   ROW_NUMBER() OVER (PARTITION BY grp ORDER BY ttft_ms) AS rn,
-                   COUNT(*) OVER (PARTITION BY grp) AS n
-            FROM base WHERE ttft_ms IS NOT NULL
-        ), p50 AS (
-            SELECT grp, AVG(ttft_ms) AS p50_ttft_ms FROM ranked
-            WHERE rn IN ((n + 1) / 2, (n + 2) / 2) GROUP BY grp
-        )
-        SELECT agg.grp, agg.requests, agg.prompt_tokens, agg.completion_tokens,
-               agg.total_tokens, agg.reported, agg.estimated, agg.none_, agg.errors,
-               p50.p50_ttft_ms, agg.avg_duration_ms, agg.bytes_out, agg.cost_usd,
-               agg.dur_sum, agg.dur_n, agg.ttft_n
-        FROM agg LEFT JOIN p50 ON p50.grp IS agg.grp
-        ORDER BY {order}
+        SELECT {group_expr} AS grp,
+               COUNT(*) AS requests,
+               COALESCE(SUM(prompt_tokens), 0),
+               COALESCE(SUM(completion_tokens), 0),
+               COALESCE(SUM(total_tokens), 0),
+               SUM(usage_source = 'reported'),
+               SUM(usage_source = 'estimated'),
+               SUM(usage_source IS NULL OR usage_source NOT IN ('reported', 'estimated')),
+               SUM(outcome IS NOT 'ok'),
+               NULL,
+               AVG(duration_ms),
+               COALESCE(SUM(bytes_out), 0),
+               SUM(cost_usd),
+               TOTAL(duration_ms), COUNT(duration_ms), COUNT(ttft_ms)
+        FROM {TABLE} {where}
+        GROUP BY grp ORDER BY {order}
     """
     names = (*FIGURES, "dur_sum", "dur_n", "ttft_n")
     return [{"group": row[0], **dict(zip(names, row[1:], strict=True))}
             for row in _rows(_query(conn, sql, params))]
 
 
-def _median_ttft(conn: sqlite3.Connection, where: str, params: Sequence[Any],
-                 n: int) -> float | None:
-    """The median ttft over the period (the two middle values' mean for an even count)."""
-    if n == 0:
-        return None
+def _middle(n: int) -> tuple[int, int]:
+    """The 1-based positions whose mean is the median of n sorted values."""
+    return (n + 1) // 2, (n + 2) // 2
+
+
+def _medians(conn: sqlite3.Connection, group_expr: str, where: str, params: Sequence[Any],
+             counts: dict[Any, int]) -> tuple[dict[Any, float], float | None]:
+    """Each group's median ttft and the overall one, from one ascending walk of the
+    period's ttfts: a value's rank within its group (and overall) is how many of the
+    group's (all) values came before it, so the middle ones are picked as they pass.
+    Memory stays O(groups) however many rows the period holds."""
+    total_n = sum(counts.values())
+    if total_n == 0:
+        return {}, None
     cond = f"{where} AND ttft_ms IS NOT NULL" if where else "WHERE ttft_ms IS NOT NULL"
-    sql = (f"SELECT AVG(ttft_ms) FROM (SELECT ttft_ms FROM {TABLE} {cond} "
-           "ORDER BY ttft_ms LIMIT ? OFFSET ?)")
-    row = _query(conn, sql, (*params, 2 - n % 2, (n - 1) // 2)).fetchone()
-    return None if row is None or row[0] is None else float(row[0])
+    cur = _query(conn, f"SELECT {group_expr}, ttft_ms FROM {TABLE} {cond} ORDER BY ttft_ms",
+                 params)
+    targets = {g: _middle(n) for g, n in counts.items() if n}
+    seen: dict[Any, int] = dict.fromkeys(targets, 0)
+    picked: dict[Any, list[float]] = {g: [] for g in targets}
+    lo, hi = _middle(total_n)
+    overall: list[float] = []
+    rank = 0
+    for grp, ttft in _rows(cur):
+        rank += 1
+        if rank == lo or rank == hi:
+            overall.append(ttft)
+        k = seen[grp] = seen[grp] + 1
+        a, b = targets[grp]
+        if k == a or k == b:
+            picked[grp].append(ttft)
+    medians = {g: (v[0] + v[-1]) / 2 for g, v in picked.items() if v}
+    return medians, (overall[0] + overall[-1]) / 2 if overall else None
 
 
 def _fmt_cell(value: Any, figure: str = "") -> str:
