@@ -1,4 +1,7 @@
-"""``python -m bench compare|setup|profile|instructions|avalanche|report`` — see bench/README.md."""
+"""``python -m bench compare|setup|profile|instructions|avalanche|soak|meter-summary|report``.
+
+See bench/README.md.
+"""
 
 from __future__ import annotations
 
@@ -87,6 +90,29 @@ def main(argv: list[str] | None = None) -> int:
                     help="after a 503/429: retry-after (default) or seconds (0: at once)")
     av.add_argument("--out", type=Path, default=None)
 
+    so = sub.add_parser(
+        "soak", help="a long run at moderate load with faults: RSS, fds, tasks, errors over time"
+    )
+    so.add_argument("--minutes", type=float, default=30.0)
+    so.add_argument("--clients", type=int, default=16, help="closed-loop clients")
+    so.add_argument("--think-ms", type=float, default=50.0,
+                    help="mean pause between a client's requests (uniform 0..2x)")
+    so.add_argument("--sample", type=float, default=5.0, help="seconds between samples")
+    so.add_argument("--seed", type=int, default=1)
+    so.add_argument("--out", type=Path, default=None)
+
+    ms = sub.add_parser("meter-summary",
+                        help="time `sidecar meter summary --since 24h` on a 10M-row meter DB")
+    ms.add_argument("--db", type=Path, default=Path("bench/results/meter-10m.db"),
+                    help="made once and reused while it has --rows rows")
+    ms.add_argument("--rows", type=int, default=10_000_000)
+    ms.add_argument("--days", type=int, default=90, help="the rows span this many days")
+    ms.add_argument("--runs", type=int, default=5)
+    ms.add_argument("--by", nargs="+", default=None, help="groupings (default: all)")
+    ms.add_argument("--rebuild", action="store_true")
+    ms.add_argument("--covering-index", action="store_true",
+                    help="also time with an index covering every column read")
+
     rg = sub.add_parser("report", help="recompute tables and chart from a results folder")
     rg.add_argument("dir", type=Path)
 
@@ -132,6 +158,21 @@ def main(argv: list[str] | None = None) -> int:
         )
         print((out / "results.md").read_text())
         return 0
+    if a.cmd == "soak":
+        from bench.soak import soak
+
+        out = soak(a.minutes, a.clients, a.think_ms, a.sample, a.out,
+                   "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
+                   seed=a.seed)
+        print((out / "results.md").read_text())
+        print(out / "soak.png")
+        return 0
+
+    if a.cmd == "meter-summary":
+        from bench.meter_summary import main as meter_summary
+
+        return meter_summary(a.db, a.rows, a.days, a.runs, a.by, a.rebuild,
+                             a.covering_index)
     if a.cmd == "report":
         from bench.compare import regenerate
 

@@ -167,8 +167,7 @@ class RequestReader:
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as up:
-            self._after_upgrade(data[up.args[0]:])
-            return
+            upgrade_at = up.args[0]
         except httptools.HttpParserError as exc:
             if self.done:  # stopped on purpose (a limit, a last request): already recorded
                 return
@@ -176,6 +175,14 @@ class RequestReader:
             if isinstance(cause, Exception) and not isinstance(cause, httptools.HttpParserError):
                 raise cause from exc  # a bug in a callback, not the client's fault
             self._fail(RequestError(f"malformed HTTP request: {exc}"), self._msg)
+            return
+        else:
+            upgrade_at = -1
+        if upgrade_at >= 0:
+            # Outside the except clause: the bytes after the upgrade are fed from here,
+            # and a parse error among them must not carry the upgrade as its context
+            # (it was then re-raised as "a bug in a callback", out of data_received).
+            self._after_upgrade(data[upgrade_at:])
             return
         if self._msg is None and not self._in_head and self._upgrade_framing is None:
             # Between requests, with every byte taken: nothing the next request needs is

@@ -34,7 +34,7 @@ import tempfile
 import time
 from typing import cast
 
-from sidecar import sd_notify
+from sidecar import debug_stats, sd_notify
 from sidecar.config import Config, load_config
 from sidecar.downstream import DownstreamProtocol
 from sidecar.errors import ConfigError
@@ -241,12 +241,29 @@ class Server:
             # Workers are started with announce=False and no NOTIFY_SOCKET: only the
             # process systemd started speaks to it (NotifyAccess=main).
             sd_notify.ready(f"listening on port {self.port}")
+        period = debug_stats.period_from_env()
+        reporter = (None if period is None
+                    else asyncio.create_task(debug_stats.report_forever(period, self._counters)))
         await stop.wait()
+        if reporter is not None:
+            reporter.cancel()
         sd_notify.stopping()
         log.info("draining (up to %.0fs)", self.config.timeouts.shutdown_grace)
         await self.stop()
         stats = self.meter.stats
         log.info("meter flushed: %s rows written, %s spilled", stats.written, stats.spilled)
+
+    def _counters(self) -> dict[str, int]:
+        """What ``SIDECAR_DEBUG_STATS`` reports besides the task count (sidecar/debug_stats.py)."""
+        stats = self.meter.stats
+        return {
+            "conns": 0 if self.proxy is None else len(self.proxy.connections),
+            "meter_written": stats.written,
+            "meter_spilled": stats.spilled,
+            "meter_queued": stats.queued,
+            "meter_errors": stats.errors,
+            "meter_lost": stats.lost,
+        }
 
 
 def _warn_unenforced(config: Config) -> None:

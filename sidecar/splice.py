@@ -39,6 +39,7 @@ from sidecar.handler import (
     RawWriter,
     ResponseWriter,
 )
+from sidecar.heartbeat import PING, PING_CHUNK, due, frame_at_boundary, payload_at_boundary
 from sidecar.http1 import (
     LAST_CHUNK,
     LLHTTP_ERROR,
@@ -59,6 +60,9 @@ if TYPE_CHECKING:
 
 class AttemptHandler(Protocol):
     """What an exchange asks of the request it serves."""
+
+    # The committed response is an event stream (set by on_head): heartbeats may go to it.
+    sse: bool
 
     def on_head(self, head: ResponseHead) -> Decision:
         """The provider's head is complete and nothing is committed: proceed or retry."""
@@ -179,8 +183,12 @@ class Sweeper:
 
     @staticmethod
     def interval_for(t: TimeoutsConfig) -> float:
-        # Fine enough that no timeout fires later than a quarter of itself past due.
-        return min(SWEEP_MAX_INTERVAL, min(t.first_byte, t.idle, t.total) / 4)
+        # Fine enough that no timeout (or heartbeat) fires later than a quarter of
+        # itself past due.
+        shortest = min(t.first_byte, t.idle, t.total)
+        if t.heartbeat:
+            shortest = min(shortest, t.heartbeat)
+        return min(SWEEP_MAX_INTERVAL, shortest / 4)
 
     @classmethod
     def for_timeouts(cls, loop: asyncio.AbstractEventLoop, t: TimeoutsConfig,
@@ -217,6 +225,7 @@ class Exchange:
         "_raw",
         "_remaining",
         "_t_read",
+        "_tail",
         "bytes_out",
         "client",
         "committed",
@@ -225,6 +234,7 @@ class Exchange:
         "error",
         "handler",
         "head",
+        "last_ping",
         "last_read",
         "mode",
         "outcome",
@@ -291,6 +301,11 @@ class Exchange:
         # sweeper (last_read = when it saw the count move), not stamped per read.
         self.last_read = 0.0
         self.reads = 0
+        # SSE heartbeats (sidecar.heartbeat): when the last ": ping" went out, and the
+        # last bytes relayed (a provider read on the verbatim path, else payload), which
+        # tell the sweep whether the client's stream stands between two events.
+        self.last_ping = 0.0
+        self._tail = b""
         self.reads_seen = 0
         # The time of the last read after the head, and the longest pause between two
         # such reads (-1: fewer than two), for the gap histogram of /metrics: a clock
@@ -337,6 +352,8 @@ class Exchange:
         elif now - self.last_read >= t.idle:
             what = "idle"
         else:
+            if self.stage is _BODY and due(now, max(self.last_read, self.last_ping), t.heartbeat):
+                self._heartbeat(now)
             return
         error = UpstreamTimeout(f"upstream {what} timeout")
         if what == "first byte":
@@ -376,6 +393,7 @@ class Exchange:
             else:
                 self.bytes_out += len(data)
                 self._raw.write(data)  # type: ignore[union-attr]  # set with _fast
+                self._tail = data  # a reference, no copy: read only by a heartbeat sweep
             if parser.done or len(parser.pieces) >= TAP_BATCH:
                 self._chunked_read_done()
             return
@@ -524,6 +542,7 @@ class Exchange:
             if mode is _MODE_VERBATIM_CHUNKED:
                 if rest:
                     self.client.send_data(rest)
+                    self._tail = rest
                 self._flush_out()
                 self._raw = self.client.verbatim_transport()
                 self._llhttp = self._parser.llhttp
@@ -616,11 +635,36 @@ class Exchange:
         """Queue one read's body: as it is (length framing), or as payload to frame."""
         stripper = self.stripper
         if stripper is not None:
-            self.client.send_data(b"".join([stripper.feed(piece) for piece in pieces]))
+            out = b"".join([stripper.feed(piece) for piece in pieces])
         elif len(pieces) == 1:
-            self.client.send_data(pieces[0])
+            out = pieces[0]
         else:
-            self.client.send_data(b"".join(pieces))
+            out = b"".join(pieces)
+        if out:
+            self.client.send_data(out)
+            self._tail = out
+
+    def _heartbeat(self, now: float) -> None:
+        """The provider has been silent for timeouts.heartbeat: give an event-stream
+        client an SSE comment, where one can stand. Written downstream only: the tap
+        never sees it, so the meter's usage is the provider's alone."""
+        if not self.handler.sse or self.drain_until:
+            return  # not an event stream, or its client has left (a drain)
+        mode = self.mode
+        if mode is _MODE_VERBATIM_CHUNKED:
+            if not frame_at_boundary(self._tail):
+                return
+            self.client.send_data(PING_CHUNK)  # the provider's framing: a frame of our own
+        elif mode is _MODE_PAYLOAD:
+            # What a body filter (usage stripper, translator) returned so far: a filter
+            # holding part of an event has returned only whole ones, so the tail tells.
+            if not payload_at_boundary(self._tail):
+                return
+            self.client.send_data(PING)  # the writer frames it
+        else:
+            return  # a content-length body has no room for bytes of ours
+        self._flush_out()
+        self.last_ping = now
 
     def _flush_out(self) -> None:
         """Write everything queued for the client in one transport write."""

@@ -364,6 +364,19 @@ def test_connect_is_read_as_a_request() -> None:
     assert [q.target for q in r.ready] == [b"h:443", b"/n"]
 
 
+@pytest.mark.parametrize("after", [b"post / HTTP/1.1\r\nHost: h\r\n\r\n", b"\x16\x03\x01garbage"],
+                         ids=["bad-method", "tls-bytes"])
+@pytest.mark.parametrize("same_read", [True, False], ids=["same-read", "next-read"])
+def test_garbage_after_an_upgrade_is_a_400_not_an_exception(after: bytes, same_read: bool) -> None:
+    # Found by tests/test_fuzz.py: a parse error in the bytes after a CONNECT (or any
+    # upgrade) was raised out of feed() as httptools.HttpParserUpgrade, the upgrade
+    # being the error's context, instead of becoming the RequestError a 400 is made of.
+    up = b"CONNECT h:443 HTTP/1.1\r\nHost: h\r\n\r\n"
+    r = read(up + after) if same_read else read(up, after)
+    assert [q.target for q in r.ready] == [b"h:443"]
+    assert type(r.error) is RequestError and r.error.status == 400 and r.done
+
+
 def test_upgrade_body_is_capped_too() -> None:
     up = request(b"POST", b"/ws", b"x" * 300, chunked=True,
                  headers=[(b"Connection", b"upgrade"), (b"Upgrade", b"h2c")])

@@ -830,6 +830,64 @@ def test_stripper_passes_a_stream_without_usage_unchanged() -> None:
     assert strip_all(split(no_usage, [10, 200, 201, 202])) == no_usage
 
 
+@pytest.mark.parametrize("sep", [b"\n\n", b"\r\n\r\n", b"\r\r"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses", "/v1/messages"])
+def test_an_event_of_exactly_the_cap_is_not_oversized_in_any_split(sep: bytes, path: str) -> None:
+    # Found by tests/fuzz_atheris.py: the first bytes of a separator still waiting for
+    # the rest were counted as the held event's, so an event of exactly body_cap bytes
+    # was cut as oversized (truncated, its content lost) when a read ended inside its
+    # separator, and parsed whole otherwise.
+    cap = 200
+    fmt = "anthropic" if path == "/v1/messages" else "openai"
+    text = b'data: {"choices":[{"delta":{"content":"'
+    event = text + b"x" * (cap - len(text) - 5) + b'"}}]}'
+    assert len(event) == cap
+    stream = event + sep + b'data: {"choices":[{"delta":{"content":"y"}}]}' + sep
+
+    def run(pieces: list[bytes]) -> TapResult:
+        tap = make_tap(fmt, path, True, body_cap=cap)
+        for piece in pieces:
+            tap.feed(piece)
+            tap.result()  # taken mid-stream: the parsing tap sees each read as it comes
+        return tap.result()
+
+    whole = run([stream])
+    assert not whole.truncated and whole.events == 2
+    for k in range(1, len(sep)):
+        assert run([stream[:cap + k], stream[cap + k:]]) == whole, k
+
+
+def test_the_last_usage_event_decides_whether_or_not_a_result_was_asked_before() -> None:
+    # Found by tests/test_fuzz.py: a usage event that does not decode (here a data line
+    # split inside a key) fell back to an earlier usage event only if a result() taken
+    # mid-stream had decoded that one already, so peeking changed the final usage.
+    good = (b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":11,'
+            b'"completion_tokens":7,"total_tokens":18}}\n\n')
+    bad = (b'data: {"\ndata: id":"c","choices":[],"usage":{"prompt_tokens":11,'
+           b'"completion_tokens":7,"total_tokens":18}}\n\n')
+    for first, last, want in ((good, bad, None), (bad, good, 18), (good, good, 18)):
+        results = []
+        for peek in (False, True):
+            tap = make_tap("openai", "/v1/chat/completions", True, body_cap=300)
+            for piece in (first, last):
+                tap.feed(piece)
+                if peek:
+                    tap.result()
+            results.append(tap.result().usage)
+        assert results[0] == results[1]
+        assert (results[0].total_tokens if results[0] else None) == want
+
+
+@pytest.mark.parametrize("tail", [b"\n\r", b"\r\r", b"\r\n\r", b"\n\n\r"])
+def test_stripper_keeps_blank_lines_at_the_end_of_a_cr_stream(tail: bytes) -> None:
+    # Found by tests/fuzz_atheris.py: at flush, with \r line ends, an empty event (a
+    # blank line before the final \r) was taken for the dropped usage chunk and lost
+    # with its separator, so a stream with no usage in it did not pass unchanged.
+    stream = b'data: {"choices":[{"delta":{"content":"a"}}]}\r\n\r\n' + tail
+    for pieces in ([stream], [stream[:-1], stream[-1:]], split(stream, list(range(len(stream))))):
+        assert strip_all(pieces) == stream
+
+
 def test_stripper_cuts_usage_riding_on_a_content_chunk() -> None:
     stream = (
         b'data: {"id":"x","choices":[{"index":0,"delta":{"content":"hi"},'

@@ -148,7 +148,7 @@ class _SseTap(Tap):
             start = next(ends)
         if buf is pending and start:
             del pending[:start]
-        if len(pending) > self._cap:
+        if len(pending) > self._cap and _held_event_len(pending) > self._cap:
             self._start_skipping()
 
     def _too_big(self, buf: Buf, start: int, end: int) -> None:
@@ -234,6 +234,22 @@ class _SseTap(Tap):
 
 
 
+# The most bytes of a separator that can begin in one read and end in the next ("\r\n\r").
+_SEP_PREFIX_MAX = 3
+
+
+def _held_event_len(pending: bytearray) -> int:
+    """The held event's own length: without the line ends it may finish with, which can
+    be the first half of its separator. Counting them against the cap made an event of
+    exactly ``body_cap`` bytes oversized or not depending on where the reads were split
+    (found by tests/fuzz_atheris.py). Asked only when the held bytes pass the cap."""
+    end = len(pending)
+    stop = max(end - _SEP_PREFIX_MAX, 0)
+    while end > stop and pending[end - 1] in (0x0A, 0x0D):
+        end -= 1
+    return end
+
+
 # "data: [DONE]" plus room for an "id:" line or stray spaces; longer events are chunks.
 _DONE_EVENT_MAX = 64
 
@@ -288,9 +304,11 @@ class _ChatTap(_SseTap):
         ev = self._usage_ev
         if ev is not None:
             self._usage_ev = None
-            usage = _chat_usage_dict(ev)
-            if usage is not None:
-                self._usage_dict = usage
+            # The last usage-carrying event decides, even when it does not decode: a
+            # fallback to an earlier one would depend on whether a result() decoded that
+            # one before the next arrived, i.e. on when results were asked for and how
+            # the reads were split (found by tests/test_fuzz.py).
+            self._usage_dict = _chat_usage_dict(ev)
         return usage_from_openai(self._usage_dict) if self._usage_dict is not None else None
 
 

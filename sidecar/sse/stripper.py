@@ -118,9 +118,14 @@ class UsageChunkStripper:
         ends = iter(self._bounds)
         for end in ends:
             nxt = next(ends)
-            kept = _strip(pending[start:end])
-            if kept:
-                out.append(kept + pending[end:nxt])
+            if pending.find(b'"usage"', start, end) < 0:
+                # As in feed: an event with no usage goes as it is; an empty one (a blank
+                # line before the last \r) is not the dropped usage chunk.
+                out.append(pending[start:nxt])
+            else:
+                kept = _strip(pending[start:end])
+                if kept:
+                    out.append(kept + pending[end:nxt])
             start = nxt
         out.append(pending[start:])
         return b"".join(out)
