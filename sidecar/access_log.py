@@ -46,29 +46,30 @@ _APPEND_NEWLINE: Final = orjson.OPT_APPEND_NEWLINE
 
 
 def line_of(row: MeterRecord) -> bytes:
-    """One access-log line (with its newline) for a finished request's row."""
-    return orjson.dumps({
+    """One access-log line (with its newline) for a finished request's row.
+
+    The fields the issue names and no more: each costs ~500 instructions per request
+    (an attribute read and a dict entry, then orjson), and the meter row has the rest
+    by request_id. ``error`` is added only when there is one.
+    """
+    line = {
         "ts_ms": row.ts_ms,
         "request_id": row.request_id,
         "key_id": row.key_id,
         "route": row.route,
         "upstream": row.upstream,
         "model": row.model,
-        "upstream_model": row.upstream_model,
         "status": row.status,
         "outcome": row.outcome,
-        "stream": row.stream,
         "ttft_ms": row.ttft_ms,
         "duration_ms": row.duration_ms,
         "prompt_tokens": row.prompt_tokens,
         "completion_tokens": row.completion_tokens,
-        "total_tokens": row.total_tokens,
-        "usage_source": row.usage_source,
         "cost_usd": row.cost_usd,
-        "attempts": row.attempts,
-        "bytes_out": row.bytes_out,
-        "error": row.error,
-    }, option=_APPEND_NEWLINE)
+    }
+    if row.error is not None:
+        line["error"] = row.error
+    return orjson.dumps(line, option=_APPEND_NEWLINE)
 
 
 def _open(path: str) -> int:
