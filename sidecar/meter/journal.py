@@ -4,8 +4,9 @@ Each serving process appends one line per request to a journal file of its own w
 request's first attempt starts (before a byte goes to the provider), and one short close
 line once the request's meter row is committed (or spilled). A process that dies by
 kill -9, OOM or a crash leaves a journal whose open lines are the requests it had in
-flight or had not committed yet (plus, closes being batched, some it had committed); the next meter start (of any worker sharing the
-directory) records each of them once as ``outcome='interrupted'`` (see ``recovery.py``).
+flight or had not committed yet (plus, closes being batched, some it had committed);
+the next meter start (of any worker sharing the directory) records each of the first
+kind once as ``outcome='interrupted'`` (see ``recovery.py``).
 
 Cost and durability: a line is one ``os.write`` to a file opened ``O_APPEND``, without
 fsync. The write lands in the kernel's page cache before the request is sent upstream,
