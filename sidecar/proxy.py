@@ -688,7 +688,7 @@ class Proxy:
                 opts = body.get("stream_options")
                 edited["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
                                             "include_usage": True}
-            return orjson.dumps(edited)
+            return bytes(memoryview(orjson.dumps(edited)))  # right-sized (see translate)
         return raw
 
     async def _connect_and_launch(self, flight: Flight) -> None:

@@ -498,3 +498,22 @@ def test_a_field_without_counterpart_is_refused_whatever_else_the_body_has() -> 
     for body in ({"messages": [], "n": 2}, {"n": 3}, {"model": "m", "logprobs": True}):
         with pytest.raises(Untranslatable):
             translate_request(body, "openai", "anthropic")
+
+
+def test_a_translated_request_body_is_right_sized_in_memory() -> None:
+    """The body stays with the flight for the whole stream (a failover may resend it):
+    orjson's own result would keep its 4 KiB output buffer for each one."""
+    import tracemalloc
+
+    from sidecar.translate import request_bytes
+
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 10}
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [request_bytes(body, "openai", "anthropic", 4096, None) for _ in range(200)]
+        per_body = (tracemalloc.get_traced_memory()[0] - before) / len(kept)
+    finally:
+        tracemalloc.stop()
+    assert per_body < 1024, per_body
