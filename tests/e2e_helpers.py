@@ -10,7 +10,9 @@ reached, or the connection simply closing).
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
+import sqlite3
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -347,6 +349,16 @@ def read_cut_response(port: int, path: str, body: Any, after: int) -> Response:
         r = c.read_response()
         assert c.closed_by_peer(2.0)
     return r
+
+
+def meter_rows(db: str | os.PathLike[str], where: str = "1=1") -> list[dict[str, Any]]:
+    """The meter DB's request rows (those matching ``where``) in insertion order."""
+    con = sqlite3.connect(db)
+    con.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in con.execute(f"SELECT * FROM requests WHERE {where} ORDER BY id")]
+    finally:
+        con.close()
 
 
 def rows_by_id(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
-import sqlite3
 import subprocess
 import sys
 import textwrap
 from typing import Any
 
 import orjson
+from e2e_helpers import meter_rows
 from test_meter import write_through
 
 from sidecar.config import MeterConfig
@@ -48,15 +48,6 @@ def ctx_for(rid: str, ts: int = TS, bytes_in: int = 400, **kw: Any) -> RequestCo
 def line(seq: int, rid: str | None = None, bytes_in: int = 400, **kw: Any) -> bytes:
     return admission_line(seq, ctx_for(rid or f"req-{seq}", TS + seq, bytes_in, **kw),
                           rid or f"req-{seq}")
-
-
-def rows(db: pathlib.Path) -> list[dict[str, Any]]:
-    con = sqlite3.connect(db)
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute("SELECT * FROM requests ORDER BY id")]
-    finally:
-        con.close()
 
 
 # --- the pure core -------------------------------------------------------------------------
@@ -224,7 +215,7 @@ def test_a_dead_processes_open_requests_become_interrupted_rows_exactly_once(
     saved = {p.name: p.read_bytes() for p in jdir.glob("*.journal")}
     m = write_through(cfg)
     assert m.stats.interrupted == 2
-    got = rows(tmp_path / "meter.db")
+    got = meter_rows(tmp_path / "meter.db")
     assert [r["request_id"] for r in got] == ["committed", "open-a", "open-b"]
     a = got[1]
     assert (a["outcome"], a["usage_source"], a["usage_approx"]) == ("interrupted", "estimated", 1)
@@ -236,7 +227,7 @@ def test_a_dead_processes_open_requests_become_interrupted_rows_exactly_once(
         (jdir / name).write_bytes(data)
     m = write_through(cfg)
     assert m.stats.interrupted == 0
-    assert [r["request_id"] for r in rows(tmp_path / "meter.db")] == [
+    assert [r["request_id"] for r in meter_rows(tmp_path / "meter.db")] == [
         "committed", "open-a", "open-b"]
     assert not list(jdir.glob("*.journal"))
 
@@ -255,7 +246,7 @@ def test_a_dead_processes_spilled_row_is_replayed_not_recorded_as_interrupted(
     _dead_journal(pathlib.Path(cfg.journal_path), f"admit('spilled', {TS + 1})")
     m = write_through(cfg)
     assert (m.stats.replayed, m.stats.interrupted) == (1, 0)
-    got = rows(tmp_path / "meter.db")
+    got = meter_rows(tmp_path / "meter.db")
     assert [(r["request_id"], r["outcome"]) for r in got] == [("spilled", "ok")]
 
 
@@ -288,7 +279,7 @@ def test_the_meter_closes_journalled_rows_once_committed_and_removes_its_file_at
     still_open, open_count, exists = asyncio.run(main())
     assert still_open == ["c6", "c7", "c8", "c9"]
     assert (open_count, exists) == (0, False)
-    assert len(rows(tmp_path / "meter.db")) == 10
+    assert len(meter_rows(tmp_path / "meter.db")) == 10
 
 
 def test_journal_off_and_memory_db_have_no_journal(tmp_path: pathlib.Path) -> None:
