@@ -240,6 +240,17 @@ def roundtrip(port: int, data: bytes, head_request: bool = False) -> Response:
         return c.read_response(head_request)
 
 
+def recv_until(sock: socket.socket, marker: bytes) -> bytes:
+    """Read from ``sock`` until ``marker`` has arrived; return all that was read. The peer
+    closing first fails the test (with what had arrived)."""
+    got = b""
+    while marker not in got:
+        data = sock.recv(65536)
+        assert data, got
+        got += data
+    return got
+
+
 def chat_body(model: str = "gpt-4o-mini", stream: bool = False, text: str = "hello there",
               **extra: Any) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": text}]}
