@@ -1,4 +1,7 @@
-"""``python -m bench compare|setup|profile|instructions|avalanche|soak|report`` — see bench/README.md."""
+"""``python -m bench compare|setup|profile|instructions|avalanche|soak|meter-summary|report``.
+
+See bench/README.md.
+"""
 
 from __future__ import annotations
 
@@ -98,6 +101,18 @@ def main(argv: list[str] | None = None) -> int:
     so.add_argument("--seed", type=int, default=1)
     so.add_argument("--out", type=Path, default=None)
 
+    ms = sub.add_parser("meter-summary",
+                        help="time `sidecar meter summary --since 24h` on a 10M-row meter DB")
+    ms.add_argument("--db", type=Path, default=Path("bench/results/meter-10m.db"),
+                    help="made once and reused while it has --rows rows")
+    ms.add_argument("--rows", type=int, default=10_000_000)
+    ms.add_argument("--days", type=int, default=90, help="the rows span this many days")
+    ms.add_argument("--runs", type=int, default=5)
+    ms.add_argument("--by", nargs="+", default=None, help="groupings (default: all)")
+    ms.add_argument("--rebuild", action="store_true")
+    ms.add_argument("--covering-index", action="store_true",
+                    help="also time with an index covering every column read")
+
     rg = sub.add_parser("report", help="recompute tables and chart from a results folder")
     rg.add_argument("dir", type=Path)
 
@@ -152,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
         print((out / "results.md").read_text())
         print(out / "soak.png")
         return 0
+
+    if a.cmd == "meter-summary":
+        from bench.meter_summary import main as meter_summary
+
+        return meter_summary(a.db, a.rows, a.days, a.runs, a.by, a.rebuild,
+                             a.covering_index)
     if a.cmd == "report":
         from bench.compare import regenerate
 

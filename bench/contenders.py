@@ -507,6 +507,45 @@ class SidecarTranslated(Sidecar):
         ), []
 
 
+class SidecarLimitedRedis(SidecarLimited):
+    """``sidecar-limited`` with its buckets in Redis (``limits.backend: redis://``): a
+    redis-server of its own (not measured, like a second mock), so each admission is one
+    EVALSHA round trip on loopback and each settlement a queued one. What ``compare``
+    shows is the added time to first token of that round trip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name = "sidecar-limited-redis"
+
+    def available(self) -> str | None:
+        if shutil.which("redis-server") is None:
+            return "redis-server (apt-get install redis-server)"
+        return super().available()
+
+    def routing(
+        self, mock_port: int, workdir: Path, cpus: set[int] | None
+    ) -> tuple[str, list[Proc]]:
+        cfg, helpers = super().routing(mock_port, workdir, cpus)
+        port = free_port()
+        aux = set(range(os.cpu_count() or 1)) - cpus if cpus else None
+        redis = spawn(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                       "--save", "", "--appendonly", "no"],
+                      workdir / f"{self.name}-redis.log", aux or None, cwd=workdir,
+                      prefixed=False)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or redis.popen.poll() is not None:
+                    redis.stop()
+                    raise RuntimeError(
+                        f"redis-server did not start: {tail(redis.log)}") from None
+                time.sleep(0.05)
+        return cfg + f"limits:\n  backend: redis://127.0.0.1:{port}/0\n", [*helpers, redis]
+
+
 class Floor(Contender):
     """A uvloop byte pump with no HTTP (bench/floor_proxy.py): the Python floor."""
 
@@ -915,6 +954,7 @@ ALL: dict[str, Contender] = {
         Sidecar(1, ref=True),
         Sidecar2Up(),
         SidecarLimited(),
+        SidecarLimitedRedis(),
         SidecarNoJournal(),
         SidecarObserved(),
         SidecarObserved(metrics=False),

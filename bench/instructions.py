@@ -44,7 +44,8 @@ from bench.compare import (
 # Contenders that run under valgrind here. LiteLLM and Portkey are left out: they cost
 # tens of times more than the sidecar (compare measures that), and V8's JIT under
 # valgrind measures valgrind more than Portkey.
-SUPPORTED = ("sidecar", "sidecar-ref", "sidecar-2up", "sidecar-limited", "sidecar-nojournal",
+SUPPORTED = ("sidecar", "sidecar-ref", "sidecar-2up", "sidecar-limited",
+             "sidecar-limited-redis", "sidecar-nojournal",
              "sidecar-observed", "sidecar-metrics-off", "sidecar-translated", "uvloop-floor",
              "nginx", "nginx-lua")
 DEFAULT = ("sidecar", "uvloop-floor", "nginx", "nginx-lua")

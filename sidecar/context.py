@@ -51,6 +51,7 @@ class RequestContext(MeterRecord):
             self.total_tokens = u.total_tokens
             self.cache_read_tokens = u.cache_read_tokens
             self.cache_write_tokens = u.cache_write_tokens
+            self.reasoning_tokens = u.reasoning_tokens
             self.usage_raw = u.raw
         if self.t_first_byte is not None:
             self.ttft_ms = round((self.t_first_byte - self.t_received) * 1000, 3)

@@ -41,7 +41,8 @@ __all__ = ["MAX_REQUEST_ID", "_ID_CHARS", "DownstreamProtocol", "ParsedRequest",
 # Response headers never passed to the client: hop-by-hop, the framing this writer
 # sets itself, and x-request-id (ours goes on every response; the provider's is
 # kept as x-upstream-request-id).
-_DROP_RESPONSE: Final = HOP_BY_HOP | {b"content-length", b"x-request-id"}
+# x-accel-buffering is the sidecar's to set (on event streams), not the provider's.
+_DROP_RESPONSE: Final = HOP_BY_HOP | {b"content-length", b"x-request-id", b"x-accel-buffering"}
 
 
 class DownstreamProtocol(asyncio.Protocol):

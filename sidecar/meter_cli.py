@@ -1,8 +1,9 @@
-"""``sidecar meter ...``: read-only reports over the meter database.
+"""``sidecar meter ...``: reports over the meter database, and its pruning.
 
-The database is opened with SQLite's ``mode=ro`` URI, so these commands never
-create a file, never take the write lock and are safe while workers write
-(WAL lets readers and the writer proceed together). Times are UTC.
+The reports open the database with SQLite's ``mode=ro`` URI, so they never create
+a file, never take the write lock and are safe while workers write (WAL lets
+readers and the writer proceed together). ``prune`` is the one command that
+writes, in short batches (``meter_prune``). Times are UTC.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import math
 import os
 import sqlite3
+import sys
 import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
@@ -180,66 +183,120 @@ def _iso_ms(ts_ms: int | None) -> str:
 def summarize(
     conn: sqlite3.Connection, by: str, since_ms: int | None
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Per-group figures and the totals over all groups."""
-    groups = _aggregate(conn, GROUPS[by], since_ms, order_by_group=by == "day")
-    totals = _aggregate(conn, "'*'", since_ms, order_by_group=True)
+    """Per-group figures and the totals over all groups.
+
+    Two reads of the period's rows (the ``ts_ms`` index finds them): one GROUP BY for
+    the sums, and the ttfts in ascending order, walked once to pick every group's
+    median and the overall one (see :func:`_medians`). The totals add the groups'
+    sums up. (A single statement with window functions for the medians sorted the
+    rows twice and copied them into a temporary table: ~2 s for a day of a
+    10-million-row database; these two take a fraction of that, bench/RESULTS.md.)
+    """
+    where, params = _where_since(since_ms)
+    group_expr = GROUPS[by]
+    # One read transaction: both reads see the same snapshot while workers write.
+    _query(conn, "BEGIN")
+    try:
+        raw = _aggregate(conn, group_expr, where, params, order_by_group=by == "day")
+        medians, overall = _medians(conn, group_expr, where, params,
+                                    {g["group"]: g["ttft_n"] for g in raw})
+    finally:
+        conn.rollback()
+    for g in raw:
+        g["p50_ttft_ms"] = medians.get(g["group"])
+    groups = [_public(g) for g in raw]
     total: dict[str, Any] = dict.fromkeys(FIGURES, 0)
     total["p50_ttft_ms"] = total["avg_duration_ms"] = total["cost_usd"] = None
-    if totals:
-        total = {f: totals[0][f] for f in FIGURES}
+    if raw:
+        for name in _SUMMED:
+            total[name] = sum(g[name] for g in raw)
+        priced = [g["cost_usd"] for g in raw if g["cost_usd"] is not None]
+        total["cost_usd"] = math.fsum(priced) if priced else None
+        dur_n = sum(g["dur_n"] for g in raw)
+        total["avg_duration_ms"] = math.fsum(g["dur_sum"] for g in raw) / dur_n if dur_n else None
+        total["p50_ttft_ms"] = overall
+        total = _public(total)
     return groups, total
 
 
-def _aggregate(
-    conn: sqlite3.Connection, group_expr: str, since_ms: int | None, *, order_by_group: bool
-) -> list[dict[str, Any]]:
-    where, params = _where_since(since_ms)
-    order = "agg.grp" if order_by_group else "agg.requests DESC, agg.grp"
-    # p50 is the median of the rows that have a ttft (interpolated between the
-    # two middle values for an even count), computed in SQL with window
-    # functions so no per-row data is pulled into Python.
-    sql = f"""
-        WITH base AS (
-            SELECT {group_expr} AS grp, * FROM {TABLE} {where}
-        ), agg AS (
-            SELECT grp,
-                   COUNT(*) AS requests,
-                   COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens,
-                   COALESCE(SUM(completion_tokens), 0) AS completion_tokens,
-                   COALESCE(SUM(total_tokens), 0) AS total_tokens,
-                   SUM(usage_source = 'reported') AS reported,
-                   SUM(usage_source = 'estimated') AS estimated,
-                   SUM(usage_source IS NULL
-                       OR usage_source NOT IN ('reported', 'estimated')) AS none_,
-                   SUM(outcome IS NOT 'ok') AS errors,
-                   AVG(duration_ms) AS avg_duration_ms,
-                   COALESCE(SUM(bytes_out), 0) AS bytes_out,
-                   SUM(cost_usd) AS cost_usd
-            FROM base GROUP BY grp
-        ), ranked AS (
-            SELECT grp, ttft_ms,
-                   ROW_NUMBER() OVER (PARTITION BY grp ORDER BY ttft_ms) AS rn,
-                   COUNT(*) OVER (PARTITION BY grp) AS n
-            FROM base WHERE ttft_ms IS NOT NULL
-        ), p50 AS (
-            SELECT grp, AVG(ttft_ms) AS p50_ttft_ms FROM ranked
-            WHERE rn IN ((n + 1) / 2, (n + 2) / 2) GROUP BY grp
-        )
-        SELECT agg.grp, agg.requests, agg.prompt_tokens, agg.completion_tokens,
-               agg.total_tokens, agg.reported, agg.estimated, agg.none_, agg.errors,
-               p50.p50_ttft_ms, agg.avg_duration_ms, agg.bytes_out, agg.cost_usd
-        FROM agg LEFT JOIN p50 ON p50.grp IS agg.grp
-        ORDER BY {order}
-    """
-    out = []
-    for row in _rows(_query(conn, sql, params)):
-        item: dict[str, Any] = {"group": row[0]}
-        for name, value in zip(FIGURES, row[1:], strict=True):
-            if isinstance(value, float):
-                value = round(value, COST_DIGITS if name == "cost_usd" else FLOAT_DIGITS)
-            item[name] = value
-        out.append(item)
+# Figures whose total is the sum of the groups' (cost_usd too, but None when none priced).
+_SUMMED: Final = ("requests", "prompt_tokens", "completion_tokens", "total_tokens",
+                  "reported", "estimated", "none", "errors", "bytes_out")
+
+
+def _public(item: dict[str, Any]) -> dict[str, Any]:
+    """The figures as shown: floats rounded, the helper sums dropped."""
+    out: dict[str, Any] = {"group": item["group"]} if "group" in item else {}
+    for name in FIGURES:
+        value = item[name]
+        if isinstance(value, float):
+            value = round(value, COST_DIGITS if name == "cost_usd" else FLOAT_DIGITS)
+        out[name] = value
     return out
+
+
+def _aggregate(
+    conn: sqlite3.Connection, group_expr: str, where: str, params: Sequence[Any],
+    *, order_by_group: bool
+) -> list[dict[str, Any]]:
+    """Every figure but the median, per group (p50_ttft_ms is filled in later)."""
+    order = "grp" if order_by_group else "requests DESC, grp"
+    sql = f"""
+        SELECT {group_expr} AS grp,
+               COUNT(*) AS requests,
+               COALESCE(SUM(prompt_tokens), 0),
+               COALESCE(SUM(completion_tokens), 0),
+               COALESCE(SUM(total_tokens), 0),
+               SUM(usage_source = 'reported'),
+               SUM(usage_source = 'estimated'),
+               SUM(usage_source IS NULL OR usage_source NOT IN ('reported', 'estimated')),
+               SUM(outcome IS NOT 'ok'),
+               NULL,
+               AVG(duration_ms),
+               COALESCE(SUM(bytes_out), 0),
+               SUM(cost_usd),
+               TOTAL(duration_ms), COUNT(duration_ms), COUNT(ttft_ms)
+        FROM {TABLE} {where}
+        GROUP BY grp ORDER BY {order}
+    """
+    names = (*FIGURES, "dur_sum", "dur_n", "ttft_n")
+    return [{"group": row[0], **dict(zip(names, row[1:], strict=True))}
+            for row in _rows(_query(conn, sql, params))]
+
+
+def _middle(n: int) -> tuple[int, int]:
+    """The 1-based positions whose mean is the median of n sorted values."""
+    return (n + 1) // 2, (n + 2) // 2
+
+
+def _medians(conn: sqlite3.Connection, group_expr: str, where: str, params: Sequence[Any],
+             counts: dict[Any, int]) -> tuple[dict[Any, float], float | None]:
+    """Each group's median ttft and the overall one, from one ascending walk of the
+    period's ttfts: a value's rank within its group (and overall) is how many of the
+    group's (all) values came before it, so the middle ones are picked as they pass.
+    Memory stays O(groups) however many rows the period holds."""
+    total_n = sum(counts.values())
+    if total_n == 0:
+        return {}, None
+    cond = f"{where} AND ttft_ms IS NOT NULL" if where else "WHERE ttft_ms IS NOT NULL"
+    cur = _query(conn, f"SELECT {group_expr}, ttft_ms FROM {TABLE} {cond} ORDER BY ttft_ms",
+                 params)
+    targets = {g: _middle(n) for g, n in counts.items() if n}
+    seen: dict[Any, int] = dict.fromkeys(targets, 0)
+    picked: dict[Any, list[float]] = {g: [] for g in targets}
+    lo, hi = _middle(total_n)
+    overall: list[float] = []
+    rank = 0
+    for grp, ttft in _rows(cur):
+        rank += 1
+        if rank == lo or rank == hi:
+            overall.append(ttft)
+        k = seen[grp] = seen[grp] + 1
+        a, b = targets[grp]
+        if k == a or k == b:
+            picked[grp].append(ttft)
+    medians = {g: (v[0] + v[-1]) / 2 for g, v in picked.items() if v}
+    return medians, (overall[0] + overall[-1]) / 2 if overall else None
 
 
 def _fmt_cell(value: Any, figure: str = "") -> str:
@@ -281,7 +338,7 @@ def _group_label(value: Any, none: str = _NO_GROUP) -> str:
 
 @click.group()
 def meter() -> None:
-    """Reports over the meter database (read-only; safe while the sidecar runs)."""
+    """Reports over the meter database, and pruning (all safe while the sidecar runs)."""
 
 
 @meter.command()
@@ -464,3 +521,126 @@ def _write_export(
         for row in rows:
             out.write(orjson.dumps(dict(zip(names, row, strict=True))).decode())
             out.write("\n")
+
+
+# --- top, chart, prune (their logic lives in meter_top, meter_chart, meter_prune) ----
+
+
+@meter.command()
+@_db_option
+@click.option("--window", "window", default="60s", show_default=True,
+              help="Rates are over requests that started within this long before now.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="Seconds between refreshes.")
+@click.option("--top", "top_n", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Keys and models listed.")
+@click.option("--once", is_flag=True, help="One frame, then exit (same as --iterations 1).")
+@click.option("--iterations", type=click.IntRange(min=1), default=None,
+              help="Stop after this many frames (default: until Ctrl-C).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True, help="json: one JSON object per frame, one per line.")
+def top(db_path: str, window: str, interval: float, top_n: int, once: bool,
+        iterations: int | None, fmt: str) -> None:
+    """A live view: requests/s, tokens/s, spend/min, errors, top keys and models."""
+    from sidecar.meter_top import figures, render, window_cells
+
+    try:
+        window_s = parse_duration(window) / 1000
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--window") from None
+    if window_s <= 0:
+        raise click.BadParameter("must be longer than 0", param_hint="--window")
+    frames = 1 if once else iterations
+    live = fmt == "table" and frames != 1 and sys.stdout.isatty()
+    conn = open_ro(db_path)
+    shown = 0
+    try:
+        while True:
+            now_ms = int(time.time() * 1000)
+            try:
+                cells = window_cells(conn, now_ms - round(window_s * 1000))
+            except sqlite3.Error as exc:
+                raise click.ClickException(f"meter database query failed: {exc}") from exc
+            frame = figures(cells, now_ms, window_s, top_n)
+            if fmt == "json":
+                click.echo(orjson.dumps(frame.as_dict()).decode())
+            else:
+                # A terminal is redrawn in place; a pipe gets frames one after another.
+                click.echo(("\x1b[H\x1b[2J" if live else "") + render(frame, db_path)
+                           + ("" if live or frames == 1 else "\n"))
+            shown += 1
+            if frames is not None and shown >= frames:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return
+    finally:
+        conn.close()
+
+
+@meter.command()
+@_db_option
+@click.option("--by", type=click.Choice(["day", "hour"]), default="day", show_default=True,
+              help="One bar per UTC day or hour.")
+@click.option("--metric", type=click.Choice(["tokens", "cost", "requests"]), default="tokens",
+              show_default=True)
+@_since_option
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="PNG file to write.")
+def chart(db_path: str, by: str, metric: str, since: int | None, out: str) -> None:
+    """A bar chart of tokens, cost or requests per day or hour (needs the [chart] extra)."""
+    from sidecar.meter_chart import ChartUnavailable, draw, series
+
+    conn = open_ro(db_path)
+    try:
+        points = series(conn, by, metric, since)
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"meter database query failed: {exc}") from exc
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        conn.close()
+    if not points:
+        raise click.ClickException("no requests recorded" +
+                                   ("" if since is None else " in that period"))
+    title = f"{metric} per {by} — {os.path.basename(db_path)}"
+    try:
+        draw(points, by, metric, out, title)
+    except ChartUnavailable as exc:
+        raise click.ClickException(str(exc)) from exc
+    total = sum(v for _, v in points)
+    shown = f"${total:,.6f}" if metric == "cost" else f"{total:,.0f}"
+    click.echo(f"wrote {out}: {len(points)} {by}s, {metric} total {shown}")
+
+
+@meter.command()
+@_db_option
+@click.option("--older-than", "older_than", required=True,
+              help="Delete requests that started longer ago than this: 90d, 720h.")
+@click.option("--batch-rows", type=click.IntRange(min=1), default=None,
+              help="Rows per delete transaction (default: meter_prune.PRUNE_BATCH_ROWS).")
+@click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
+def prune(db_path: str, older_than: str, batch_rows: int | None, dry_run: bool) -> None:
+    """Delete old rows, safely beside a running sidecar (small batches, WAL)."""
+    from sidecar.meter_prune import PRUNE_BATCH_ROWS, count_older
+    from sidecar.meter_prune import prune as run_prune
+
+    try:
+        cutoff = int(time.time() * 1000) - parse_duration(older_than)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--older-than") from None
+    conn = open_ro(db_path)  # checks it is a meter DB before anything is deleted
+    try:
+        n = count_older(conn, cutoff)
+    finally:
+        conn.close()
+    when = _iso_ms(cutoff)
+    if dry_run or n == 0:
+        click.echo(f"{n:,} rows started before {when}" + (" (dry run)" if dry_run else ""))
+        return
+    try:
+        res = run_prune(db_path, cutoff, batch_rows or PRUNE_BATCH_ROWS)
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"pruning {db_path} failed: {exc}") from exc
+    click.echo(f"deleted {res.deleted:,} rows started before {when} in {res.batches} "
+               f"batches (longest {res.longest_batch_ms:.1f} ms)")

@@ -58,7 +58,8 @@ def take_attempt(ctx: RequestContext, ex: Exchange, body: bytes, path: str | Non
     the request as the upstream got it (a translated one differs from the client's)."""
     ctx.bytes_out = ex.bytes_out
     ctx.t_first_byte = ex.t_first_byte
-    ctx.max_gap = ex.max_gap
+    gap = ex.gap
+    ctx.max_gap = gap if gap >= 0 else None
     status = ctx.status = ex.head.status if ex.head is not None else 0
     ctx.outcome = outcome_of(ex.outcome, status)
     if ex.error is not None:

@@ -132,6 +132,11 @@ def _client_sweep_period(t: TimeoutsConfig) -> float:
                t.request_body / 4)
 
 
+# Nginx (and proxies that honour it) must pass an event stream on as it comes, whatever
+# its proxy_buffering says: the sidecar's own promise of unbuffered streaming.
+_NO_BUFFERING: Final = (b"x-accel-buffering", b"no")
+
+
 def _is_event_stream(head: ResponseHead) -> bool:
     ctype = head.get(b"content-type")
     return ctype is not None and ctype.split(b";", 1)[0].strip().lower() == b"text/event-stream"
@@ -218,6 +223,8 @@ class Flight(Lifecycle):
         if not head.has_body:
             return None, None, extra
         sse = self.sse = _is_event_stream(head)
+        if sse:
+            extra = (*extra, _NO_BUFFERING)
         if self.xlate:
             tap, body_filter, extra = self._translated(head, sse, body, extra)
         else:
@@ -681,7 +688,7 @@ class Proxy:
                 opts = body.get("stream_options")
                 edited["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
                                             "include_usage": True}
-            return orjson.dumps(edited)
+            return bytes(memoryview(orjson.dumps(edited)))  # right-sized (see translate)
         return raw
 
     async def _connect_and_launch(self, flight: Flight) -> None:

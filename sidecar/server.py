@@ -101,6 +101,7 @@ class Server:
         self._metrics_endpoint: MetricsEndpoint | None = None
         self.proxy: Proxy | None = None
         self._stopping = False
+        self._stop_event: asyncio.Event | None = None  # set by install_signals()
         # A worker of `workers: N`: where it publishes its figures for the others.
         self.share = Share.from_env() if config.metrics.enabled else None
         if self.share is not None:
@@ -226,15 +227,25 @@ class Server:
         if log_ is not None:
             log_.reopen()
 
-    async def serve_until_signal(self, announce: bool = True) -> None:
+    def install_signals(self) -> asyncio.Event:
+        """Handle SIGTERM/SIGINT (set the returned event), SIGHUP and SIGUSR1. Called
+        before the process says it is ready: a worker that told its supervisor so
+        before it handled SIGHUP was killed by a reload sent at once (SIGHUP's default
+        action), and the supervisor then exited 255."""
+        if self._stop_event is not None:
+            return self._stop_event
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
+        stop = self._stop_event = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         if self.config_path is not None:
             loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         # Always handled: SIGUSR1's default action would end the process.
         loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
+        return stop
+
+    async def serve_until_signal(self, announce: bool = True) -> None:
+        stop = self.install_signals()
         _tune_gc()
         if announce:
             _announce(self.config, self.port, self.metrics_port)
@@ -319,6 +330,7 @@ def run_single(config: Config, port: int | None = None, announce: bool = True,
     async def main() -> None:
         server = Server(config, config_path)
         await server.start(port=port, reuse_port=port is not None)
+        server.install_signals()  # before anyone is told this worker is ready
         ready_fd = os.environ.get(ENV_READY_FD)
         if ready_fd is not None:
             # A restarted worker's supervisor no longer listens: a closed pipe is fine.

@@ -98,14 +98,9 @@ class Stack:
             raise self._error
 
     def rows(self, where: str = "1=1") -> list[dict[str, Any]]:
-        import sqlite3
+        from e2e_helpers import meter_rows
 
-        con = sqlite3.connect(self.db)
-        con.row_factory = sqlite3.Row
-        try:
-            return [dict(r) for r in con.execute(f"SELECT * FROM requests WHERE {where} ORDER BY id")]
-        finally:
-            con.close()
+        return meter_rows(self.db, where)
 
 
 async def _as_coro(fn: Callable[[], Any]) -> Any:

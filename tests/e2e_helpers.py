@@ -10,7 +10,9 @@ reached, or the connection simply closing).
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
+import sqlite3
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -238,6 +240,17 @@ def roundtrip(port: int, data: bytes, head_request: bool = False) -> Response:
         return c.read_response(head_request)
 
 
+def recv_until(sock: socket.socket, marker: bytes) -> bytes:
+    """Read from ``sock`` until ``marker`` has arrived; return all that was read. The peer
+    closing first fails the test (with what had arrived)."""
+    got = b""
+    while marker not in got:
+        data = sock.recv(65536)
+        assert data, got
+        got += data
+    return got
+
+
 def chat_body(model: str = "gpt-4o-mini", stream: bool = False, text: str = "hello there",
               **extra: Any) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": text}]}
@@ -347,6 +360,16 @@ def read_cut_response(port: int, path: str, body: Any, after: int) -> Response:
         r = c.read_response()
         assert c.closed_by_peer(2.0)
     return r
+
+
+def meter_rows(db: str | os.PathLike[str], where: str = "1=1") -> list[dict[str, Any]]:
+    """The meter DB's request rows (those matching ``where``) in insertion order."""
+    con = sqlite3.connect(db)
+    con.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in con.execute(f"SELECT * FROM requests WHERE {where} ORDER BY id")]
+    finally:
+        con.close()
 
 
 def rows_by_id(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

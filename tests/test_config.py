@@ -481,7 +481,7 @@ def test_unknown_keys_at_every_depth(tmp_path: pathlib.Path) -> None:
         "max_pipelined_bytes, redis_failure, redis_timeout, tap_body_bytes, write_high_water, "
         "write_low_water",
         "c.yaml:20: timeouts.conect: unknown key (did you mean 'connect'?); allowed: "
-        "client_idle, connect, drain, first_byte, idle, request_body, request_head, "
+        "client_idle, connect, drain, first_byte, heartbeat, idle, request_body, request_head, "
         "shutdown_grace, total",
         "c.yaml:21: tokenizer.path: unknown key; allowed: dir",
     ]

@@ -54,6 +54,17 @@ def _assert_reported(row: dict[str, Any]) -> None:
     assert (row["prompt_tokens"], row["completion_tokens"]) == (11, 7), row
 
 
+def _assert_two_connections_both_reported(stack: Any) -> None:
+    """After two requests: the out-of-step provider connection was closed, not reused for
+    the second request, and both rows hold the usage the real responses reported."""
+    assert stack.fake.connections == 2
+    stack.stop()
+    rows = stack.rows()
+    assert len(rows) == 2
+    for row in rows:
+        _assert_reported(row)
+
+
 # Where the second response starts: in the read that carries the provider's head
 # (the whole response and the extra in one write), or in a later body read (the
 # verbatim relay's per-read path).
@@ -84,13 +95,7 @@ def test_a_second_response_behind_the_real_one_never_reaches_the_client(
             assert r.body == want, r.body
             # Nothing follows on the connection (it ends, as a precaution): no second response.
             assert c.closed_by_peer(2.0) and not c.buf, bytes(c.buf)
-    # The out-of-step provider connection was closed, not reused for the second request.
-    assert stack.fake.connections == 2
-    stack.stop()
-    rows = stack.rows()
-    assert len(rows) == 2
-    for row in rows:
-        _assert_reported(row)
+    _assert_two_connections_both_reported(stack)
 
 
 def test_a_second_response_behind_a_content_length_body_is_dropped(fake_stack: Any) -> None:
@@ -103,12 +108,7 @@ def test_a_second_response_behind_a_content_length_body_is_dropped(fake_stack: A
             assert (r.status, r.framing, r.complete) == (200, "length", True), r
             assert r.body == JSON_BODY, r.body
             assert c.closed_by_peer(2.0) and not c.buf, bytes(c.buf)
-    assert stack.fake.connections == 2
-    stack.stop()
-    rows = stack.rows()
-    assert len(rows) == 2
-    for row in rows:
-        _assert_reported(row)
+    _assert_two_connections_both_reported(stack)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from e2e_helpers import request_bytes
+from e2e_helpers import recv_until, request_bytes
 
 from sidecar.config import Config
 
@@ -44,11 +44,7 @@ def open_and_hang_up(port: int, b: dict[str, Any], chunks: int, delay_ms: int) -
     sock = socket.create_connection(("127.0.0.1", port), timeout=SETTLE_S)
     sock.sendall(request_bytes("POST", "/v1/chat/completions", b, headers=(
         (b"x-mock-chunks", b"%d" % chunks), (b"x-mock-delay-ms", b"%d" % delay_ms))))
-    got = b""
-    while b"data: {" not in got:
-        data = sock.recv(65536)
-        assert data, got
-        got += data
+    got = recv_until(sock, b"data: {")
     assert got.startswith(b"HTTP/1.1 200"), got[:100]
     sock.close()
     return len(got), time.monotonic()

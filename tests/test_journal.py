@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
-import sqlite3
 import subprocess
 import sys
 import textwrap
 from typing import Any
 
 import orjson
+from e2e_helpers import meter_rows
+from test_meter import write_through
 
 from sidecar.config import MeterConfig
 from sidecar.context import RequestContext
@@ -47,15 +48,6 @@ def ctx_for(rid: str, ts: int = TS, bytes_in: int = 400, **kw: Any) -> RequestCo
 def line(seq: int, rid: str | None = None, bytes_in: int = 400, **kw: Any) -> bytes:
     return admission_line(seq, ctx_for(rid or f"req-{seq}", TS + seq, bytes_in, **kw),
                           rid or f"req-{seq}")
-
-
-def rows(db: pathlib.Path) -> list[dict[str, Any]]:
-    con = sqlite3.connect(db)
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute("SELECT * FROM requests ORDER BY id")]
-    finally:
-        con.close()
 
 
 # --- the pure core -------------------------------------------------------------------------
@@ -206,18 +198,6 @@ def meter_cfg(tmp_path: pathlib.Path) -> MeterConfig:
     return MeterConfig(db=str(tmp_path / "meter.db"), flush_ms=5)
 
 
-def start_and_close(cfg: MeterConfig, *records: MeterRecord) -> Meter:
-    async def main() -> Meter:
-        m = Meter(cfg)
-        await m.start()
-        for r in records:
-            m.submit(r)
-        await m.close()
-        return m
-
-    return asyncio.run(main())
-
-
 def test_a_dead_processes_open_requests_become_interrupted_rows_exactly_once(
         tmp_path: pathlib.Path) -> None:
     cfg = meter_cfg(tmp_path)
@@ -226,16 +206,16 @@ def test_a_dead_processes_open_requests_become_interrupted_rows_exactly_once(
     # 'committed' got its row before the crash but its close was never journalled.
     committed = MeterRecord(ts_ms=TS + 2, request_id="committed", outcome="ok",
                             usage_source="reported", prompt_tokens=5, completion_tokens=5)
-    start_and_close(cfg, committed)
+    write_through(cfg, committed)
     _dead_journal(jdir, f"""
         admit('closed', {TS + 1}); admit('committed', {TS + 2})
         admit('open-a', {TS + 3}, 4000); admit('open-b', {TS + 4})
         j.close_seqs([1]); j.write_closes()
     """)
     saved = {p.name: p.read_bytes() for p in jdir.glob("*.journal")}
-    m = start_and_close(cfg)
+    m = write_through(cfg)
     assert m.stats.interrupted == 2
-    got = rows(tmp_path / "meter.db")
+    got = meter_rows(tmp_path / "meter.db")
     assert [r["request_id"] for r in got] == ["committed", "open-a", "open-b"]
     a = got[1]
     assert (a["outcome"], a["usage_source"], a["usage_approx"]) == ("interrupted", "estimated", 1)
@@ -245,9 +225,9 @@ def test_a_dead_processes_open_requests_become_interrupted_rows_exactly_once(
     # A crash after the COMMIT, before the journal was removed: the file comes back.
     for name, data in saved.items():
         (jdir / name).write_bytes(data)
-    m = start_and_close(cfg)
+    m = write_through(cfg)
     assert m.stats.interrupted == 0
-    assert [r["request_id"] for r in rows(tmp_path / "meter.db")] == [
+    assert [r["request_id"] for r in meter_rows(tmp_path / "meter.db")] == [
         "committed", "open-a", "open-b"]
     assert not list(jdir.glob("*.journal"))
 
@@ -255,7 +235,7 @@ def test_a_dead_processes_open_requests_become_interrupted_rows_exactly_once(
 def test_a_dead_processes_spilled_row_is_replayed_not_recorded_as_interrupted(
         tmp_path: pathlib.Path) -> None:
     cfg = meter_cfg(tmp_path)
-    start_and_close(cfg)  # the schema
+    write_through(cfg)  # the schema
     assert cfg.journal_path is not None
     # It spilled its row (the DB was locked) and died before journalling the close.
     spilled = MeterRecord(ts_ms=TS + 1, request_id="spilled", outcome="ok",
@@ -264,9 +244,9 @@ def test_a_dead_processes_spilled_row_is_replayed_not_recorded_as_interrupted(
 
     pathlib.Path(cfg.spill_path).write_bytes(_encode([spilled]))
     _dead_journal(pathlib.Path(cfg.journal_path), f"admit('spilled', {TS + 1})")
-    m = start_and_close(cfg)
+    m = write_through(cfg)
     assert (m.stats.replayed, m.stats.interrupted) == (1, 0)
-    got = rows(tmp_path / "meter.db")
+    got = meter_rows(tmp_path / "meter.db")
     assert [(r["request_id"], r["outcome"]) for r in got] == [("spilled", "ok")]
 
 
@@ -299,7 +279,7 @@ def test_the_meter_closes_journalled_rows_once_committed_and_removes_its_file_at
     still_open, open_count, exists = asyncio.run(main())
     assert still_open == ["c6", "c7", "c8", "c9"]
     assert (open_count, exists) == (0, False)
-    assert len(rows(tmp_path / "meter.db")) == 10
+    assert len(meter_rows(tmp_path / "meter.db")) == 10
 
 
 def test_journal_off_and_memory_db_have_no_journal(tmp_path: pathlib.Path) -> None:

@@ -115,6 +115,14 @@ async def _whole_response(port: int, data: bytes) -> bytes:
     return got
 
 
+def _assert_intact(db: pathlib.Path) -> None:
+    con = sqlite3.connect(db)
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        con.close()
+
+
 def _rows(db: pathlib.Path) -> list[dict[str, Any]]:
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     con.row_factory = sqlite3.Row
@@ -203,11 +211,7 @@ def test_kill_9_under_500_streams_then_restart_leaves_exactly_one_row_per_served
             await asyncio.sleep(1.0)
             assert side.stop(signal.SIGTERM) == 0
             assert sorted(r["request_id"] for r in _rows(db)) == sent_ids
-            con = sqlite3.connect(db)
-            try:
-                assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-            finally:
-                con.close()
+            _assert_intact(db)
         finally:
             for w in clients:
                 w.close()
@@ -273,11 +277,7 @@ def test_a_worker_killed_under_a_supervisor_is_recovered_by_its_replacement_whil
             assert sorted(r["request_id"] for r in rows) == sent
             assert {r["outcome"] for r in rows if r["request_id"] not in victim_ids} == {
                 "shutdown"}
-            con = sqlite3.connect(db)
-            try:
-                assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-            finally:
-                con.close()
+            _assert_intact(db)
         finally:
             if side is not None:
                 side.stop(signal.SIGKILL)

@@ -141,7 +141,7 @@ def test_a_scrape_after_known_traffic_counts_exactly_what_was_sent(
     for line in lines:
         r = by_id[line["request_id"]]
         for k in ("route", "upstream", "model", "status", "outcome", "ttft_ms", "duration_ms",
-                  "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "key_id"):
+                  "prompt_tokens", "completion_tokens", "cost_usd", "key_id"):
             assert line[k] == r[k], (k, line, r)
     m = scrape(stack.port)
     assert total(m, "sidecar_access_log_lines_total") == 9
@@ -270,3 +270,34 @@ def test_two_workers_one_scrape_counts_both_and_a_restarted_worker_keeps_its_cou
     m = scrape_until(port, lambda m: total(m, "sidecar_metrics_workers") == 2)
     assert total(m, "sidecar_requests_total") == n + m2
     assert side.stop() == 0
+
+
+# -- the per-read clock: the gap histogram and the upstream idle timeout share it ----------
+def test_a_trickling_stream_outlives_the_idle_timeout_and_its_gap_is_measured(
+        stack_factory: Callable[..., Stack]) -> None:
+    from e2e_helpers import edit_timeouts
+
+    # Events 100 ms apart for ~1 s, idle timeout 0.3 s: each read is progress.
+    stack = stack_factory(edit_timeouts(idle=0.3), chunks=10, delay_ms=100, always_usage=True)
+    resp = roundtrip(stack.port, request_bytes("POST", PATH, chat_body(stream=True)))
+    assert resp.status == 200 and resp.complete and b"[DONE]" in resp.body
+    (row,) = wait_rows(stack, 1)
+    assert row["outcome"] == "ok" and row["duration_ms"] > 900
+    m = scrape(stack.port)
+    assert total(m, "sidecar_stream_max_gap_seconds_count") == 1
+    # The longest pause was ~100 ms: not under 75 ms, not over 250 ms.
+    assert total(m, "sidecar_stream_max_gap_seconds_bucket", le="0.075") == 0
+    assert total(m, "sidecar_stream_max_gap_seconds_bucket", le="0.25") == 1
+
+
+def test_a_stream_that_stalls_after_its_head_is_cut_by_the_idle_timeout(
+        stack_factory: Callable[..., Stack]) -> None:
+    from e2e_helpers import edit_timeouts
+
+    # Events 1.5 s apart, idle timeout 0.3 s: cut after the first pause.
+    stack = stack_factory(edit_timeouts(idle=0.3), chunks=3, delay_ms=1500)
+    resp = roundtrip(stack.port, request_bytes("POST", PATH, chat_body(stream=True)))
+    assert resp.status == 200 and b"[DONE]" not in resp.body
+    (row,) = wait_rows(stack, 1)
+    assert row["outcome"] == "upstream_timeout" and "idle" in row["error"]
+    assert row["duration_ms"] < 1400

@@ -2,7 +2,8 @@
 
 Real processes on loopback: the mock provider, `sidecar run`, an unprivileged Nginx that
 sends half of the requests straight to the mock and half through the sidecar
-(`split_clients`, logging the shipped `llm_shadow` fields), mtail turning that log into
+(`split_clients` on $request_id, 50%, logging with the shipped `llm_shadow` format of
+conf/nginx/llm-split.conf), mtail turning that log into
 histograms per path (conf/prometheus/nginx_llm_shadow.mtail), and Debian's Prometheus
 scraping the sidecar and mtail every second with the shipped rules loaded. The test
 asks Prometheus what the README's comparison queries ask. Skipped where nginx, mtail or
@@ -15,6 +16,7 @@ import itertools
 import json
 import math
 import pathlib
+import re
 import shutil
 import socket
 import subprocess
@@ -42,13 +44,14 @@ pytestmark = pytest.mark.skipif(
     reason="needs nginx, mtail and prometheus (Debian: apt-get install nginx-light mtail "
            "prometheus)")
 
-# The log format conf/nginx ships for the shadow report (tab-separated key=value).
-LLM_SHADOW = (
-    "'msec=$msec\\trequest_id=$request_id\\tvia=$llm_via\\tstatus=$status\\t'\n"
-    "    'request_time=$request_time\\tupstream_header_time=$upstream_header_time\\t'\n"
-    "    'upstream_response_time=$upstream_response_time\\tupstream_addr=$upstream_addr\\t'\n"
-    "    'upstream_status=$upstream_status\\tbytes_sent=$bytes_sent\\turi=$uri'"
-)
+# The shipped log format (conf/nginx/llm-split.conf), which the mtail program reads.
+SPLIT_CONF = REPO / "conf" / "nginx" / "llm-split.conf"
+
+
+def llm_shadow_format() -> str:
+    m = re.search(r"^log_format llm_shadow .*?;$", SPLIT_CONF.read_text(), re.S | re.M)
+    assert m is not None, "conf/nginx/llm-split.conf has no llm_shadow log_format"
+    return m.group(0)
 
 
 def free_port() -> int:
@@ -70,8 +73,7 @@ events {{ worker_connections 256; }}
 http {{
 {temps}
   access_log off;
-  log_format llm_shadow escape=default
-    {LLM_SHADOW};
+  {llm_shadow_format()}
   upstream direct {{ server 127.0.0.1:{mock_port}; keepalive 16; }}
   upstream sidecar {{ server 127.0.0.1:{sidecar_port}; keepalive 16; }}
   split_clients "$request_id" $llm_via {{ 50% sidecar; * direct; }}

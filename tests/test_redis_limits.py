@@ -14,7 +14,6 @@ import re
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from e2e_helpers import (
     assert_openai_error,
     chat_body,
     concurrent_posts,
+    meter_rows,
     request_bytes,
     stream_body,
     token_limited,
@@ -426,15 +426,6 @@ def _check_refused(refused: list[Response]) -> None:
         assert r.header("x-ratelimit-limit-tokens") == "1000"
 
 
-def _rows(db: pathlib.Path) -> list[dict[str, Any]]:
-    con = sqlite3.connect(db)
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute("SELECT * FROM requests ORDER BY id")]
-    finally:
-        con.close()
-
-
 def test_concurrent_streams_cannot_overdraw_a_1000_token_minute_on_redis(
         stack_factory: Callable[..., Stack], shared_redis: RedisServer,
         sync_redis: Any) -> None:
@@ -506,7 +497,7 @@ def test_two_sidecar_processes_share_one_budget(
     assert ok and refused and len(ok) + len(refused) == 30, [r.status for r in responses]
     _check_refused(refused)
     reservation = _reservation(refused)
-    rows = _rows(tmp_path / "a" / "meter.db") + _rows(tmp_path / "b" / "meter.db")
+    rows = meter_rows(tmp_path / "a" / "meter.db") + meter_rows(tmp_path / "b" / "meter.db")
     assert len(rows) == 30
     served = [row for row in rows if row["outcome"] == "ok"]
     assert len(served) == len(ok)

@@ -22,6 +22,7 @@ from e2e_helpers import (
     chat_body,
     edit_limits,
     edit_timeouts,
+    recv_until,
     request_bytes,
     roundtrip,
 )
@@ -133,11 +134,7 @@ def test_fifty_slow_bodies_lock_real_clients_out_no_longer_than_the_deadline(
         assert served_at <= FIRES_WITHIN, served_at
         # Each slow socket got its 408 and was closed.
         for s in slow:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                piece = s.recv(65536)
-                assert piece, data
-                data += piece
+            data = recv_until(s, b"\r\n\r\n")
             assert data.startswith(b"HTTP/1.1 408 "), data[:60]
     finally:
         for s in slow:

@@ -179,7 +179,7 @@ def test_sidecar_run_says_ready_when_it_accepts_and_reloading_and_stopping(
         tmp_path: pathlib.Path, workers: int) -> None:
     path = str(tmp_path / "notify.sock")
     listener = NotifyListener(path)
-    log = open(tmp_path / "sidecar.log", "wb")  # noqa: SIM115  closed below
+    log = open(tmp_path / "sidecar.log", "wb")  # closed below
     proc = subprocess.Popen([PY, "-m", "sidecar", "run", "-c", str(_config(tmp_path, workers))],
                             stdout=log, stderr=log, env=dict(os.environ, NOTIFY_SOCKET=path))
     try:

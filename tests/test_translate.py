@@ -9,6 +9,7 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_sse import split
 
 from sidecar.errors import UpstreamProtocolError
 from sidecar.translate import (
@@ -443,16 +444,6 @@ def test_oversized_or_garbled_events_are_protocol_errors() -> None:
         g.feed(b"data: {nope\n\n")
 
 
-def _split(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    out, last = [], 0
-    for p in points:
-        out.append(data[last:p])
-        last = p
-    out.append(data[last:])
-    return out
-
-
 STREAMS = [
     ("openai", anthropic_stream(["Hé", "llo ", "wörld"], ['{"a":', ' "é"}'], "tool_use")),
     ("openai", anthropic_stream(["x"]).replace(b"\n", b"\r\n")),
@@ -470,7 +461,7 @@ def test_any_chunking_of_the_upstream_gives_the_same_translated_events(
     whole = response_filter(client, True, 200, True, 1 << 20, 1)
     expected = whole.feed(raw) + whole.flush()
     f = response_filter(client, True, 200, True, 1 << 20, 1)
-    got = b"".join(f.feed(piece) for piece in _split(raw, cuts)) + f.flush()
+    got = b"".join(f.feed(piece) for piece in split(raw, cuts)) + f.flush()
     assert got == expected
     assert expected.endswith(b"data: [DONE]\n\n" if client == "openai"
                              else b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
@@ -483,9 +474,9 @@ def test_round_trip_keeps_every_text_delta(texts: list[str], cuts: list[int]) ->
     """Anthropic -> OpenAI -> Anthropic, fed in arbitrary pieces: the same text deltas."""
     a2o = response_filter("openai", True, 200, True, 1 << 20, 1)
     raw = anthropic_stream(texts)
-    oai = b"".join(a2o.feed(p) for p in _split(raw, cuts)) + a2o.flush()
+    oai = b"".join(a2o.feed(p) for p in split(raw, cuts)) + a2o.flush()
     o2a = response_filter("anthropic", True, 200, False, 1 << 20, 1)
-    back = _data(b"".join(o2a.feed(p) for p in _split(oai, cuts)) + o2a.flush())
+    back = _data(b"".join(o2a.feed(p) for p in split(oai, cuts)) + o2a.flush())
     assert [e["delta"]["text"] for e in back if e["type"] == "content_block_delta"] == \
         [t for t in texts if t]
     assert back[-2]["usage"]["output_tokens"] == 42
@@ -498,3 +489,22 @@ def test_a_field_without_counterpart_is_refused_whatever_else_the_body_has() -> 
     for body in ({"messages": [], "n": 2}, {"n": 3}, {"model": "m", "logprobs": True}):
         with pytest.raises(Untranslatable):
             translate_request(body, "openai", "anthropic")
+
+
+def test_a_translated_request_body_is_right_sized_in_memory() -> None:
+    """The body stays with the flight for the whole stream (a failover may resend it):
+    orjson's own result would keep its 4 KiB output buffer for each one."""
+    import tracemalloc
+
+    from sidecar.translate import request_bytes
+
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 10}
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [request_bytes(body, "openai", "anthropic", 4096, None) for _ in range(200)]
+        per_body = (tracemalloc.get_traced_memory()[0] - before) / len(kept)
+    finally:
+        tracemalloc.stop()
+    assert per_body < 1024, per_body

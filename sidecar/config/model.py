@@ -62,6 +62,11 @@ class TimeoutsConfig:
     # on_client_disconnect: drain: how long the provider is read after the client left
     # (for its usage frame) before the request is cut and estimated as with abort.
     drain: float = 60.0
+    # An SSE comment (": ping") goes to the client of an event stream once the provider
+    # has been silent this long, so proxies in front (Nginx proxy_read_timeout, cloud
+    # load balancers: 60 s by default) do not cut a stream whose model is thinking.
+    # 0: off. Must be shorter than idle (a silence that long fails the stream anyway).
+    heartbeat: float = 15.0
 
 
 @dataclass(frozen=True, slots=True)

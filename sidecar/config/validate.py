@@ -16,6 +16,7 @@ endpoints have no counterpart, so there every upstream must speak the route's fo
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -697,6 +698,19 @@ def _timeouts(ctx: _Ctx, node: Node) -> TimeoutsConfig:
         "request_body": _duration(),
         "shutdown_grace": _duration(allow_zero=True),  # 0: stop at once on SIGTERM
         "drain": _duration(),
+        "heartbeat": _duration(allow_zero=True),  # 0: no SSE heartbeats
     }
-    vals, _ = _fields(ctx, node, "timeouts", spec)
-    return TimeoutsConfig(**vals)
+    vals, nodes = _fields(ctx, node, "timeouts", spec)
+    cfg = TimeoutsConfig(**vals)
+    if cfg.heartbeat and cfg.heartbeat >= cfg.idle:
+        if "heartbeat" not in nodes:
+            # The default, under an idle this short: a silence that long fails the
+            # stream before any proxy in front would cut it, so no heartbeat is needed.
+            return dataclasses.replace(cfg, heartbeat=0.0)
+        ctx.error(
+            nodes["heartbeat"][1],
+            "timeouts.heartbeat",
+            f"must be shorter than timeouts.idle ({cfg.idle:g}s), or 0 for none; "
+            f"got {cfg.heartbeat:g}s",
+        )
+    return cfg

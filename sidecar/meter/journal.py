@@ -1,11 +1,12 @@
 """The crash journal: which requests are in flight, kept in a file so kill -9 cannot lose them.
 
 Each serving process appends one line per request to a journal file of its own when the
-request's first attempt starts (before a byte goes to the provider), and one short line
-when the request's meter row is committed (or spilled). A process that dies by kill -9,
-OOM or a crash leaves a journal whose open lines are exactly the requests it had in
-flight or had not committed yet; the next meter start (of any worker sharing the
-directory) records each of them once as ``outcome='interrupted'`` (see ``recovery.py``).
+request's first attempt starts (before a byte goes to the provider), and one short close
+line once the request's meter row is committed (or spilled). A process that dies by
+kill -9, OOM or a crash leaves a journal whose open lines are the requests it had in
+flight or had not committed yet (plus, closes being batched, some it had committed);
+the next meter start (of any worker sharing the directory) records each of the first
+kind once as ``outcome='interrupted'`` (see ``recovery.py``).
 
 Cost and durability: a line is one ``os.write`` to a file opened ``O_APPEND``, without
 fsync. The write lands in the kernel's page cache before the request is sent upstream,
@@ -15,8 +16,8 @@ loss or a kernel crash, which may drop the last seconds of lines (as SQLite's
 the row is committed and written CLOSE_BATCH at a time in one ``os.write`` (or dropped
 by a compaction, which keeps only open lines). Recovery looks every open entry up in the
 table before inserting, so a close not yet written costs one lookup after a crash,
-never a second row. In memory the journal keeps each open request's
-line (for compaction): about 250 bytes per request in flight.
+never a second row. In memory the journal keeps each open request's line (for
+compaction): about 250 bytes per request in flight.
 
 Liveness: a process holds an ``flock`` on its journal for as long as it lives; the
 kernel drops it when the process dies, however it dies. A file nobody holds is an

@@ -76,3 +76,6 @@ class MeterRecord:
     # although identity was asked for, binary): those bytes, which completion_tokens
     # counts none of (usage_approx is set). None: nothing was left unread.
     unread_bytes: int | None = None
+    # Hidden reasoning/thinking tokens the provider reported, a subset of
+    # completion_tokens (OpenAI's completion_tokens_details / output_tokens_details).
+    reasoning_tokens: int | None = None

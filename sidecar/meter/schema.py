@@ -79,6 +79,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
      f"ALTER TABLE {TABLE} ADD COLUMN tier TEXT"),
     # Estimates that say what they are: body bytes the estimate could not read as text.
     (f"ALTER TABLE {TABLE} ADD COLUMN unread_bytes INTEGER",),
+    # Reasoning tokens as reported (a subset of completion_tokens), for reasoning models.
+    (f"ALTER TABLE {TABLE} ADD COLUMN reasoning_tokens INTEGER",),
 )
 
 COLUMNS: Final[tuple[str, ...]] = tuple(f.name for f in dataclasses.fields(MeterRecord))
