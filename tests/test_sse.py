@@ -857,6 +857,27 @@ def test_an_event_of_exactly_the_cap_is_not_oversized_in_any_split(sep: bytes, p
         assert run([stream[:cap + k], stream[cap + k:]]) == whole, k
 
 
+def test_an_oversized_events_head_ends_with_the_event() -> None:
+    # Found by tests/test_fuzz.py: an event over the cap read whole had as its "head"
+    # the next 512 bytes of the read, so a response.completed marker in a later event
+    # made the Responses tap salvage usage from an earlier, non-terminal event (and say
+    # done early), which it did not do when the same event arrived across two reads.
+    chat_usage = (b'event: message_delta\ndata: {"id":"c","choices":[],"usage":'
+                  b'{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18}}\n\n')
+    completed = (b'event: response.completed\ndata: {"type":"response.completed",'
+                 b'"response":{"usage":"unreadable"}}\n\n')
+    stream = chat_usage + completed
+    results = []
+    for pieces in ([stream], [stream[:60], stream[60:]]):
+        tap = make_tap("openai", "/v1/responses", True, body_cap=64)
+        for piece in pieces:
+            tap.feed(piece)
+            tap.result()
+        results.append(tap.result())
+    assert results[0] == results[1]
+    assert results[0].usage is None and results[0].truncated
+
+
 def test_the_last_usage_event_decides_whether_or_not_a_result_was_asked_before() -> None:
     # Found by tests/test_fuzz.py: a usage event that does not decode (here a data line
     # split inside a key) fell back to an earlier usage event only if a result() taken
