@@ -493,6 +493,9 @@ def json_edit_target(data: bytes, value: bytes = b"true") -> None:
     reads it: big integers, duplicate keys) the edit succeeds and reads back as the same
     object with just that member changed."""
     try:
+        # The proxy edits only bodies orjson accepted (it parses each body once with it):
+        # orjson refuses lone surrogates and numbers beyond a double, which Python takes.
+        orjson.loads(data)
         parsed = _strict_json(data)
     except (ValueError, RecursionError):
         parsed = None

@@ -107,6 +107,26 @@ def test_malformed_heads_raise_protocol_error(raw: bytes) -> None:
         _parse(raw)
 
 
+@pytest.mark.parametrize("value", [b"chunked\t", b"chunked \t", b"CHUNKED\t ", b"chunked\t\t"])
+def test_chunked_followed_by_a_tab_is_refused_not_framed_two_ways(value: bytes) -> None:
+    # Found by tests/test_fuzz.py: llhttp reads a body whose transfer-encoding is
+    # "chunked" plus a trailing tab until the close (not chunked), while the head,
+    # stripped of the tab, said chunked: the relay forwarded the chunk frames verbatim,
+    # its parser never saw the end (the stream stayed open until the provider closed),
+    # and a payload-mode client got the frames framed again.
+    raw = (b"HTTP/1.1 200 OK\r\ntransfer-encoding: " + value + b"\r\n\r\n"
+           b"2\r\nab\r\n0\r\n\r\n")
+    for pieces in ([raw], [raw[:30], raw[30:]]):
+        p = ResponseParser(65536)
+        with pytest.raises(UpstreamProtocolError, match="transfer-encoding"):
+            for piece in pieces:
+                p.feed(piece)
+    # Trailing spaces are plain whitespace to llhttp too: still chunked, and it ends.
+    p = ResponseParser(65536)
+    p.feed(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked  \r\n\r\n2\r\nab\r\n0\r\n\r\n")
+    assert p.head is not None and p.head.chunked and p.take() == [b"ab"] and p.done
+
+
 def test_oversized_head_raises_even_when_it_never_ends() -> None:
     with pytest.raises(UpstreamProtocolError, match="exceeds 100"):
         _parse(b"HTTP/1.1 200 OK\r\nX: " + b"a" * 200, max_head=100)
