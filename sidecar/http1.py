@@ -220,14 +220,18 @@ class ResponseParser:
             if len(buf) > self._max_head:
                 raise UpstreamProtocolError(f"response head exceeds {self._max_head} bytes")
             return
-        # The head ended in this read. llhttp insists on CRLF line ends, so the k-th
-        # CRLF CRLF in the bytes so far ends the k-th head (no head contains one).
+        # The head ended in this read. llhttp insists on CRLF line ends, so the first
+        # CRLF CRLF after a head's start ends it (no head contains one). llhttp skips
+        # any CR and LF bytes before a message: they are no head's, and a CRLF CRLF
+        # among them must not be taken for the end of one (it was: the provider's head
+        # was then relayed as body; found by tests/test_fuzz.py).
         base = len(buf) if buf else 0
         whole = bytes(buf) + data if buf else data
-        end = -4
+        end = 0
         for _ in range(self._heads):
-            end = whole.find(b"\r\n\r\n", end + 4)
-        end += 4
+            while whole[end:end + 1] in (b"\r", b"\n"):
+                end += 1
+            end = whole.find(b"\r\n\r\n", end) + 4
         if end > self._max_head:
             raise UpstreamProtocolError(f"response head exceeds {self._max_head} bytes")
         self.body_start = end - base

@@ -254,6 +254,7 @@ def test_response_parser_regressions() -> None:
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n",
         b"HTTP/1.1 200 OK\r\n\r\nclose-delimited body",
         b"HTTP/1.1 100\r\n\r\nHTTP/1.1 200\r\nTransfer-Encoding:chunked\t\r\n\r\n2",
+        b"\r\n\r\nHTTP/1.0 200\r\n\r\n",
     ):
         for cuts in ([], [1], [20, 40], list(range(len(data)))):
             response_parser_target(data, cuts)

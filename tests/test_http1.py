@@ -107,6 +107,22 @@ def test_malformed_heads_raise_protocol_error(raw: bytes) -> None:
         _parse(raw)
 
 
+@pytest.mark.parametrize("before", [b"\r\n\r\n", b"\n\r\n\r\n\r", b"\r\n"])
+def test_blank_lines_before_a_head_are_not_its_end(before: bytes) -> None:
+    # Found by tests/test_fuzz.py: llhttp skips CR/LF bytes before a status line, but a
+    # CRLF CRLF among them was taken for the end of the head, so body_start pointed at
+    # the provider's head (relayed to the client as body) or, split, before the read.
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+    for raw in (before + head + b"ab", interim + before + head + b"ab"):
+        for cut in range(len(raw) - 2):  # every split with the head's end in the 2nd read
+            p = ResponseParser(65536)
+            p.feed(raw[:cut])
+            p.feed(raw[cut:])
+            assert p.head is not None and p.head.content_length == 2
+            assert raw[cut:][p.body_start:] == b"ab", (raw, cut)
+
+
 @pytest.mark.parametrize("value", [b"chunked\t", b"chunked \t", b"CHUNKED\t ", b"chunked\t\t"])
 def test_chunked_followed_by_a_tab_is_refused_not_framed_two_ways(value: bytes) -> None:
     # Found by tests/test_fuzz.py: llhttp reads a body whose transfer-encoding is
