@@ -5,7 +5,6 @@ equal what was sent (and what the meter DB holds), parsed with prometheus-client
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 import signal
 import time
@@ -23,6 +22,7 @@ from test_process_e2e import (  # noqa: F401  (procs: the fixture)
     Proc,
     _children,
     _one_request,
+    kill_a_worker_and_await_its_replacement,
     procs,
     start_mock,
     start_sidecar,
@@ -257,15 +257,7 @@ def test_two_workers_one_scrape_counts_both_and_a_restarted_worker_keeps_its_cou
     m = scrape_until(port, lambda m: total(m, "sidecar_requests_total") == n + m2)
     assert total(m, "sidecar_requests_total") == n + m2
     time.sleep(1.5)  # both have published their last counts
-    kids = _children(side.p.pid)
-    victim = sorted(kids)[0]
-    os.kill(victim, signal.SIGKILL)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        now = _children(side.p.pid)
-        if len(now) == 2 and victim not in now:
-            break
-        time.sleep(0.1)
+    kill_a_worker_and_await_its_replacement(side)
     time.sleep(3.0)  # the replacement imports, binds and publishes
     m = scrape_until(port, lambda m: total(m, "sidecar_metrics_workers") == 2)
     assert total(m, "sidecar_requests_total") == n + m2

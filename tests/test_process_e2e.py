@@ -256,9 +256,11 @@ def _children(pid: int) -> set[int]:
     return {int(x) for x in path.read_text().split()}
 
 
-def _one_request(port: int) -> int:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(chat_request(CHAT, CLOSE))
+def status_of(port: int, request: bytes, timeout: float = 10.0) -> int:
+    """Send one request that asks for ``connection: close``; the response's status,
+    after reading it to the close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
         data = b""
         while chunk := s.recv(65536):
             data += chunk
@@ -266,6 +268,24 @@ def _one_request(port: int) -> int:
     parser.feed(data)
     assert parser.head is not None
     return parser.head.status
+
+
+def _one_request(port: int) -> int:
+    return status_of(port, chat_request(CHAT, CLOSE))
+
+
+def kill_a_worker_and_await_its_replacement(side: Proc) -> int:
+    """SIGKILL the lowest-pid worker of a ``workers: 2`` supervisor and wait (bounded)
+    until the supervisor has two workers again; the victim's pid."""
+    victim = sorted(_children(side.p.pid))[0]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        now = _children(side.p.pid)
+        if len(now) == 2 and victim not in now:
+            break
+        time.sleep(0.1)
+    return victim
 
 
 def test_two_workers_share_the_port_and_a_crashed_worker_is_replaced(
@@ -280,14 +300,8 @@ def test_two_workers_share_the_port_and_a_crashed_worker_is_replaced(
     assert [_one_request(port) for _ in range(10)] == [200] * 10
     # No pause for the meter to commit: what the victim had not committed yet is in its
     # crash journal, which the replacement worker records at its start.
-    victim = sorted(kids)[0]
-    os.kill(victim, signal.SIGKILL)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        now = _children(side.p.pid)
-        if len(now) == 2 and victim not in now:
-            break
-        time.sleep(0.1)
+    victim = kill_a_worker_and_await_its_replacement(side)
+    assert victim == sorted(kids)[0]
     now = _children(side.p.pid)
     assert victim not in now and len(now) == 2, now
     time.sleep(3.0)  # the replacement imports and binds; the survivor serves meanwhile

@@ -28,9 +28,8 @@ from typing import Any
 
 import pytest
 from e2e_helpers import request_bytes
-from test_process_e2e import Proc, procs, start_mock, start_sidecar  # noqa: F401
+from test_process_e2e import Proc, procs, start_mock, start_sidecar, status_of  # noqa: F401
 
-from sidecar.http1 import ResponseParser
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PROM_CONF = REPO / "conf" / "prometheus"
@@ -138,16 +137,8 @@ def scalar(prom: int, promql: str) -> float | None:
 def stream_via_nginx(port: int) -> int:
     body = {"model": "gpt-4o-mini", "stream": True,
             "messages": [{"role": "user", "content": "hello"}]}
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
-        s.sendall(request_bytes("POST", "/v1/chat/completions", body,
-                                headers=((b"connection", b"close"),)))
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    parser = ResponseParser(65536)
-    parser.feed(data)
-    assert parser.head is not None
-    return parser.head.status
+    return status_of(port, request_bytes("POST", "/v1/chat/completions", body,
+                                         headers=((b"connection", b"close"),)), timeout=20)
 
 
 @pytest.fixture
